@@ -1,0 +1,304 @@
+"""The node's configuration: one YAML file, validated at start-up, overridable by environment variables.
+
+``DICOM_NODE__SECTION__KEY`` overrides ``section.key`` of the file (``DICOM_NODE__NODE__PORT=11113``); a list or
+mapping value is given as JSON (``DICOM_NODE__NODE__ALLOWED_CALLING_AETS='["PACS"]'``).
+
+The tree is loaded once (:func:`load_settings`) and passed down explicitly; nothing holds it in a global.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from inference.config import ModelSettings
+
+__all__ = [
+    "ConfigError",
+    "DestinationSettings",
+    "LoggingSettings",
+    "MatchSettings",
+    "NodeSettings",
+    "OutputKind",
+    "QueueSettings",
+    "RuleSettings",
+    "Settings",
+    "StoreSettings",
+    "StudySettings",
+    "load_settings",
+]
+
+DEFAULT_CONFIG = Path(__file__).with_name("defaults.yaml")
+ENV_PREFIX = "DICOM_NODE__"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+OutputKind = Literal["sr", "gsps", "seg", "sc"]
+Profile = Literal["grounded_report", "text_to_region", "region_to_text", "vqa"]
+
+
+def _check_ae_title(value: str, what: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(
+            f"{what} must be 1 to 16 printable ASCII characters without backslash and not all spaces, got {value!r}"
+        )
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeSettings(_Section):
+    """The Storage SCP: who we are, where we listen, whom we accept, and the limits that protect the host."""
+
+    ae_title: str = "AINODE"
+    port: int = Field(11112, ge=1, le=65535)
+    bind: str = "0.0.0.0"
+    data_dir: Path = Path("./var")
+    allowed_calling_aets: list[str] = Field(default_factory=list, description="empty: any calling AE title")
+    allowed_hosts: list[str] = Field(default_factory=list, description="IP addresses or networks; empty: any")
+    max_associations: int = Field(16, ge=1, le=512)
+    max_pdu: int = Field(131072, ge=0, description="largest P-DATA PDU we accept; 0 means unlimited")
+    acse_timeout: float = Field(30, gt=0)
+    dimse_timeout: float = Field(60, gt=0)
+    network_timeout: float = Field(120, gt=0)
+    min_free_disk_mb: int = Field(1024, ge=0, description="below this, new instances get Out of Resources")
+    fsync: bool = Field(True, description="sync each instance to disk before Success; disable only for tests")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value, "node.ae_title")
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v, "node.allowed_calling_aets[]") for v in values]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"node.allowed_hosts[] must be IP addresses or networks (10.0.0.0/8), got {value!r}"
+                ) from None
+        return values
+
+
+class StudySettings(_Section):
+    """When a study counts as complete: DICOM has no end-of-study signal."""
+
+    stable_seconds: float = Field(30, gt=0, description="complete after this long without a new instance")
+    max_wait_seconds: float = Field(3600, gt=0, description="force-complete a study that keeps receiving")
+    late_arrivals: Literal["ignore", "rerun"] = Field(
+        "rerun", description="instances arriving after a study ran: ignore them, or start a new run"
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> StudySettings:
+        if self.max_wait_seconds < self.stable_seconds:
+            raise ValueError(
+                f"study.max_wait_seconds ({self.max_wait_seconds}) must be at least "
+                f"study.stable_seconds ({self.stable_seconds})"
+            )
+        return self
+
+
+class QueueSettings(_Section):
+    """The Celery broker: ``embedded`` needs nothing installed; ``redis://host:6379/0`` scales out."""
+
+    broker_url: str = "embedded"
+    inference_time_limit: float = Field(1800, gt=0, description="hard limit of one inference task, seconds")
+    export_time_limit: float = Field(600, gt=0, description="hard limit of one export task, seconds")
+    max_redeliveries: int = Field(3, ge=1, description="a job redelivered more often than this is failed")
+    max_retries: int = Field(8, ge=0, description="retries of transient failures before a job fails")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        if value == "embedded" or value.startswith(("redis://", "rediss://", "filesystem://")):
+            return value
+        raise ValueError(f"queue.broker_url must be 'embedded' or a redis:// URL, got {value!r}")
+
+
+class StoreSettings(_Section):
+    """The job store; SQLite under data_dir unless a SQLAlchemy URL (PostgreSQL) is given."""
+
+    url: SecretStr | None = Field(None, description="SQLAlchemy URL; None: sqlite under node.data_dir")
+
+
+class DestinationSettings(_Section):
+    """A DICOM peer that receives our results (C-STORE), usually the PACS that sent the study."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(None, description="our AE title towards this peer; None: node.ae_title")
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    timeout: float = Field(30, gt=0)
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value, "destinations[].ae_title")
+
+    @model_validator(mode="after")
+    def _tls(self) -> DestinationSettings:
+        if self.tls and self.tls_ca_file is None:
+            raise ValueError(f"destination {self.name!r}: tls: true needs tls_ca_file")
+        return self
+
+
+class MatchSettings(_Section):
+    """What a rule matches; every given criterion must hold (lists: any of; regexes: search, case-insensitive)."""
+
+    modality: list[str] = Field(default_factory=list)
+    sop_class: list[str] = Field(default_factory=list, description="SOP Class UIDs or pydicom keywords")
+    body_part: list[str] = Field(default_factory=list)
+    study_description: str | None = None
+    series_description: str | None = None
+    calling_ae: list[str] = Field(default_factory=list)
+
+    @field_validator("study_description", "series_description")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc}): {value!r}") from None
+        return value
+
+
+class RuleSettings(_Section):
+    """A routing rule: which studies to process, with which task profile, language and outputs."""
+
+    name: str
+    match: MatchSettings = Field(default_factory=MatchSettings)
+    profile: Profile = "grounded_report"
+    language: Literal["en", "zh"] = "en"
+    targets: list[str] = Field(default_factory=list, description="structures to locate (text_to_region)")
+    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "gsps"])
+    destinations: list[str] = Field(default_factory=list, description="destination names; empty: all")
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = Field(False, description="one JSON object per line, for log shippers")
+
+
+class Settings(BaseSettings):
+    """The whole configuration tree of one node."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    study: StudySettings = Field(default_factory=StudySettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    rules: list[RuleSettings] = Field(default_factory=list)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init kwargs; environment variables win over them.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"destinations[].name must be unique, repeated: {duplicated}")
+        for rule in self.rules:
+            unknown = [d for d in rule.destinations if d not in names]
+            if unknown:
+                raise ValueError(f"rule {rule.name!r} names unknown destinations {unknown}; known: {names}")
+        return self
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+    @property
+    def store_url(self) -> str:
+        if self.store.url is not None:
+            return self.store.url.get_secret_value()
+        return f"sqlite:///{(self.node.data_dir / 'jobs.sqlite').resolve()}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key, the bad value and what is allowed."""
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        value = err.get("input")
+        shown = repr(value) if not isinstance(value, Mapping) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config/node.example.yaml)"
+        lines.append(f"  {key}: {msg} (got {shown})")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read, merge and validate the configuration.
+
+    ``path`` None means the embedded defaults (``dicom_node/defaults.yaml``). Environment variables override the
+    file; ``overrides`` (used by tests and the CLI) override both at section level.
+    """
+    source = path or DEFAULT_CONFIG
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {source}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {source} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration file {source} must hold a mapping of sections, got {type(data).__name__}")
+    for section, values in (overrides or {}).items():
+        if isinstance(values, Mapping) and isinstance(data.get(section), Mapping):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(source))) from None
+    if not settings.node.data_dir.is_absolute() and path is not None:
+        # A relative data_dir in a file is relative to the working directory, as users expect from the CLI.
+        settings.node.data_dir = Path.cwd() / settings.node.data_dir
+    return settings
