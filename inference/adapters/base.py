@@ -1,0 +1,259 @@
+"""The adapter base class: what every model family provides to the engine and the backends.
+
+An adapter owns everything model-specific (DESIGN invariant 7, STYLE "no if/elif over family names"):
+
+* **checkpoint**: which files a checkpoint directory must hold (:attr:`ModelAdapter.required_files`), its
+  fingerprint (the model version recorded in the SR and in result UIDs);
+* **pre-process**: :meth:`ModelAdapter.prepare_image` resizes/pads the display-ready :class:`ModelImage`
+into the
+  geometry the model was trained on and records it in an :class:`ImageTransform`;
+  :meth:`ModelAdapter.build_prompt` writes the family's prompt for a :class:`TaskRequest`;
+* **post-process**: :meth:`ModelAdapter.parse` turns one answer into findings in source pixel space (never
+raises);
+* **runtime hooks** per backend: for the ``transformers`` backend the ``hf_*`` methods below (load, encode
+a batch,
+  decode). The defaults fit Hugging Face image-text-to-text checkpoints (AutoProcessor +
+  AutoModelForImageTextToText + chat template); families override what differs.
+
+Writing a new adapter (the demo model's, for instance): subclass :class:`ModelAdapter` (or an existing family,
+e.g. ``MedRegAAdapter`` when the answers use ``<ref>/<box>`` tags), set :attr:`family`, implement the three
+abstract methods, override the ``hf_*`` hooks the checkpoint needs, and add ``"family": "module:Class"`` to
+:data:`inference.registry.ADAPTERS`. Reusable pieces: :func:`inference.parsing.parse_ref_boxes`,
+:func:`inference.parsing.parse_json_boxes`, :func:`inference.parsing.regions_to_findings`,
+:func:`inference.profiles.default_max_new_tokens`.
+
+This module imports neither torch nor transformers at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from sr_writer.findings import AlgorithmIdentity
+
+from inference.config import ModelSettings
+from inference.errors import ModelLoadError
+from inference.geometry import ImageTransform
+from inference.profiles import default_max_new_tokens
+from inference.types import ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+
+__all__ = ["HFHandle", "ModelAdapter", "WeightFiles", "checkpoint_fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """One requirement on a checkpoint directory: at least one of ``names`` must exist (``what`` explains
+    it)."""
+
+    what: str
+    names: tuple[str, ...]
+
+    def present(self, directory: Path) -> bool:
+        return any((directory / name).is_file() for name in self.names)
+
+
+#: What a Hugging Face checkpoint holds: config, weights, tokenizer, image processor.
+HF_CHECKPOINT_FILES: tuple[WeightFiles, ...] = (
+    WeightFiles("model configuration", ("config.json",)),
+    WeightFiles(
+        "weights",
+        (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        ),
+    ),
+    WeightFiles("tokenizer", ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")),
+    WeightFiles("image processor", ("preprocessor_config.json", "processor_config.json")),
+)
+
+
+@dataclass
+class HFHandle:
+    """What the transformers backend holds for one loaded checkpoint."""
+
+    model: Any
+    processor: Any
+    tokenizer: Any
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_fingerprint(directory: Path) -> str:
+    """A short, stable hash of a checkpoint directory, cheap even for 80 GB of weights.
+
+    Small files (config, tokenizer, processor, weight index: under 8 MiB) are hashed whole; large weight
+    files by
+    name, size and their first and last MiB (a fine-tune rewrites both the safetensors header and its
+    tensors).
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        rel = path.relative_to(directory).as_posix()
+        size = path.stat().st_size
+        digest.update(f"{rel}\x1f{size}\x1f".encode())
+        with path.open("rb") as fh:
+            if size <= 8 << 20:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(1 << 20))
+                fh.seek(-(1 << 20), 2)
+                digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
+class ModelAdapter(ABC):
+    """Model-specific pre-processing, prompting and parsing for one family (see the module docstring)."""
+
+    #: The registry key (``model.family``).
+    family: ClassVar[str] = ""
+    #: Files the checkpoint directory must hold; checked before anything heavy is imported.
+    required_files: ClassVar[tuple[WeightFiles, ...]] = HF_CHECKPOINT_FILES
+    #: True when the checkpoint ships its own modelling code (loading then needs ``trust_remote_code: true``).
+    needs_remote_code: ClassVar[bool] = False
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+
+    # -- checkpoint --
+    def checkpoint_dir(self) -> Path:
+        """The directory the weights load from (``model.path``; the demo adapter supplies its packaged
+        one)."""
+        if self.settings.path is None:
+            raise ModelLoadError(f"model.path is required for family {self.family!r}, got None")
+        return Path(self.settings.path).expanduser()
+
+    def check_checkpoint(self) -> Path:
+        """The checkpoint directory, after checking it exists and holds :attr:`required_files`."""
+        directory = self.checkpoint_dir()
+        expected = "; ".join(f"{req.what}: one of {', '.join(req.names)}" for req in self.required_files)
+        if not directory.is_dir():
+            raise ModelLoadError(
+                f"model.path {str(directory)!r} for family {self.family!r} is not a directory; "
+                f"expected a checkpoint directory holding {expected}"
+            )
+        missing = [req for req in self.required_files if not req.present(directory)]
+        if missing:
+            lacking = "; ".join(f"{req.what} (one of {', '.join(req.names)})" for req in missing)
+            raise ModelLoadError(
+                f"model.path {str(directory)!r} is not a {self.family!r} checkpoint: missing {lacking}; "
+                f"expected {expected}"
+            )
+        if self.needs_remote_code and not self.settings.trust_remote_code:
+            raise ModelLoadError(
+                f"family {self.family!r} loads the modelling code shipped in {str(directory)!r}; set "
+                "model.trust_remote_code: true to allow it (it is never enabled implicitly)"
+            )
+        return directory
+
+    def identity(self, directory: Path) -> AlgorithmIdentity:
+        """Who produces the findings: family, checkpoint name and fingerprint (the version)."""
+        return AlgorithmIdentity(
+            name=directory.name or self.family,
+            version=checkpoint_fingerprint(directory),
+            family=self.family,
+            parameters={"decoding": "greedy"},
+        )
+
+    # -- pre-process --
+    def max_new_tokens(self, profile: Profile) -> int:
+        """The generation cap for ``profile``: ``model.max_new_tokens`` when set, else the profile's own."""
+        return self.settings.max_new_tokens or default_max_new_tokens(profile)
+
+    @abstractmethod
+    def prepare_image(self, image: ModelImage) -> tuple[np.ndarray, ImageTransform]:
+        """The uint8 RGB image the processor receives and the transform from the source image to it."""
+
+    @abstractmethod
+    def build_prompt(self, request: TaskRequest, transform: ImageTransform) -> Prompt:
+        """The family's prompt for ``request`` (``transform`` converts a request region into model
+        numbers)."""
+
+    def prepare(self, image: ModelImage, request: TaskRequest) -> PreparedInput:
+        """Pre-process one image for one request."""
+        pixels, transform = self.prepare_image(image)
+        if pixels.shape[:2] != (transform.output_size[1], transform.output_size[0]):
+            raise AssertionError(
+                f"{type(self).__name__}.prepare_image returned pixels {pixels.shape[:2]} but a transform to "
+                f"{transform.output_size[::-1]} (rows, columns)"
+            )
+        prompt = self.build_prompt(request, transform)
+        return PreparedInput(image, request, pixels, transform, prompt, self.max_new_tokens(request.profile))
+
+    # -- post-process --
+    @abstractmethod
+    def parse(self, text: str, item: PreparedInput) -> ParsedAnswer:
+        """Findings (source pixel space, ``item.image.ref``) and narrative from one answer; never raises."""
+
+    # -- transformers backend hooks --
+    def hf_load(self, directory: Path, device: str, dtype: Any, attn_implementation: str) -> HFHandle:
+        """Load processor and model from ``directory`` (local files only) onto ``device``."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        trust = bool(self.needs_remote_code and self.settings.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(directory, local_files_only=True, trust_remote_code=trust)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.padding_side = "left"  # batched greedy generation appends to the right
+        model = AutoModelForImageTextToText.from_pretrained(
+            directory,
+            local_files_only=True,
+            trust_remote_code=trust,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+        )
+        model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() oddly
+        return HFHandle(model=model, processor=processor, tokenizer=tokenizer)
+
+    def hf_messages(self, item: PreparedInput) -> list[dict[str, Any]]:
+        """The chat messages of one item in the processor's content-list form (image at the placeholder)."""
+        before, after = item.prompt.split_at_image()
+        content: list[dict[str, Any]] = []
+        if before.strip():
+            content.append({"type": "text", "text": before.rstrip("\n ")})
+        content.append({"type": "image"})
+        if after.strip():
+            content.append({"type": "text", "text": after})
+        messages: list[dict[str, Any]] = []
+        if item.prompt.system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": item.prompt.system}]})
+        messages.append({"role": "user", "content": content})
+        return messages
+
+    def hf_images(self, batch: Sequence[PreparedInput]) -> Any:
+        """The images argument of the processor call for a batch (one image per item)."""
+        from PIL import Image
+
+        return [Image.fromarray(item.pixels) for item in batch]
+
+    def hf_encode(self, handle: HFHandle, batch: Sequence[PreparedInput], device: str) -> Mapping[str, Any]:
+        """Tensors for ``model.generate`` for a batch of prepared inputs."""
+        texts = [
+            handle.processor.apply_chat_template(
+                self.hf_messages(item), add_generation_prompt=True, tokenize=False
+            )
+            for item in batch
+        ]
+        encoded = handle.processor(
+            text=texts, images=self.hf_images(batch), return_tensors="pt", padding=True
+        )
+        return encoded.to(device)  # type: ignore[no-any-return]
+
+    def hf_generate_kwargs(self, handle: HFHandle) -> dict[str, Any]:
+        """Extra keyword arguments of ``model.generate`` (stop tokens, for instance)."""
+        return {}
+
+    def hf_decode(self, handle: HFHandle, sequences: Any, encoded: Mapping[str, Any]) -> list[str]:
+        """The answers' text: the generated tokens after the prompt, special tokens removed."""
+        prompt_length = encoded["input_ids"].shape[1]
+        new_tokens = sequences[:, prompt_length:]
+        texts = handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [t.strip() for t in texts]

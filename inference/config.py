@@ -1,0 +1,70 @@
+"""Settings of the model a worker serves: the ``model:`` section of the node's configuration tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["ModelSettings", "WindowName"]
+
+#: Which VOI window a grey-scale image gets. ``auto``: the header's first window (or VOI LUT) when there is
+#: one,
+#: else the modality default (CT: soft tissue); ``header``: the header's window, else the full pixel range;
+#: a preset name (CT presets in Hounsfield units) forces that window on CT and falls back to ``auto``
+#: elsewhere.
+WindowName = Literal["auto", "header", "full_range", "lung", "soft_tissue", "bone", "brain", "liver"]
+
+
+class ModelSettings(BaseModel):
+    """Which model to load, where from, on which device, and how to feed it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: str = Field(
+        "demo", description="registry key: demo | medrega | internvl | qwen2_5_vl | qwen3_vl | medgemma"
+    )
+    path: Path | None = Field(
+        None,
+        description="local checkpoint directory; None only for family 'demo' (the packaged demo checkpoint)",
+    )
+    backend: str = Field("transformers", description="registry key of the backend")
+    device: str = Field(
+        "cpu", description="'cpu', 'cuda' or 'cuda:N'; `dicom-node worker --device` overrides"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    trust_remote_code: bool = Field(
+        False, description="run the checkpoint's own modelling code; only families that need it (medrega)"
+    )
+    max_new_tokens: int | None = Field(None, ge=1, description="None: each profile's own cap")
+    batch_size: int = Field(1, ge=1, description="images per generate call")
+    slices_per_series: int = Field(3, ge=1, description="CT/MR: evenly spaced slices taken from each series")
+    max_images_per_study: int = Field(
+        8, ge=1, description="upper bound of images sent to the model per study"
+    )
+    window: WindowName = Field("auto", description="VOI window of grey-scale images (CT presets: lung, ...)")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
+    max_image_side: int = Field(
+        1024,
+        ge=64,
+        description="grey-scale/colour images are down-sampled to at most this side before the adapter",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value == "cpu" or value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"model.device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+    @model_validator(mode="after")
+    def _check_path(self) -> ModelSettings:
+        if self.path is None and self.family != "demo":
+            raise ValueError(
+                f"model.path is required for family {self.family!r} "
+                "(only family 'demo' has a packaged checkpoint)"
+            )
+        return self
