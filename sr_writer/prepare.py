@@ -1,0 +1,224 @@
+"""Checking findings against the source images before any object is built.
+
+:func:`prepare_findings` turns the untrusted findings of an :class:`~sr_writer.findings.InferenceResult` into
+:class:`PreparedFinding` objects that every writer can use without further checks. What it does with bad input
+(each case is logged at WARNING with the finding's index, never with patient data):
+
+* **unknown source image** (a SOP Instance UID not among the source datasets): the geometry and the mask are
+  dropped; the finding is kept as a text-only finding;
+* **frame number beyond the source's Number of Frames**: as for an unknown source;
+* **box partly outside the image**: clipped to the image (pixel edges ``0..Columns``, ``0..Rows``);
+* **box wholly outside the image, zero area, or narrower/shorter than** ``min_box_pixels`` **after clipping**:
+  the box is dropped and the finding is kept as a text-only finding (a mask, if any, still stands);
+* **mask of the wrong shape or with no pixel set**: the mask is dropped;
+* **a mask without a box**: the box is derived from the mask's extent;
+* **labels and texts**: sanitised and truncated as described in :mod:`sr_writer.text` (label at most 64
+  characters, sentence at most :data:`~sr_writer.text.MAX_UT_CHARS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from sr_writer.findings import BoundingBox, Code, Finding, InferenceResult
+from sr_writer.lexicon import finding_site_for, finding_type_for
+from sr_writer.text import LO_MAX, multi_line, single_line
+from sr_writer.uids import ResultUIDs
+
+__all__ = ["PreparedFinding", "SourceIndex", "prepare_findings"]
+
+logger = logging.getLogger(__name__)
+
+_EMPTY_LABEL = "finding"
+
+
+class SourceIndex:
+    """The study's source images by SOP Instance UID, in the order given.
+
+    Raises ``ValueError`` when a dataset lacks the attributes every writer needs, when a SOP Instance UID appears
+    twice, or when a dataset belongs to another study than ``study_instance_uid``.
+    """
+
+    REQUIRED = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
+
+    def __init__(self, sources: Sequence[Dataset], study_instance_uid: str):
+        if not sources:
+            raise ValueError("sources must hold at least one source image dataset, got none")
+        self._by_uid: dict[str, Dataset] = {}
+        for position, ds in enumerate(sources):
+            missing = [k for k in self.REQUIRED if k not in ds]
+            if missing:
+                raise ValueError(f"sources[{position}] lacks required attributes {missing}")
+            if ds.StudyInstanceUID != study_instance_uid:
+                raise ValueError(
+                    f"sources[{position}] belongs to another study than result.study_instance_uid "
+                    "(every source image must come from the study the result describes)"
+                )
+            uid = str(ds.SOPInstanceUID)
+            if uid in self._by_uid:
+                raise ValueError(f"sources[{position}] repeats a SOP Instance UID already given")
+            self._by_uid[uid] = ds
+
+    def get(self, sop_instance_uid: str) -> Dataset | None:
+        return self._by_uid.get(sop_instance_uid)
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        return list(self._by_uid.values())
+
+    def __len__(self) -> int:
+        return len(self._by_uid)
+
+
+def number_of_frames(ds: Dataset) -> int:
+    return int(ds.get("NumberOfFrames") or 1)
+
+
+def is_multiframe(ds: Dataset) -> bool:
+    return "NumberOfFrames" in ds
+
+
+@dataclass(frozen=True)
+class PreparedFinding:
+    """A finding checked against its source image; what every writer consumes.
+
+    ``index`` is 1-based and stable (the position in ``InferenceResult.findings``); ``tracking_uid`` is the same in
+    SR, GSPS and SEG. ``box`` is clipped to the image; ``source`` is ``None`` for a text-only finding; ``frame`` is
+    the 1-based frame for multi-frame sources and ``None`` for single-frame ones.
+    """
+
+    index: int
+    label: str
+    text: str
+    finding_type: Code | None
+    site: Code | None
+    score: float | None
+    tracking_id: str
+    tracking_uid: str
+    box: BoundingBox | None = None
+    source: Dataset | None = field(default=None, repr=False)
+    frame: int | None = None
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def has_geometry(self) -> bool:
+        return self.box is not None and self.source is not None
+
+    @property
+    def source_uid(self) -> str | None:
+        return None if self.source is None else str(self.source.SOPInstanceUID)
+
+    @property
+    def comment(self) -> str:
+        """The model's sentence, or the label when the model gave none (viewers show the Comment as the label)."""
+        return self.text or self.label
+
+
+def tracking_identifier(index: int, label: str) -> str:
+    """The human-readable Tracking Identifier: ``"F<index>: <label>"`` (unique within the report)."""
+    return f"F{index}: {label}"
+
+
+def _box_from_mask(mask: np.ndarray) -> BoundingBox | None:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return BoundingBox(float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+
+
+def _checked_box(box: BoundingBox, columns: int, rows: int, min_size: float) -> tuple[BoundingBox | None, str]:
+    values = (box.x0, box.y0, box.x1, box.y1)
+    if not all(math.isfinite(v) for v in values):
+        return None, f"box coordinates are not finite: {values}"
+    if not (box.x1 > box.x0 and box.y1 > box.y0):
+        return None, f"box has zero or negative area: {values}"
+    x0, x1 = max(0.0, min(box.x0, columns)), max(0.0, min(box.x1, columns))
+    y0, y1 = max(0.0, min(box.y0, rows)), max(0.0, min(box.y1, rows))
+    if x1 - x0 < min_size or y1 - y0 < min_size:
+        return None, f"box {values} has less than {min_size} pixel inside the {columns}x{rows} image"
+    clipped = BoundingBox(x0, y0, x1, y1)
+    if clipped != box:
+        return clipped, f"box {values} clipped to the {columns}x{rows} image"
+    return clipped, ""
+
+
+def _prepare_one(
+    index: int, finding: Finding, sources: SourceIndex, uids: ResultUIDs, min_box_pixels: float
+) -> PreparedFinding:
+    label = single_line(finding.label, LO_MAX) or _EMPTY_LABEL
+    text = multi_line(finding.text)
+    notes: list[str] = []
+    box: BoundingBox | None = None
+    source: Dataset | None = None
+    frame: int | None = None
+    mask: np.ndarray | None = None
+
+    if finding.source is not None:
+        source = sources.get(finding.source.sop_instance_uid)
+        if source is None:
+            notes.append("source image is not among the study's source images; geometry dropped")
+        elif finding.source.frame_number > number_of_frames(source):
+            notes.append(
+                f"frame {finding.source.frame_number} is beyond the source's {number_of_frames(source)} frames; "
+                "geometry dropped"
+            )
+            source = None
+        else:
+            frame = finding.source.frame_number if is_multiframe(source) else None
+
+    if source is not None:
+        rows, columns = int(source.Rows), int(source.Columns)
+        if finding.mask is not None:
+            candidate = np.asarray(finding.mask).astype(bool, copy=False)
+            if candidate.shape != (rows, columns):
+                notes.append(f"mask shape {candidate.shape} differs from the image ({rows}, {columns}); mask dropped")
+            elif not candidate.any():
+                notes.append("mask has no pixel set; mask dropped")
+            else:
+                mask = candidate
+        raw_box = finding.box if finding.box is not None else (None if mask is None else _box_from_mask(mask))
+        if raw_box is not None:
+            box, note = _checked_box(raw_box, columns, rows, min_box_pixels)
+            if note:
+                notes.append(note)
+        if box is None and mask is None:
+            source, frame = None, None
+
+    for note in notes:
+        logger.warning("finding %d: %s", index, note)
+
+    return PreparedFinding(
+        index=index,
+        label=label,
+        text=text,
+        finding_type=finding.code or finding_type_for(finding.label),
+        site=finding.site or finding_site_for(finding.label),
+        score=finding.score,
+        tracking_id=tracking_identifier(index, label),
+        tracking_uid=uids.uid("finding", index),
+        box=box,
+        source=source,
+        frame=frame,
+        mask=mask,
+        notes=tuple(notes),
+    )
+
+
+def prepare_findings(
+    result: InferenceResult, sources: SourceIndex, uids: ResultUIDs, min_box_pixels: float = 1.0
+) -> list[PreparedFinding]:
+    """Every finding of ``result`` checked against ``sources`` (see the module docstring for the rules)."""
+    if min_box_pixels <= 0:
+        raise ValueError(f"min_box_pixels must be positive, got {min_box_pixels}")
+    return [
+        _prepare_one(index, finding, sources, uids, min_box_pixels)
+        for index, finding in enumerate(result.findings, start=1)
+    ]

@@ -1,0 +1,251 @@
+"""TID 1500 Measurement Report in a Comprehensive 3D SR (the IHE AI Results object).
+
+Content tree (highdicom builds every item; nothing is assembled by hand):
+
+* ``(126000, DCM) Imaging Measurement Report`` (TID 1500)
+
+  * Language of Content (TID 1204): ``en`` or ``zh`` (RFC 5646)
+  * Observation context: the observer is a *device* (the algorithm, its device UID, name, manufacturer, model)
+  * Procedure Reported: the imaging procedure of the source modality (never the algorithm)
+  * Image Library: every source image
+  * ``(126010, DCM) Imaging Measurements``, one group per finding:
+
+    * a finding with a box: TID 1410 Planar ROI group: Tracking Identifier ``"F<n>: <label>"`` and Tracking UID,
+      Finding Type (coded from :mod:`sr_writer.lexicon` or the finding's own code; absent for an uncoded label),
+      Finding Site where known, Algorithm Identification (TID 4019), the box as a closed 5-point POLYLINE with
+      Geometric Purpose "Bounded by", and the model's sentence as ``(121106, DCM) Comment`` TEXT;
+    * a text-only finding (no box, or its geometry rejected by :mod:`sr_writer.prepare`): a TID 1501 group with
+      the same items except the region.
+
+  * ``(C0034375, UMLS) Qualitative Evaluations`` with the narrative as TEXT ``(121070, DCM) Findings`` and
+    ``(121073, DCM) Impression``. A study without findings has no Imaging Measurements container (TID 1500 allows
+    that when Qualitative Evaluations is present) and its Findings text says that the algorithm found nothing.
+
+The document is PARTIAL, PRELIMINARY and UNVERIFIED: an AI result awaits a radiologist.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from sr_writer.context import BuildContext, ObjectKind, repair_patient_module
+from sr_writer.findings import Code, Language
+from sr_writer.prepare import PreparedFinding
+from sr_writer.text import multi_line
+
+__all__ = ["NO_FINDINGS_TEXT", "QUALITATIVE_EVALUATIONS", "build_sr"]
+
+logger = logging.getLogger(__name__)
+
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+NO_FINDINGS_TEXT = {
+    Language.ENGLISH: "No findings were reported by the AI algorithm.",
+    Language.CHINESE: "AI 算法未报告任何发现。",
+}
+_LANGUAGES = {
+    Language.ENGLISH: hd.sr.CodedConcept("en", "RFC5646", "English"),
+    Language.CHINESE: hd.sr.CodedConcept("zh", "RFC5646", "Chinese"),
+}
+_PROCEDURES = {
+    "CT": codes.SCT.ComputedTomography,
+    "US": codes.SCT.Ultrasonography,
+    "CR": codes.SCT.PlainRadiography,
+    "DX": codes.SCT.PlainRadiography,
+    "MG": codes.SCT.PlainRadiography,
+}
+
+
+def _coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning[:64])
+
+
+def _procedures(ctx: BuildContext) -> list[hd.sr.CodedConcept | object]:
+    """Procedure Reported: the source's Procedure Code Sequence when present, else the modality's procedure."""
+    found: dict[tuple[str, str], object] = {}
+    for ds in ctx.sources.datasets:
+        for item in ds.get("ProcedureCodeSequence", []):
+            try:
+                concept = hd.sr.CodedConcept.from_dataset(item)
+            except (AttributeError, ValueError, TypeError):
+                continue
+            found.setdefault((concept.value, concept.scheme_designator), concept)
+        modality = str(ds.get("Modality", ""))
+        code = _PROCEDURES.get(modality, codes.SCT.ImagingProcedure)
+        if modality == "MR":
+            code = hd.sr.CodedConcept("113091000", "SCT", "Magnetic resonance imaging")
+        found.setdefault((code.value, code.scheme_designator), code)
+    return list(found.values())
+
+
+_CROSS_SECTIONAL = ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness")
+_PROJECTION = ("PatientOrientation", "ImagerPixelSpacing")
+
+
+def _library_view(ds: Dataset) -> Dataset:
+    """The attributes of ``ds`` that the Image Library needs (no pixel data).
+
+    highdicom's TID 1602 descriptors read modality-specific attributes (TID 1603/1604) without checking they are
+    present; a source lacking any of them (a CR without Imager Pixel Spacing, an enhanced MR whose geometry lives
+    in functional groups) gets the general descriptors only, by presenting the view as modality ``OT``. The coded
+    Modality item itself comes from the SOP Class and stays right.
+    """
+    view = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID", "Modality"):
+        if keyword in ds:
+            setattr(view, keyword, ds[keyword].value)
+    modality = str(ds.get("Modality", ""))
+    needed = _CROSS_SECTIONAL if modality in ("CT", "MR", "PT") else _PROJECTION
+    if all(ds.get(k) not in (None, "") and len(ds[k].value) > 0 for k in needed if k != "SliceThickness") and (
+        "SliceThickness" not in needed or ds.get("SliceThickness") not in (None, "")
+    ):
+        for keyword in needed:
+            setattr(view, keyword, ds[keyword].value)
+        if modality in ("CT", "MR", "PT") or modality in ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"):
+            return view
+    view.Modality = "OT"
+    return view
+
+
+def _algorithm_id(ctx: BuildContext) -> hd.sr.AlgorithmIdentification:
+    algorithm = ctx.result.algorithm
+    parameters = [
+        multi_line(f"{key}={value}") for key, value in sorted(algorithm.parameters.items())
+    ] or None
+    return hd.sr.AlgorithmIdentification(
+        name=multi_line(f"{algorithm.name} ({algorithm.family})"),
+        version=multi_line(algorithm.version),
+        parameters=parameters,
+        manufacturer=ctx.manufacturer,
+    )
+
+
+def _group(ctx: BuildContext, finding: PreparedFinding) -> Dataset:
+    tracking = hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.tracking_id)
+    sites = None
+    if finding.site is not None:
+        sites = [hd.sr.FindingSite(anatomic_location=_coded(finding.site))]
+    finding_type = None if finding.finding_type is None else _coded(finding.finding_type)
+    group: Dataset
+    if finding.has_geometry:
+        assert finding.box is not None and finding.source is not None
+        source = finding.source
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=np.asarray(finding.box.polyline(), dtype=np.float64),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=source.SOPClassUID,
+                referenced_sop_instance_uid=source.SOPInstanceUID,
+                referenced_frame_numbers=None if finding.frame is None else [finding.frame],
+            ),
+        )
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_region=region,
+            finding_type=finding_type,
+            algorithm_id=_algorithm_id(ctx),
+            finding_sites=sites,
+            geometric_purpose=codes.SCT.BoundedBy,
+        )
+    else:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=finding_type,
+            algorithm_id=_algorithm_id(ctx),
+            finding_sites=sites,
+        )
+    # TID 1410/1501 take no free text in highdicom: the comment is appended to the group's own content.
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=finding.comment,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
+
+
+def _narrative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
+    report = ctx.result.report
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence()
+    findings_text = multi_line(report.findings)
+    if not ctx.findings and not findings_text:
+        findings_text = NO_FINDINGS_TEXT[ctx.result.language]
+    for name, value in ((codes.DCM.Findings, findings_text), (codes.DCM.Impression, multi_line(report.impression))):
+        if value:
+            container.ContentSequence.append(
+                hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+            )
+    return container
+
+
+def build_sr(ctx: BuildContext) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 report of ``ctx`` (see the module docstring for the content tree)."""
+    algorithm = ctx.result.algorithm
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=algorithm.device_uid,
+            name=ctx.model_name,
+            manufacturer_name=ctx.manufacturer,
+            model_name=ctx.model_name,
+        ),
+    )
+    groups = [_group(ctx, f) for f in ctx.findings]
+    placeholder = not groups
+    if placeholder:
+        # highdicom insists on one group; the container is removed below (TID 1500 row 6 is optional when
+        # Qualitative Evaluations are present).
+        groups = [
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=ctx.uids.uid("finding", 0), identifier="none")
+            )
+        ]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_procedures(ctx),  # type: ignore[arg-type]
+        imaging_measurements=groups,
+        language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
+            _LANGUAGES[ctx.result.language]
+        ),
+        referenced_images=[_library_view(ds) for ds in ctx.sources.datasets],
+    )
+    root = report[0]
+    if placeholder:
+        measurements = [
+            i for i, item in enumerate(root.ContentSequence)
+            if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value
+        ]
+        for i in reversed(measurements):
+            del root.ContentSequence[i]
+    root.ContentSequence.append(_narrative(ctx))
+
+    sources = ctx.sources.datasets
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=sources,
+        content=report,
+        series_instance_uid=ctx.series_uid(ObjectKind.SR),
+        series_number=ctx.series_number(ObjectKind.SR),
+        sop_instance_uid=ctx.instance_uid(ObjectKind.SR),
+        instance_number=1,
+        manufacturer=ctx.manufacturer,
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        institution_name=ctx.options.institution_name,
+        contributing_equipment=ctx.contributing_equipment(),
+        manufacturer_model_name=ctx.model_name,
+        software_versions=list(ctx.software_versions),
+        device_serial_number=ctx.device_serial_number,
+        **ctx.common_kwargs(ObjectKind.SR),  # type: ignore[arg-type]
+    )
+    repair_patient_module(sr)
+    logger.debug("SR built: %d findings, %d with geometry", len(ctx.findings), len(ctx.findings_with_geometry()))
+    return sr
