@@ -156,15 +156,47 @@ def repair_patient_module(target: Dataset) -> None:
         target.DeidentificationMethod = "Unknown: identity removed before the images reached the AI node"
 
 
-def copy_image_context(target: Dataset, source: Dataset) -> None:
+def copy_image_context(target: Dataset, source: Dataset, laterality: bool = True) -> None:
     """Series/image attributes dciodvfy asks for in image-related IODs (GSPS, SEG, SC), taken from the source.
 
-    Body Part Examined is copied when present; Laterality (General Series, Type 2C) is copied, or written empty
-    when the source has none, since whether the body part is paired is unknown here. Patient Orientation is
-    handled per IOD by the writers.
+    Body Part Examined is copied when present; Laterality (General Series, Type 2C) is copied when present, and
+    written empty when the source names neither laterality nor body part (GSPS, SC: dciodvfy then cannot rule
+    out a paired body part and requires it). ``laterality=False`` leaves it out (SEG: dciodvfy rejects it
+    there). Patient Orientation is handled per IOD by the writers.
     """
     if source.get("BodyPartExamined") and "BodyPartExamined" not in target:
         target.BodyPartExamined = source.BodyPartExamined
-    if "Laterality" not in target:
-        target.Laterality = source.get("Laterality") or ""
+    if laterality and "Laterality" not in target:
+        if source.get("Laterality"):
+            target.Laterality = source.Laterality
+        elif not source.get("BodyPartExamined"):
+            target.Laterality = ""
     repair_patient_module(target)
+
+
+def header_view(ds: Dataset) -> Dataset:
+    """``ds`` without pixel data, for highdicom constructors that read only the header.
+
+    Elements are shared, not copied (cheap). Two repairs of non-conformant sources, seen in real files, so that
+    highdicom can read them: a zero or empty Pixel Spacing is left out (it would be copied into Pixel Measures,
+    where it is invalid), and a multi-frame image without functional groups gets empty ones (highdicom reads the
+    Modality LUT and VOI from them).
+    """
+    view = Dataset()
+    for elem in ds:
+        if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            view.add(elem)
+    if hasattr(ds, "file_meta"):
+        view.file_meta = ds.file_meta
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if keyword in view:
+            values = view[keyword].value
+            if not values or (
+                not isinstance(values, str | bytes) and any(float(v) <= 0 for v in values)
+            ):
+                del view[keyword]
+    if "NumberOfFrames" in ds and "SharedFunctionalGroupsSequence" not in ds:
+        view.SharedFunctionalGroupsSequence = [Dataset()]
+    if "NumberOfFrames" in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+        view.PerFrameFunctionalGroupsSequence = [Dataset() for _ in range(int(ds.NumberOfFrames or 1))]
+    return view

@@ -22,7 +22,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from sr_writer.context import BuildContext, ObjectKind, copy_image_context
+from sr_writer.context import BuildContext, ObjectKind, copy_image_context, header_view
 from sr_writer.prepare import PreparedFinding
 from sr_writer.text import LO_MAX, ascii_code_string, single_line
 
@@ -106,16 +106,17 @@ def build_presentation_states(ctx: BuildContext) -> list[hd.SOPClass]:
         if photometric == "PALETTE COLOR":
             logger.warning("no presentation state for a PALETTE COLOR source; its boxes stay in the SR only")
             continue
+        view = header_view(source)
         frames: dict[int | None, list[PreparedFinding]] = defaultdict(list)
         for f in findings:
             frames[f.frame].append(f)
         annotations = [
-            _annotation(ctx, source, frame, frames[frame], layer)
-            for frame in sorted(frames, key=lambda k: -1 if k is None else k)
+            _annotation(ctx, view, frame, frames[frame], layer)
+                for frame in sorted(frames, key=lambda k: -1 if k is None else k)
         ]
         instance_number += 1
         kwargs = dict(
-            referenced_images=[source],
+            referenced_images=[view],
             series_instance_uid=ctx.series_uid(ObjectKind.GSPS),
             series_number=ctx.series_number(ObjectKind.GSPS),
             sop_instance_uid=ctx.instance_uid(ObjectKind.GSPS, str(source.SOPInstanceUID)),
