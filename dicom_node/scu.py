@@ -1,0 +1,725 @@
+"""Results back to the PACS: C-STORE SCU over one association per batch, and C-ECHO for the administrator.
+
+:func:`send_files` never raises for what a network or a peer can do; it returns a :class:`SendReport` that
+says, for each file, whether it was ``delivered``, ``rejected`` (permanent: the peer answered a failure
+status, or will never accept the object as configured) or ``transient`` (worth retrying: no connection,
+time-out, abort, peer out of resources), with the status code, its name and a reason an IT administrator can
+act on.
+
+Classification rules
+--------------------
+Per instance (C-STORE response status, PS3.4 B.2.3 and PS3.7 C):
+
+- Success, and Warning (B000 coercion, B006 elements discarded, B007 data set does not match SOP class):
+  ``delivered`` (a warning is named in the reason);
+- Refused: Out of Resources (A7xx), Resource Limitation (0213), Duplicate Invocation (0210): ``transient``;
+- any other failure (A9xx, Cxxx, 0122 SOP class not supported, 0124 not authorised, 0110 processing
+  failure...) and any status outside the standard's categories: ``rejected``;
+- no response (DIMSE time-out, association aborted or connection lost while sending): ``transient``.
+
+Per association (every file of the batch gets the association's outcome when it is not established):
+
+- connection refused, host unreachable, name not resolved, connect or ACSE time-out, A-ABORT, A-ASSOCIATE-RJ
+  "rejected transient" (peer busy): ``transient``;
+- A-ASSOCIATE-RJ "rejected permanent" (called AE title not recognised, calling AE title not recognised,
+  ...), a failed TLS handshake or unusable TLS files: ``rejected``: a configuration error that retrying
+  cannot fix;
+- a SOP class (or transfer syntax we cannot convert to) that the peer does not accept: ``rejected`` for the
+  files concerned.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import hashlib
+import logging
+import socket
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
+from pynetdicom.status import code_to_category as _category
+
+from dicom_node.config import DestinationSettings
+from dicom_node.tls import TLSConfigError, client_context
+
+__all__ = [
+    "MAX_CONTEXTS",
+    "AssociationResult",
+    "AssociationState",
+    "EchoResult",
+    "FileResult",
+    "Outcome",
+    "RejectReason",
+    "SendReport",
+    "StoreStatus",
+    "classify_store_status",
+    "echo",
+    "peer_label",
+    "send_files",
+    "uid_hash",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # presentation contexts one A-ASSOCIATE-RQ may carry (odd context IDs 1..255)
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def uid_hash(uid: str) -> str:
+    """A short, stable stand-in for a UID in logs (first 12 hex digits of its SHA-256)."""
+    return hashlib.sha256(uid.encode("ascii", errors="replace")).hexdigest()[:12]
+
+
+def peer_label(destination: DestinationSettings) -> str:
+    """``AE@host:port``, how an administrator names a DICOM peer."""
+    return f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    REJECTED = "rejected"  # permanent: retrying the same object to the same peer will not help
+    TRANSIENT = "transient"  # retry later
+
+
+class StoreStatus(enum.IntEnum):
+    """C-STORE status codes the classification names (PS3.4 B.2.3, PS3.7 C); a range starts at its base."""
+
+    SUCCESS = 0x0000
+    COERCION_OF_DATA_ELEMENTS = 0xB000
+    ELEMENTS_DISCARDED = 0xB006
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
+    PROCESSING_FAILURE = 0x0110
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    NOT_AUTHORISED = 0x0124
+    DUPLICATE_INVOCATION = 0x0210
+    RESOURCE_LIMITATION = 0x0213
+    OUT_OF_RESOURCES = 0xA700  # A700-A7FF
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # A900-A9FF
+    CANNOT_UNDERSTAND = 0xC000  # C000-CFFF
+
+
+_RANGE = 0x100  # A7xx / A9xx: a base code and the 255 codes after it
+_TRANSIENT_STATUSES = {StoreStatus.RESOURCE_LIMITATION, StoreStatus.DUPLICATE_INVOCATION}
+
+
+def _is_out_of_resources(code: int) -> bool:
+    return StoreStatus.OUT_OF_RESOURCES <= code < StoreStatus.OUT_OF_RESOURCES + _RANGE
+
+
+def status_name(code: int) -> str:
+    """The standard's name for a C-STORE status code (``'Refused: Out of Resources'``), or ``'Unknown'``."""
+    if code == StoreStatus.SUCCESS:
+        return "Success"
+    return STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "Unknown status"))[1] or "Unknown status"
+
+
+def classify_store_status(code: int) -> Outcome:
+    """What a C-STORE response status means for the sender (see the module docstring)."""
+    category = _category(code)
+    if category in (STATUS_SUCCESS, STATUS_WARNING):
+        return Outcome.DELIVERED
+    if category == STATUS_FAILURE and (_is_out_of_resources(code) or code in _TRANSIENT_STATUSES):
+        return Outcome.TRANSIENT
+    return Outcome.REJECTED
+
+
+class AssociationState(enum.StrEnum):
+    """How the association with the peer went."""
+
+    RELEASED = "released"  # established, used, released
+    NOT_ATTEMPTED = "not_attempted"  # nothing sendable in the batch
+    REFUSED = "refused"  # TCP connection refused: nothing listens on host:port
+    UNREACHABLE = "unreachable"  # no route, host down, name not resolved
+    TIMEOUT = "timeout"  # no TCP connection, association answer or response in time
+    REJECTED = "rejected"  # A-ASSOCIATE-RJ, permanent: configuration error (AE titles, protocol)
+    BUSY = "busy"  # A-ASSOCIATE-RJ, transient: peer congested or at its association limit
+    ABORTED = "aborted"  # A-ABORT / A-P-ABORT / connection dropped
+    NO_CONTEXTS = "no_contexts"  # association accepted, but none of the SOP classes offered
+    TLS_FAILED = "tls_failed"  # TLS files unusable or handshake failed
+
+    @property
+    def permanent(self) -> bool:
+        return self in (AssociationState.REJECTED, AssociationState.NO_CONTEXTS, AssociationState.TLS_FAILED)
+
+
+class RejectSource(enum.IntEnum):
+    """A-ASSOCIATE-RJ source (PS3.8 9.3.4)."""
+
+    SERVICE_USER = 1
+    SERVICE_PROVIDER_ACSE = 2
+    SERVICE_PROVIDER_PRESENTATION = 3
+
+
+class RejectResult(enum.IntEnum):
+    PERMANENT = 1
+    TRANSIENT = 2
+
+
+class RejectReason(enum.Enum):
+    """A-ASSOCIATE-RJ (source, reason/diag.) pairs, worded for the administrator, with what to check."""
+
+    NO_REASON = (RejectSource.SERVICE_USER, 1, "no reason given")
+    APPLICATION_CONTEXT_NOT_SUPPORTED = (
+        RejectSource.SERVICE_USER,
+        2,
+        "application context name not supported",
+    )
+    CALLING_AE_NOT_RECOGNISED = (
+        RejectSource.SERVICE_USER,
+        3,
+        "calling AE title {calling} not recognised (register it as a modality in the PACS)",
+    )
+    CALLED_AE_NOT_RECOGNISED = (
+        RejectSource.SERVICE_USER,
+        7,
+        "called AE title {called} not recognised (check the destination's ae_title)",
+    )
+    ACSE_NO_REASON = (RejectSource.SERVICE_PROVIDER_ACSE, 1, "no reason given (ACSE)")
+    PROTOCOL_VERSION_NOT_SUPPORTED = (RejectSource.SERVICE_PROVIDER_ACSE, 2, "protocol version not supported")
+    TEMPORARY_CONGESTION = (RejectSource.SERVICE_PROVIDER_PRESENTATION, 1, "temporary congestion")
+    LOCAL_LIMIT_EXCEEDED = (
+        RejectSource.SERVICE_PROVIDER_PRESENTATION,
+        2,
+        "local limit exceeded (too many associations)",
+    )
+
+    @classmethod
+    def describe(cls, source: int, diagnostic: int, calling: str, called: str) -> str:
+        for member in cls:
+            if member.value[0] == source and member.value[1] == diagnostic:
+                return str(member.value[2]).format(calling=calling, called=called)
+        return f"reason {diagnostic} from source {source}"
+
+
+@dataclass(frozen=True)
+class AssociationResult:
+    state: AssociationState
+    reason: str  # empty when released normally
+    elapsed_s: float
+
+    @property
+    def established(self) -> bool:
+        return self.state == AssociationState.RELEASED
+
+    @property
+    def permanent(self) -> bool:
+        return self.state.permanent
+
+
+@dataclass(frozen=True)
+class FileResult:
+    path: Path
+    sop_instance_uid: str | None  # None when the file could not be read
+    sop_class_uid: str | None
+    outcome: Outcome
+    status: int | None  # the peer's C-STORE status; None when no response was received
+    status_name: str  # the standard's name of ``status``, or "" without one
+    reason: str
+    transfer_syntax: str | None = None  # the transfer syntax the object was sent in
+
+    @property
+    def status_hex(self) -> str:
+        return "" if self.status is None else f"0x{self.status:04X}"
+
+
+@dataclass
+class SendReport:
+    """What happened to each file of one :func:`send_files` call."""
+
+    destination: str
+    peer: str
+    associations: list[AssociationResult] = field(default_factory=list)
+    files: list[FileResult] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def _with(self, outcome: Outcome) -> list[FileResult]:
+        return [f for f in self.files if f.outcome == outcome]
+
+    @property
+    def delivered(self) -> list[FileResult]:
+        return self._with(Outcome.DELIVERED)
+
+    @property
+    def rejected(self) -> list[FileResult]:
+        return self._with(Outcome.REJECTED)
+
+    @property
+    def transient(self) -> list[FileResult]:
+        return self._with(Outcome.TRANSIENT)
+
+    @property
+    def association(self) -> AssociationResult | None:
+        """The first association that was not released normally, else the last one (None: none attempted)."""
+        failed = [a for a in self.associations if a.state not in (AssociationState.RELEASED,)]
+        return failed[0] if failed else (self.associations[-1] if self.associations else None)
+
+    @property
+    def outcome(self) -> Outcome:
+        """``rejected`` if any file was rejected, else ``transient`` if any is to retry, else delivered."""
+        if self.rejected:
+            return Outcome.REJECTED
+        if self.transient:
+            return Outcome.TRANSIENT
+        return Outcome.DELIVERED
+
+    @property
+    def reason(self) -> str:
+        """One line for a job's failure reason: the association's problem, else the first failed file's."""
+        assoc = self.association
+        if assoc is not None and assoc.reason and not assoc.established:
+            return assoc.reason
+        for result in self.rejected + self.transient:
+            return result.reason
+        return ""
+
+    def summary(self) -> str:
+        return (
+            f"{self.destination} ({self.peer}): {len(self.delivered)} delivered, "
+            f"{len(self.rejected)} rejected, "
+            f"{len(self.transient)} transient in {self.elapsed_s:.2f} s"
+        )
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    destination: str
+    peer: str
+    ok: bool
+    state: AssociationState
+    reason: str  # "" when ok
+    round_trip_ms: float | None  # C-ECHO request to response; None when no echo was exchanged
+    total_ms: float  # connect, associate, echo, release
+    status: int | None = None
+
+    def __str__(self) -> str:
+        if self.ok:
+            return (
+                f"{self.destination} ({self.peer}): C-ECHO ok, round trip {self.round_trip_ms:.1f} ms "
+                f"({self.total_ms:.1f} ms with association set-up and release)"
+            )
+        return f"{self.destination} ({self.peer}): C-ECHO failed ({self.state.value}): {self.reason}"
+
+
+# -- association ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Attempt:
+    assoc: Association | None
+    result: AssociationResult | None  # None while the association is established and in use
+    started: float
+
+
+def _resolve(host: str) -> str:
+    """The IP address pynetdicom needs; raises OSError (socket.gaierror) when the name does not resolve."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return str(infos[0][4][0])
+
+
+def _connect_failure(
+    destination: DestinationSettings, address: str, tls: ssl.SSLContext | None, elapsed: float
+) -> tuple[AssociationState, str]:
+    """Why the TCP/TLS connection failed: pynetdicom only logs the error, so look once more with a probe."""
+    peer = f"{destination.host}:{destination.port}"
+    if elapsed >= destination.timeout * 0.9:
+        return AssociationState.TIMEOUT, (
+            f"no TCP connection to {peer} within {destination.timeout:g} s "
+            "(host down, firewall, or wrong address)"
+        )
+    try:
+        with socket.create_connection((address, destination.port), timeout=destination.timeout) as sock:
+            if tls is not None:
+                try:
+                    with tls.wrap_socket(sock, server_hostname=destination.host):
+                        pass
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    return AssociationState.TLS_FAILED, f"TLS handshake with {peer} failed: {exc}"
+                except OSError as exc:
+                    return AssociationState.TLS_FAILED, f"TLS handshake with {peer} failed: {exc}"
+    except ConnectionRefusedError:
+        return AssociationState.REFUSED, (
+            f"connection refused by {peer}: nothing listens on that port "
+            "(is the PACS running, is the port right?)"
+        )
+    except TimeoutError:
+        return AssociationState.TIMEOUT, f"no TCP connection to {peer} within {destination.timeout:g} s"
+    except OSError as exc:
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN):
+            return AssociationState.UNREACHABLE, f"{peer} is unreachable: {exc.strerror}"
+        return AssociationState.UNREACHABLE, f"cannot connect to {peer}: {exc}"
+    return (
+        AssociationState.UNREACHABLE,
+        f"connection to {peer} failed, then succeeded on a second try (flaky)",
+    )
+
+
+def _associate(
+    destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]
+) -> _Attempt:
+    started = time.monotonic()
+    peer = peer_label(destination)
+
+    def failed(state: AssociationState, reason: str) -> _Attempt:
+        return _Attempt(None, AssociationResult(state, reason, time.monotonic() - started), started)
+
+    tls: ssl.SSLContext | None = None
+    if destination.tls:
+        try:
+            tls = client_context(destination)
+        except TLSConfigError as exc:
+            return failed(AssociationState.TLS_FAILED, str(exc))
+    try:
+        address = _resolve(destination.host)
+    except OSError as exc:
+        return failed(AssociationState.UNREACHABLE, f"cannot resolve host name {destination.host!r}: {exc}")
+
+    ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = destination.timeout
+    ae.acse_timeout = destination.timeout
+    ae.dimse_timeout = destination.timeout
+    ae.network_timeout = destination.timeout
+    ae.requested_contexts = contexts
+    connected: list[bool] = []
+
+    def on_open(event: evt.Event) -> None:
+        connected.append(True)
+
+    assoc = ae.associate(
+        address,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=(tls, destination.host) if tls is not None else None,
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+    )
+    elapsed = time.monotonic() - started
+    if assoc.is_established:
+        return _Attempt(assoc, None, started)
+    if assoc.is_rejected:
+        primitive: Any = assoc.acceptor.primitive
+        result = int(getattr(primitive, "result", RejectResult.PERMANENT))
+        source = int(getattr(primitive, "result_source", 0) or 0)
+        diagnostic = int(getattr(primitive, "diagnostic", 0) or 0)
+        words = RejectReason.describe(source, diagnostic, calling_ae, destination.ae_title)
+        if result == RejectResult.TRANSIENT:
+            return failed(AssociationState.BUSY, f"association rejected for now by {peer}: {words}")
+        return failed(AssociationState.REJECTED, f"association rejected by {peer}: {words}")
+    if not connected:
+        state, reason = _connect_failure(destination, address, tls, elapsed)
+        return failed(state, reason)
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        offered = sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.rejected_contexts})
+        return failed(
+            AssociationState.NO_CONTEXTS, f"{peer} accepts none of the SOP classes offered: {offered}"
+        )
+    if elapsed >= destination.timeout * 0.9:
+        return failed(
+            AssociationState.TIMEOUT,
+            f"{peer} did not answer the association request within {destination.timeout:g} s",
+        )
+    return failed(AssociationState.ABORTED, f"{peer} aborted the association during negotiation")
+
+
+def _release(attempt: _Attempt, destination: DestinationSettings) -> AssociationResult:
+    assoc = attempt.assoc
+    assert assoc is not None
+    if assoc.is_established:
+        assoc.release()
+        return AssociationResult(AssociationState.RELEASED, "", time.monotonic() - attempt.started)
+    return AssociationResult(
+        AssociationState.ABORTED,
+        f"association with {peer_label(destination)} aborted or lost before release",
+        time.monotonic() - attempt.started,
+    )
+
+
+# -- C-STORE -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    index: int
+    path: Path
+    sop_class: UID
+    sop_instance: str
+    transfer_syntax: UID
+
+
+def _read_info(index: int, path: Path) -> _FileInfo | str:
+    """The file's SOP class, instance and transfer syntax, or why it cannot be sent."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    except (OSError, InvalidDicomError) as exc:
+        return f"cannot read {path}: {exc}"
+    except Exception as exc:
+        return f"cannot parse {path} as DICOM: {exc}"
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    sop_class = ds.get("SOPClassUID") or (getattr(meta, "MediaStorageSOPClassUID", None) if meta else None)
+    sop_instance = ds.get("SOPInstanceUID") or (
+        getattr(meta, "MediaStorageSOPInstanceUID", None) if meta else None
+    )
+    missing = [
+        name
+        for name, value in (
+            ("TransferSyntaxUID", ts),
+            ("SOPClassUID", sop_class),
+            ("SOPInstanceUID", sop_instance),
+        )
+        if not value
+    ]
+    if missing:
+        return f"{path} lacks {', '.join(missing)}: not a DICOM Part 10 file that can be sent"
+    return _FileInfo(index, path, UID(str(sop_class)), str(sop_instance), UID(str(ts)))
+
+
+def _contexts_for(infos: Sequence[_FileInfo]) -> list[tuple[UID, tuple[UID, ...]]]:
+    """(SOP class, transfer syntaxes) to offer.
+
+    The stored syntax alone, when it is not a plain little endian one, and always both plain little endian
+    syntaxes as the fallback we can convert or decompress to.
+    """
+    wanted: dict[UID, list[tuple[UID, ...]]] = defaultdict(list)
+    for info in infos:
+        offers = wanted[info.sop_class]
+        if info.transfer_syntax not in UNCOMPRESSED and (info.transfer_syntax,) not in offers:
+            offers.append((info.transfer_syntax,))
+    contexts: list[tuple[UID, tuple[UID, ...]]] = []
+    for sop_class, offers in wanted.items():
+        contexts.extend((sop_class, syntaxes) for syntaxes in offers)
+        contexts.append((sop_class, UNCOMPRESSED))
+    return contexts
+
+
+def _batches(infos: list[_FileInfo]) -> list[list[_FileInfo]]:
+    """Split into associations of at most MAX_CONTEXTS presentation contexts, keeping SOP classes together."""
+    by_class: dict[UID, list[_FileInfo]] = defaultdict(list)
+    for info in infos:
+        by_class[info.sop_class].append(info)
+    batches: list[list[_FileInfo]] = [[]]
+    used = 0
+    for group in by_class.values():
+        need = len(_contexts_for(group))
+        if batches[-1] and used + need > MAX_CONTEXTS:
+            batches.append([])
+            used = 0
+        batches[-1].extend(group)
+        used += need
+    for batch in batches:
+        batch.sort(key=lambda i: i.index)  # send in the caller's order within an association
+    return [b for b in batches if b]
+
+
+def _plan(info: _FileInfo, accepted: set[tuple[UID, UID]]) -> tuple[UID | None, bool]:
+    """(transfer syntax to send in, whether to decompress the pixel data); None: the peer takes none."""
+    if (info.sop_class, info.transfer_syntax) in accepted:
+        return info.transfer_syntax, False
+    for syntax in UNCOMPRESSED:
+        if (info.sop_class, syntax) in accepted:
+            if info.transfer_syntax.is_compressed:
+                return syntax, True
+            if info.transfer_syntax.is_little_endian:
+                return syntax, False  # pynetdicom converts between explicit/implicit VR and inflates deflated
+    return None, False
+
+
+def _send_one(
+    assoc: Association, info: _FileInfo, accepted: set[tuple[UID, UID]], peer: str, timeout: float
+) -> FileResult:
+    def result(
+        outcome: Outcome, reason: str, status: int | None = None, syntax: UID | None = None
+    ) -> FileResult:
+        return FileResult(
+            info.path,
+            info.sop_instance,
+            str(info.sop_class),
+            outcome,
+            status,
+            status_name(status) if status is not None else "",
+            reason,
+            str(syntax) if syntax is not None else None,
+        )
+
+    syntax, decompress = _plan(info, accepted)
+    if syntax is None:
+        offered = [ts.name for (sop, ts) in accepted if sop == info.sop_class]
+        if not offered:
+            return result(Outcome.REJECTED, f"{peer} does not accept SOP class {info.sop_class.name}")
+        return result(
+            Outcome.REJECTED,
+            f"{peer} accepts {info.sop_class.name} only as {offered}, and the file's "
+            f"{info.transfer_syntax.name} cannot be converted to it",
+        )
+    try:
+        ds: Dataset = dcmread(info.path)
+        if decompress:
+            ds.decompress()
+    except Exception as exc:
+        return result(
+            Outcome.REJECTED,
+            f"{peer} needs {info.sop_class.name} uncompressed and the file's {info.transfer_syntax.name} "
+            f"could not be decompressed: {exc}",
+        )
+    try:
+        status = assoc.send_c_store(ds)
+    except (ValueError, AttributeError, TypeError) as exc:
+        return result(Outcome.REJECTED, f"cannot encode the object for {peer}: {exc}")
+    if "Status" not in status:
+        if assoc.is_aborted:
+            why = f"association with {peer} aborted while sending"
+        else:
+            why = f"no C-STORE response from {peer} within {timeout:g} s"
+        return result(Outcome.TRANSIENT, why, None, syntax)
+    code = int(status.Status)
+    outcome = classify_store_status(code)
+    comment = str(status.get("ErrorComment", "") or "")[:64]
+    name = status_name(code)
+    if outcome == Outcome.DELIVERED:
+        reason = "" if code == StoreStatus.SUCCESS else f"stored with warning {code:#06x} ({name})"
+    elif outcome == Outcome.TRANSIENT:
+        reason = f"{peer} is temporarily unable to store: status {code:#06x} ({name})"
+    else:
+        reason = f"rejected by {peer} with status {code:#06x} ({name})"
+    if comment:
+        reason += f": {comment}"
+    return result(outcome, reason, code, syntax)
+
+
+def send_files(destination: DestinationSettings, files: Sequence[Path], calling_ae: str) -> SendReport:
+    """C-STORE ``files`` to ``destination`` over one association (more only beyond 128 presentation contexts).
+
+    ``calling_ae`` is our AE title unless the destination sets ``calling_ae_title``. Files are sent as stored
+    when the peer accepts their transfer syntax, else converted to Explicit/Implicit VR Little Endian
+    (decompressed if needed). Never raises for network, peer or file problems: see :class:`SendReport` and the
+    module docstring.
+    """
+    started = time.monotonic()
+    calling = destination.calling_ae_title or calling_ae
+    peer = peer_label(destination)
+    report = SendReport(destination=destination.name, peer=peer)
+    results: dict[int, FileResult] = {}
+    infos: list[_FileInfo] = []
+    for index, path in enumerate(Path(f) for f in files):
+        info = _read_info(index, path)
+        if isinstance(info, str):
+            results[index] = FileResult(path, None, None, Outcome.REJECTED, None, "", info)
+            LOGGER.warning("C-STORE to %s skips an unreadable file: %s", peer, info)
+        else:
+            infos.append(info)
+
+    for batch in _batches(infos):
+        contexts = [build_context(sop, list(syntaxes)) for sop, syntaxes in _contexts_for(batch)]
+        attempt = _associate(destination, calling, contexts)
+        if attempt.result is not None:
+            assoc_result = attempt.result
+            outcome = Outcome.REJECTED if assoc_result.permanent else Outcome.TRANSIENT
+            for info in batch:
+                results[info.index] = FileResult(
+                    info.path, info.sop_instance, str(info.sop_class), outcome, None, "", assoc_result.reason
+                )
+            LOGGER.warning(
+                "C-STORE to %s (%s) from %s: %s, %d files %s: %s",
+                destination.name, peer, calling, assoc_result.state.value, len(batch), outcome.value,
+                assoc_result.reason,
+            )  # fmt: skip
+            report.associations.append(assoc_result)
+            continue
+        assoc = attempt.assoc
+        assert assoc is not None
+        accepted = {(UID(str(cx.abstract_syntax)), UID(str(cx.transfer_syntax[0]))) for cx in assoc.accepted_contexts}
+        for info in batch:
+            if not assoc.is_established:
+                results[info.index] = FileResult(
+                    info.path, info.sop_instance, str(info.sop_class), Outcome.TRANSIENT, None, "",
+                    f"association with {peer} ended before this object was sent",
+                )  # fmt: skip
+                continue
+            file_result = _send_one(assoc, info, accepted, peer, destination.timeout)
+            results[info.index] = file_result
+            if file_result.outcome != Outcome.DELIVERED:
+                LOGGER.warning(
+                    "C-STORE of instance %s to %s %s: %s",
+                    uid_hash(info.sop_instance), peer, file_result.outcome.value, file_result.reason,
+                )  # fmt: skip
+        assoc_result = _release(attempt, destination)
+        report.associations.append(assoc_result)
+        counts = defaultdict(int, {o: 0 for o in Outcome})
+        for info in batch:
+            counts[results[info.index].outcome] += 1
+        LOGGER.info(
+            "C-STORE association %s -> %s (%s): %d delivered, %d rejected, %d transient in %.2f s, %s",
+            calling, peer, destination.name, counts[Outcome.DELIVERED], counts[Outcome.REJECTED],
+            counts[Outcome.TRANSIENT], assoc_result.elapsed_s, assoc_result.state.value,
+        )  # fmt: skip
+    if not infos:
+        report.associations.append(AssociationResult(AssociationState.NOT_ATTEMPTED, "", 0.0))
+    report.files = [results[i] for i in sorted(results)]
+    report.elapsed_s = time.monotonic() - started
+    return report
+
+
+# -- C-ECHO --------------------------------------------------------------------------------------------------
+
+
+def echo(
+    destination: DestinationSettings, calling_ae: str, *, clock: Callable[[], float] = time.perf_counter
+) -> EchoResult:
+    """C-ECHO ``destination``: ok and round trip, or the exact failure (refused, rejected and why, ...)."""
+    calling = destination.calling_ae_title or calling_ae
+    peer = peer_label(destination)
+    started = clock()
+
+    def total_ms() -> float:
+        return (clock() - started) * 1000
+
+    attempt = _associate(destination, calling, [build_context(Verification, list(UNCOMPRESSED))])
+    if attempt.result is not None:
+        result = EchoResult(
+            destination.name, peer, False, attempt.result.state, attempt.result.reason, None, total_ms()
+        )
+        LOGGER.warning("C-ECHO %s -> %s failed (%s): %s", calling, peer, result.state.value, result.reason)
+        return result
+    assoc = attempt.assoc
+    assert assoc is not None
+    sent = clock()
+    status = assoc.send_c_echo()
+    round_trip = (clock() - sent) * 1000
+    release = _release(attempt, destination)
+    if "Status" not in status:
+        state = AssociationState.ABORTED if assoc.is_aborted else AssociationState.TIMEOUT
+        why = (
+            f"association with {peer} aborted during C-ECHO"
+            if state == AssociationState.ABORTED
+            else f"no C-ECHO response from {peer} within {destination.timeout:g} s"
+        )
+        result = EchoResult(destination.name, peer, False, state, why, None, total_ms())
+    elif int(status.Status) != StoreStatus.SUCCESS:
+        code = int(status.Status)
+        result = EchoResult(
+            destination.name, peer, False, release.state,
+            f"{peer} answered C-ECHO with status {code:#06x} ({status_name(code)})",
+            round_trip, total_ms(), code,
+        )  # fmt: skip
+    else:
+        result = EchoResult(
+            destination.name, peer, True, release.state, "", round_trip, total_ms(), int(status.Status)
+        )
+    if result.ok:
+        LOGGER.info("C-ECHO %s -> %s ok in %.1f ms", calling, peer, result.round_trip_ms or 0.0)
+    else:
+        LOGGER.warning("C-ECHO %s -> %s failed (%s): %s", calling, peer, result.state.value, result.reason)
+    return result

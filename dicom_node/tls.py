@@ -1,0 +1,48 @@
+"""DICOM TLS towards a destination (PS3.15 Annex B, the BCP 195 profiles): a client :class:`ssl.SSLContext`.
+
+The destination's ``tls_ca_file`` is the trust anchor for the peer's certificate (the PACS certificate or the
+CA that signed it); ``tls_cert_file`` and ``tls_key_file`` are our own certificate and key, needed when the
+peer asks for client certificates. The peer's name is checked against ``host`` (a DNS name, or an IP address
+in the certificate's subjectAltName).
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from dicom_node.config import DestinationSettings
+
+__all__ = ["TLSConfigError", "client_context"]
+
+
+class TLSConfigError(ValueError):
+    """The destination's TLS files cannot be used; the message names the setting and the file."""
+
+
+def client_context(destination: DestinationSettings) -> ssl.SSLContext:
+    """A client context for ``destination``: TLS 1.2 or newer, peer certificate and host name verified."""
+    if destination.tls_ca_file is None:
+        raise TLSConfigError(f"destination {destination.name!r}: tls: true needs tls_ca_file, got none")
+    if (destination.tls_cert_file is None) != (destination.tls_key_file is None):
+        raise TLSConfigError(
+            f"destination {destination.name!r}: tls_cert_file and tls_key_file go together, got "
+            f"tls_cert_file={destination.tls_cert_file}, tls_key_file={destination.tls_key_file}"
+        )
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=str(destination.tls_ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(
+            f"destination {destination.name!r}: tls_ca_file {destination.tls_ca_file} is not a readable PEM "
+            f"certificate file ({exc})"
+        ) from None
+    if destination.tls_cert_file is not None and destination.tls_key_file is not None:
+        try:
+            context.load_cert_chain(str(destination.tls_cert_file), str(destination.tls_key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(
+                f"destination {destination.name!r}: cannot load tls_cert_file {destination.tls_cert_file} "
+                f"with tls_key_file {destination.tls_key_file} ({exc})"
+            ) from None
+    return context
