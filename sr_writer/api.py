@@ -1,0 +1,90 @@
+"""The entry points the node calls: build every result object of one inference run, or build and write them."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from sr_writer.context import BuildContext, ObjectKind, ResultOptions
+from sr_writer.findings import InferenceResult
+from sr_writer.gsps import build_presentation_states
+from sr_writer.sc import build_secondary_captures
+from sr_writer.seg import build_segmentations
+from sr_writer.sr import build_sr
+from sr_writer.uids import ResultUIDs
+
+__all__ = ["build_result_objects", "write_result_objects"]
+
+logger = logging.getLogger(__name__)
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def build_result_objects(
+    result: InferenceResult,
+    sources: Sequence[Dataset],
+    uids: ResultUIDs,
+    options: ResultOptions | None = None,
+) -> list[Dataset]:
+    """The DICOM result objects of ``result``: SR first, then GSPS, SEG and SC as ``options`` ask.
+
+    ``sources`` are the study's source images as read from disk (pydicom datasets; pixel data is needed only for
+    the Secondary Capture). ``uids`` derives every UID from (study, algorithm, profile, run), so calling this twice
+    with the same arguments gives objects with the same UIDs (a retry overwrites in the PACS).
+
+    Bad findings never make an invalid object: see :mod:`sr_writer.prepare` for what is clipped, dropped to a
+    text-only finding, or sanitised. Raises ``ValueError`` for caller errors: no sources, sources of another study,
+    a repeated source, or ``uids`` made for another study.
+    """
+    options = options or ResultOptions()
+    ctx = BuildContext(result, sources, uids, options)
+    objects: list[Dataset] = []
+    if options.sr:
+        objects.append(build_sr(ctx))
+    if options.gsps:
+        objects.extend(build_presentation_states(ctx))
+    if options.seg:
+        objects.extend(build_segmentations(ctx))
+    if options.sc:
+        objects.extend(build_secondary_captures(ctx))
+    logger.info(
+        "built %d result objects for %d findings (%d with geometry)",
+        len(objects), len(ctx.findings), len(ctx.findings_with_geometry()),
+    )
+    return objects
+
+
+def object_kind(ds: Dataset) -> ObjectKind:
+    """Which kind of result object ``ds`` is, from its Modality (SR, PR, SEG, OT)."""
+    return {"SR": ObjectKind.SR, "PR": ObjectKind.GSPS, "SEG": ObjectKind.SEG}.get(str(ds.Modality), ObjectKind.SC)
+
+
+def write_result_objects(
+    result: InferenceResult,
+    sources: Sequence[Dataset],
+    uids: ResultUIDs,
+    outdir: str | Path,
+    options: ResultOptions | None = None,
+) -> list[Path]:
+    """Build the result objects and write each to ``outdir/<SOP Instance UID>.dcm`` (DICOM Part 10 files).
+
+    The file name is checked to be a plain UID before it is used as a path. A file is written to a temporary name
+    and renamed, so a reader never sees half a file; an existing file of the same UID (a retry) is replaced.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for ds in build_result_objects(result, sources, uids, options):
+        uid = str(ds.SOPInstanceUID)
+        if not _UID.match(uid) or len(uid) > 64:
+            raise ValueError(f"SOP Instance UID {uid!r} is not a valid UID; refusing to use it as a file name")
+        path = outdir / f"{uid}.dcm"
+        partial = outdir / f".{uid}.dcm.partial"
+        ds.save_as(partial, enforce_file_format=True)
+        partial.replace(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,193 @@
+"""Reading a TID 1500 AI report back: as data (:func:`read_findings`) and as text for a quick look (:func:`render_sr`).
+
+Reading is tolerant: anything highdicom can parse as a Measurement Report is shown; items this writer does not
+produce are skipped. ``dicom-node render FILE`` prints :func:`render_sr`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import highdicom as hd
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from sr_writer.findings import BoundingBox, Code
+
+__all__ = ["ReportedFinding", "SRContents", "read_findings", "read_sr", "render_sr"]
+
+_TRACKING = re.compile(r"^F(\d+): (.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ReportedFinding:
+    """One measurement group of the report, as written by :mod:`sr_writer.sr`."""
+
+    tracking_id: str
+    tracking_uid: str
+    label: str
+    comment: str
+    finding_type: Code | None = None
+    site: Code | None = None
+    box: BoundingBox | None = None
+    polyline: tuple[tuple[float, float], ...] = ()
+    source_sop_instance_uid: str | None = None
+    frame: int | None = None
+
+
+@dataclass(frozen=True)
+class SRContents:
+    title: str
+    language: str
+    device: str
+    findings: tuple[ReportedFinding, ...]
+    narrative: tuple[tuple[str, str], ...]
+    verification: str
+    series_description: str
+
+
+def _code(concept: Dataset | None) -> Code | None:
+    if concept is None:
+        return None
+    return Code(str(concept.CodeValue), str(concept.CodingSchemeDesignator), str(concept.CodeMeaning))
+
+
+def _text_items(items: Dataset | list[Dataset], name: hd.sr.CodedConcept | object) -> list[str]:
+    found = []
+    for item in items:
+        concept = item.ConceptNameCodeSequence[0]
+        if (
+            item.ValueType == "TEXT"
+            and concept.CodeValue == name.value  # type: ignore[attr-defined]
+            and concept.CodingSchemeDesignator == name.scheme_designator  # type: ignore[attr-defined]
+        ):
+            found.append(str(item.TextValue))
+    return found
+
+
+def _reported(group: Dataset) -> ReportedFinding:
+    tracking_id = str(group.tracking_identifier or "")
+    match = _TRACKING.match(tracking_id)
+    label = match.group(2) if match else tracking_id
+    comments = _text_items(group[0].ContentSequence, codes.DCM.Comment)
+    sites = group.finding_sites if hasattr(group, "finding_sites") else []
+    box = None
+    polyline: tuple[tuple[float, float], ...] = ()
+    source_uid = None
+    frame = None
+    roi = getattr(group, "roi", None)
+    if roi is not None:
+        points = roi.value
+        polyline = tuple((float(c), float(r)) for c, r in points)
+        xs = [p[0] for p in polyline]
+        ys = [p[1] for p in polyline]
+        if max(xs) > min(xs) and max(ys) > min(ys):
+            box = BoundingBox(min(xs), min(ys), max(xs), max(ys))
+        ref = roi.ContentSequence[0].ReferencedSOPSequence[0]
+        source_uid = str(ref.ReferencedSOPInstanceUID)
+        if "ReferencedFrameNumber" in ref:
+            value = ref.ReferencedFrameNumber
+            frame = int(value[0] if isinstance(value, list) or hasattr(value, "__len__") and not isinstance(
+                value, str) else value)
+    return ReportedFinding(
+        tracking_id=tracking_id,
+        tracking_uid=str(group.tracking_uid or ""),
+        label=label,
+        comment=comments[0] if comments else "",
+        finding_type=_code(group.finding_type),
+        site=_code(sites[0].value) if sites else None,
+        box=box,
+        polyline=polyline,
+        source_sop_instance_uid=source_uid,
+        frame=frame,
+    )
+
+
+def read_sr(path_or_dataset: str | PathLike[str] | Dataset) -> SRContents:
+    """The report's findings (in document order), narrative and identity, through highdicom."""
+    ds = path_or_dataset if isinstance(path_or_dataset, Dataset) else dcmread(Path(path_or_dataset))
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
+    report = sr.content
+    root = report[0]
+    groups = []
+    for item in root.ContentSequence:
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == (
+            codes.DCM.ImagingMeasurements.value
+        ):
+            groups = [*report.get_planar_roi_measurement_groups(), *report.get_image_measurement_groups()]
+    findings = sorted((_reported(g) for g in groups), key=lambda f: _order(f.tracking_id))
+    narrative: list[tuple[str, str]] = []
+    for item in root.ContentSequence:
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "C0034375":
+            for child in item.get("ContentSequence", []):
+                if child.ValueType == "TEXT":
+                    narrative.append((str(child.ConceptNameCodeSequence[0].CodeMeaning), str(child.TextValue)))
+    language = ""
+    device = ""
+    for item in root.ContentSequence:
+        meaning = str(item.ConceptNameCodeSequence[0].CodeMeaning)
+        if item.ValueType == "CODE" and meaning.startswith("Language of Content"):
+            language = str(item.ConceptCodeSequence[0].CodeValue)
+        if item.ValueType == "TEXT" and meaning == "Device Observer Name":
+            device = str(item.TextValue)
+    return SRContents(
+        title=str(root.ConceptNameCodeSequence[0].CodeMeaning),
+        language=language,
+        device=device,
+        findings=tuple(findings),
+        narrative=tuple(narrative),
+        verification=str(ds.get("VerificationFlag", "")),
+        series_description=str(ds.get("SeriesDescription", "")),
+    )
+
+
+def read_findings(path_or_dataset: str | PathLike[str] | Dataset) -> list[ReportedFinding]:
+    """The measurement groups of a report written by this package, in finding order."""
+    return list(read_sr(path_or_dataset).findings)
+
+
+def _order(tracking_id: str) -> tuple[int, str]:
+    match = _TRACKING.match(tracking_id)
+    return (int(match.group(1)) if match else 1 << 30, tracking_id)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def render_sr(path_or_dataset: str | PathLike[str] | Dataset) -> str:
+    """The report as readable text: header, findings (label, codes, box, source, comment) and narrative."""
+    contents = read_sr(path_or_dataset)
+    lines = [
+        f"{contents.title} [{contents.verification}]",
+        f"Series: {contents.series_description}",
+        f"Observer device: {contents.device}    Language: {contents.language}",
+        "",
+        f"Findings ({len(contents.findings)}):",
+    ]
+    if not contents.findings:
+        lines.append("  (none)")
+    for f in contents.findings:
+        lines.append(f"  {f.tracking_id}")
+        if f.finding_type is not None:
+            lines.append(f"    type: {f.finding_type.meaning} ({f.finding_type.scheme_designator} {f.finding_type.value})")
+        if f.site is not None:
+            lines.append(f"    site: {f.site.meaning} ({f.site.scheme_designator} {f.site.value})")
+        if f.box is not None:
+            box = ", ".join(_fmt(v) for v in f.box.as_list())
+            frame = "" if f.frame is None else f", frame {f.frame}"
+            lines.append(f"    box (x0, y0, x1, y1): {box} on {f.source_sop_instance_uid}{frame}")
+        else:
+            lines.append("    text only (no region)")
+        if f.comment:
+            lines.append(f"    comment: {f.comment}")
+    if contents.narrative:
+        lines.append("")
+        for name, text in contents.narrative:
+            lines.append(f"{name}:")
+            lines.extend(f"  {line}" for line in text.splitlines())
+    return "\n".join(lines) + "\n"
