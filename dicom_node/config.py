@@ -15,10 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-
 from inference.config import ModelSettings
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
     "ConfigError",
@@ -193,7 +200,7 @@ class RuleSettings(_Section):
     profile: Profile = "grounded_report"
     language: Literal["en", "zh"] = "en"
     targets: list[str] = Field(default_factory=list, description="structures to locate (text_to_region)")
-    outputs: list[OutputKind] = Field(default_factory=lambda: ["sr", "gsps"])
+    outputs: list[OutputKind] = Field(default_factory=lambda: list[OutputKind](["sr", "gsps"]))
     destinations: list[str] = Field(default_factory=list, description="destination names; empty: all")
 
 
@@ -209,14 +216,14 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
     )
 
-    node: NodeSettings = Field(default_factory=NodeSettings)
-    study: StudySettings = Field(default_factory=StudySettings)
-    queue: QueueSettings = Field(default_factory=QueueSettings)
-    store: StoreSettings = Field(default_factory=StoreSettings)
-    model: ModelSettings = Field(default_factory=ModelSettings)
+    node: NodeSettings = Field(default_factory=lambda: NodeSettings())
+    study: StudySettings = Field(default_factory=lambda: StudySettings())
+    queue: QueueSettings = Field(default_factory=lambda: QueueSettings())
+    store: StoreSettings = Field(default_factory=lambda: StoreSettings())
+    model: ModelSettings = Field(default_factory=lambda: ModelSettings())
     destinations: list[DestinationSettings] = Field(default_factory=list)
     rules: list[RuleSettings] = Field(default_factory=list)
-    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
 
     @classmethod
     def settings_customise_sources(

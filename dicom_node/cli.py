@@ -1,0 +1,210 @@
+"""``dicom-node``: the command line of the DICOM AI node (serve, config, jobs, worker, echo, render, demo)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.logs import configure_logging
+from dicom_node.store import JobState, JobStore
+
+app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
+jobs_app = typer.Typer(help="List, inspect, retry and cancel jobs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(jobs_app, name="jobs")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML configuration file (default: the embedded defaults)."),
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        raise typer.Exit(2) from None
+
+
+def _store(settings: Settings) -> JobStore:
+    return JobStore(settings.store_url)
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: receive studies (C-STORE), assemble them, queue them, run them, send results back."""
+    from dicom_node.service import Node
+
+    settings = _settings(config)
+    configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
+    node = Node(settings)
+    try:
+        node.start()
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot listen on {settings.node.bind}:{settings.node.port}: {exc.strerror}")
+        raise typer.Exit(1) from None
+
+    def _stop(signum: int, _frame: object) -> None:
+        node.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    out.print(
+        f"DICOM AI node {settings.node.ae_title} listening on {settings.node.bind}:{node.port}; "
+        f"data in {settings.node.data_dir}. Ctrl-C stops."
+    )
+    node.wait()
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate a configuration file; prints what is wrong (key, value, rule) or a summary."""
+    settings = _settings(config)
+    out.print(f"[green]ok[/green]: {config or 'embedded defaults'}")
+    out.print(
+        f"  node {settings.node.ae_title} on {settings.node.bind}:{settings.node.port}, data in "
+        f"{settings.node.data_dir}\n  broker {settings.queue.broker_url}; model {settings.model.family}"
+        f" ({settings.model.path or 'packaged'}) on {settings.model.device}\n"
+        f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
+        highlight=False,
+    )
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None) -> None:
+    """Print the effective configuration (file, defaults and environment merged) as JSON."""
+    settings = _settings(config)
+    out.print_json(settings.model_dump_json())
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config: ConfigOption = None,
+    state: Annotated[list[JobState] | None, typer.Option(help="Only jobs in this state (repeatable).")] = None,
+    limit: Annotated[int, typer.Option(help="Newest N jobs.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List jobs, newest first."""
+    settings = _settings(config)
+    store = _store(settings)
+    found = store.list_jobs([s.value for s in state or []], limit=limit)
+    if as_json:
+        print(json.dumps([j.as_dict() for j in found], indent=2))
+        return
+    table = Table("id", "state", "study", "run", "rule", "profile", "attempts", "updated", "error")
+    colours = {"failed": "red", "delivered": "green", "skipped": "yellow"}
+    for j in found:
+        colour = colours.get(j.state.value, "white")
+        table.add_row(
+            str(j.id),
+            f"[{colour}]{j.state.value}[/{colour}]",
+            j.study_uid[-24:],
+            str(j.run),
+            j.rule or "-",
+            j.profile or "-",
+            str(j.attempts),
+            _when(j.updated_at),
+            (j.error or "")[:60],
+        )
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: Annotated[int, typer.Argument(help="Job id (from `jobs list`).")],
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One job: its state, reason, history and result objects."""
+    settings = _settings(config)
+    store = _store(settings)
+    job = store.job(job_id)
+    if job is None:
+        err.print(f"[red]error:[/red] no job {job_id}")
+        raise typer.Exit(1)
+    history = store.job_events(job_id)
+    objects = store.job_results(job_id)
+    if as_json:
+        print(json.dumps({"job": job.as_dict(), "events": history, "results": objects}, indent=2, default=str))
+        return
+    out.print(f"[bold]job {job.id}[/bold]: {job.state.value}", highlight=False)
+    out.print(f"  study {job.study_uid} run {job.run}", highlight=False)
+    out.print(f"  rule {job.rule or '-'}; profile {job.profile or '-'} ({job.language or '-'})", highlight=False)
+    out.print(f"  outputs {job.outputs}; destinations {job.destinations}", highlight=False)
+    out.print(f"  attempts {job.attempts}; deliveries {job.deliveries}", highlight=False)
+    if job.error:
+        out.print(f"  [red]reason:[/red] {job.error}", highlight=False)
+    out.print("  history:")
+    for e in history:
+        out.print(f"    {_when(e['at'])}  {e['kind']:<14} {e['detail'] or ''}", highlight=False)
+    if objects:
+        out.print("  results:")
+        for r in objects:
+            out.print(f"    {r['kind']:<5} {r['sop_instance_uid']}  delivered to {r['delivered_to']}", highlight=False)
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
+    """Run a failed or cancelled job again (same run, so the same result UIDs)."""
+    settings = _settings(config)
+    store = _store(settings)
+    ok = store.transition(
+        job_id,
+        JobState.QUEUED,
+        expect=[JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED],
+        detail="retried by administrator",
+    )
+    if not ok:
+        job = store.job(job_id)
+        why = "no such job" if job is None else f"it is {job.state.value}; only failed, cancelled or skipped jobs"
+        err.print(f"[red]error:[/red] cannot retry job {job_id}: {why}")
+        raise typer.Exit(1)
+    out.print(f"job {job_id} queued again; the node picks it up within its reconcile period")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
+    """Cancel a job that has not been delivered yet."""
+    settings = _settings(config)
+    store = _store(settings)
+    ok = store.transition(
+        job_id,
+        JobState.CANCELLED,
+        expect=[JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED],
+        detail="cancelled by administrator",
+    )
+    if not ok:
+        job = store.job(job_id)
+        why = "no such job" if job is None else f"it is already {job.state.value}"
+        err.print(f"[red]error:[/red] cannot cancel job {job_id}: {why}")
+        raise typer.Exit(1)
+    out.print(f"job {job_id} cancelled")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

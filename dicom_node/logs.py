@@ -1,0 +1,72 @@
+"""Logging for the node: configured once by the application; library code only calls ``logging.getLogger``.
+
+No patient data in logs (DESIGN invariant 8): UIDs are logged as short hashes (:func:`uid_hash`), names and IDs
+never. The audit log (``<data_dir>/audit.log``, one JSON object per line) records every association and every
+export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AUDIT_LOGGER", "audit", "configure_logging", "uid_hash"]
+
+AUDIT_LOGGER = "dicom_node.audit"
+_audit = logging.getLogger(AUDIT_LOGGER)
+
+
+def uid_hash(uid: str | None) -> str:
+    """A short, stable stand-in for a UID in logs: the same UID always gives the same 12 hex characters."""
+    if not uid:
+        return "-"
+    return hashlib.sha256(str(uid).encode("ascii", "replace")).hexdigest()[:12]
+
+
+def audit(event: str, **fields: Any) -> None:
+    """One audit record: an association, a rejection, an export. Callers pass no patient data."""
+    _audit.info(json.dumps({"at": round(time.time(), 3), "event": event, **fields}, sort_keys=True, default=str))
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "at": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", json_format: bool = False, data_dir: Path | None = None) -> None:
+    """Console logging for the process, and the audit log file under ``data_dir`` when given."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(
+        _JsonFormatter()
+        if json_format
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
+    root.addHandler(console)
+    root.setLevel(level)
+    # pynetdicom logs every PDU at INFO; its warnings and errors are what an administrator needs.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    for handler in list(_audit.handlers):
+        _audit.removeHandler(handler)
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        audit_file = logging.FileHandler(data_dir / "audit.log", encoding="utf-8")
+        audit_file.setFormatter(logging.Formatter("%(message)s"))
+        _audit.addHandler(audit_file)
+        _audit.propagate = False  # the audit trail goes to its own file, not the console
+    _audit.setLevel(logging.INFO)

@@ -1,0 +1,350 @@
+"""The Storage SCP: Verification and every Storage SOP class, with durable intake.
+
+Handlers are plain functions bound to an :class:`Intake`; they run on the association's thread, so they only
+validate, write and record (DESIGN invariant 4): no pixel decoding, no inference, no network calls.
+
+Success is returned only after the instance is synced to disk and recorded in the job store (invariant 1); a failed
+write answers Out of Resources, never Success.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from threading import Lock
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.config import NodeSettings, StudySettings
+from dicom_node.logs import audit, uid_hash
+from dicom_node.spool import InvalidUIDError, Spool, check_uid
+from dicom_node.store import InstanceRecord, JobStore
+
+__all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "Intake", "Status", "start_scp"]
+
+log = logging.getLogger(__name__)
+
+#: What the node accepts and stores as received: uncompressed, deflated, RLE, JPEG, JPEG-LS and JPEG 2000.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+]
+
+
+class Status:
+    """C-STORE / C-ECHO status codes the node answers with (PS3.4 B.2.3 and C.4.2.1.4)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (storage: disk full, write or record failed)
+    DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class
+    CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (malformed, truncated, bad UIDs)
+
+
+# A-ASSOCIATE-RJ (result, source, diagnostic): rejected-permanent, service-user, calling AE title not recognised.
+_REJECT_CALLING_NOT_RECOGNISED = (0x01, 0x01, 0x03)
+
+_HEADER_KEYWORDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+)
+
+
+@dataclass
+class IntakeCounters:
+    """What the SCP did since start; read by health and metrics."""
+
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    associations: int = 0
+    rejected_associations: int = 0
+    bytes: int = 0
+    lock: Lock = field(default_factory=Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+class AccessPolicy:
+    """Who may open an association: calling AE titles and source addresses (empty lists allow any)."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.calling = {a.strip() for a in settings.allowed_calling_aets}
+        self.networks = [ipaddress.ip_network(h, strict=False) for h in settings.allowed_hosts]
+
+    def refusal(self, address: str, calling_ae: str) -> str | None:
+        if self.calling and calling_ae.strip() not in self.calling:
+            return f"calling AE title {calling_ae.strip()!r} is not in node.allowed_calling_aets"
+        if self.networks:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return f"source address {address!r} is not an IP address"
+            if not any(ip in net for net in self.networks):
+                return f"source address {address} is not in node.allowed_hosts"
+        return None
+
+
+class _PolicyACSE(ACSE):
+    """ACSE that refuses associations the :class:`AccessPolicy` does not allow, with a proper A-ASSOCIATE-RJ."""
+
+    def __init__(self, assoc: Association, policy: AccessPolicy, counters: IntakeCounters) -> None:
+        super().__init__(assoc)
+        self._policy = policy
+        self._counters = counters
+
+    def _negotiate_as_acceptor(self) -> None:
+        primitive = self.requestor.primitive
+        calling = str(getattr(primitive, "calling_ae_title", "") or "")
+        address = self.assoc.requestor.address
+        why = self._policy.refusal(address, calling)
+        if why is None:
+            super()._negotiate_as_acceptor()
+            return
+        log.warning("association from %s (%s) rejected: %s", address, calling.strip(), why)
+        audit("association_rejected", address=address, calling_ae=calling.strip(), reason=why)
+        self._counters.add(rejected_associations=1)
+        self.requestor.ae_title = calling
+        self.send_reject(*_REJECT_CALLING_NOT_RECOGNISED)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+
+def _native_pixel_bytes_expected(ds: Dataset) -> int | None:
+    """Bytes native (uncompressed) Pixel Data must have, from the header alone; None when not checkable."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        spp = int(ds.get("SamplesPerPixel", 1))
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (rows * cols * spp * frames * bits + 7) // 8
+
+
+class Intake:
+    """The C-STORE/C-ECHO handlers' state: spool, job store, settings, counters."""
+
+    def __init__(
+        self,
+        node: NodeSettings,
+        study: StudySettings,
+        spool: Spool,
+        store: JobStore,
+        on_stored: Callable[[str], None] | None = None,
+    ) -> None:
+        self.node = node
+        self.study = study
+        self.spool = spool
+        self.store = store
+        self.counters = IntakeCounters()
+        self.policy = AccessPolicy(node)
+        self._on_stored = on_stored
+        self._min_free = node.min_free_disk_mb * 1024 * 1024
+
+    # --- handlers ---------------------------------------------------------------------------------------------
+
+    def on_c_echo(self, event: Any) -> int:
+        return Status.SUCCESS
+
+    def on_c_store(self, event: Any) -> int:
+        """Validate, write durably, record; answer Success only when all three are done."""
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            return self._store(event, calling)
+        except Exception:  # process boundary: the peer gets a failure status, the node keeps serving
+            log.exception("C-STORE from %s failed unexpectedly", calling)
+            self.counters.add(failed=1)
+            return Status.OUT_OF_RESOURCES
+
+    def _refuse(self, status: int, calling: str, sop_uid: str, why: str) -> int:
+        log.warning("C-STORE from %s refused (0x%04X) for instance %s: %s", calling, status, uid_hash(sop_uid), why)
+        self.counters.add(failed=1)
+        return status
+
+    def _store(self, event: Any, calling: str) -> int:
+        request = event.request
+        raw_sop = str(request.AffectedSOPInstanceUID or "")
+        try:
+            sop_uid = check_uid(raw_sop, "Affected SOP Instance UID")
+        except InvalidUIDError as exc:
+            return self._refuse(Status.CANNOT_UNDERSTAND, calling, raw_sop, str(exc))
+        try:
+            ds = event.dataset
+            header = {kw: ds.get(kw) for kw in _HEADER_KEYWORDS}
+            expected = None if event.context.transfer_syntax.is_compressed else _native_pixel_bytes_expected(ds)
+            pixel_length = len(ds.PixelData) if expected is not None and "PixelData" in ds else None
+        except Exception as exc:  # pydicom raises many kinds on malformed or truncated data sets
+            return self._refuse(Status.CANNOT_UNDERSTAND, calling, sop_uid, f"data set cannot be decoded: {exc}")
+        try:
+            study_uid = check_uid(header["StudyInstanceUID"], "Study Instance UID")
+            series_uid = check_uid(header["SeriesInstanceUID"], "Series Instance UID")
+            if str(header["SOPInstanceUID"] or "").strip() != sop_uid:
+                raise InvalidUIDError("SOP Instance UID in the data set differs from the C-STORE request's")
+        except InvalidUIDError as exc:
+            return self._refuse(Status.CANNOT_UNDERSTAND, calling, sop_uid, str(exc))
+        sop_class = str(request.AffectedSOPClassUID)
+        if header["SOPClassUID"] is not None and str(header["SOPClassUID"]).strip() != sop_class:
+            return self._refuse(Status.DATASET_MISMATCH, calling, sop_uid, "SOP Class UID differs from the request's")
+        if pixel_length is not None and expected is not None and pixel_length < expected:
+            return self._refuse(
+                Status.DATASET_MISMATCH,
+                calling,
+                sop_uid,
+                f"Pixel Data is truncated: {pixel_length} bytes, the header needs {expected}",
+            )
+
+        if self.store.has_instance(sop_uid) or self.store.is_own_result(sop_uid):
+            log.info("instance %s from %s already stored; not processed again", uid_hash(sop_uid), calling)
+            self.counters.add(duplicates=1)
+            return Status.SUCCESS
+        if self._min_free and self.spool.free_bytes() < self._min_free:
+            return self._refuse(
+                Status.OUT_OF_RESOURCES,
+                calling,
+                sop_uid,
+                f"free disk below node.min_free_disk_mb ({self.node.min_free_disk_mb} MB)",
+            )
+
+        path = self.spool.path_for(study_uid, series_uid, sop_uid)
+        data = event.encoded_dataset(include_meta=True)
+        try:
+            size = self.spool.store(path, data)
+        except OSError as exc:
+            return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, f"write failed: {exc.strerror}")
+
+        def text(kw: str, limit: int) -> str:
+            value = header[kw]
+            return "" if value is None else str(value).strip()[:limit]
+
+        record = InstanceRecord(
+            sop_instance_uid=sop_uid,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax=str(event.context.transfer_syntax),
+            modality=text("Modality", 16),
+            body_part=text("BodyPartExamined", 64),
+            study_description=text("StudyDescription", 128),
+            series_description=text("SeriesDescription", 128),
+            calling_ae=calling,
+            path=self.spool.relative(path),
+            size=size,
+        )
+        try:
+            self.store.record_instance(record, late_arrivals=self.study.late_arrivals)
+        except Exception as exc:  # the file is safe on disk; the peer must resend, the start-up scan records it
+            log.error("instance %s written but not recorded: %s", uid_hash(sop_uid), exc)
+            self.counters.add(failed=1)
+            return Status.OUT_OF_RESOURCES
+        self.counters.add(stored=1, bytes=size)
+        if self._on_stored is not None:
+            self._on_stored(study_uid)
+        return Status.SUCCESS
+
+    # --- association events (audit) ----------------------------------------------------------------------------
+
+    def on_conn_open(self, event: Any) -> None:
+        event.assoc.acse = _PolicyACSE(event.assoc, self.policy, self.counters)
+
+    def on_accepted(self, event: Any) -> None:
+        self.counters.add(associations=1)
+        r = event.assoc.requestor
+        audit("association_accepted", address=r.address, calling_ae=r.ae_title.strip())
+
+    def on_released(self, event: Any) -> None:
+        r = event.assoc.requestor
+        audit("association_released", address=r.address, calling_ae=r.ae_title.strip())
+
+    def on_aborted(self, event: Any) -> None:
+        r = event.assoc.requestor
+        audit("association_aborted", address=r.address, calling_ae=r.ae_title.strip())
+        log.warning("association from %s (%s) aborted", r.address, r.ae_title.strip())
+
+
+def build_ae(node: NodeSettings) -> AE:
+    """The pynetdicom AE of the SCP: every Storage SOP class with the accepted transfer syntaxes, and Verification."""
+    ae = AE(ae_title=node.ae_title)
+    for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
+        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.require_called_aet = True
+    ae.maximum_associations = node.max_associations
+    ae.maximum_pdu_size = node.max_pdu
+    ae.acse_timeout = node.acse_timeout
+    ae.dimse_timeout = node.dimse_timeout
+    ae.network_timeout = node.network_timeout
+    return ae
+
+
+def start_scp(intake: Intake) -> ThreadedAssociationServer:
+    """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
+    ae = build_ae(intake.node)
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, intake.on_c_store),
+        (evt.EVT_C_ECHO, intake.on_c_echo),
+        (evt.EVT_CONN_OPEN, intake.on_conn_open),
+        (evt.EVT_ACCEPTED, intake.on_accepted),
+        (evt.EVT_RELEASED, intake.on_released),
+        (evt.EVT_ABORTED, intake.on_aborted),
+    ]
+    server = ae.start_server((intake.node.bind, intake.node.port), block=False, evt_handlers=handlers)
+    assert server is not None
+    log.info(
+        "listening as %s on %s:%d (max %d associations)",
+        intake.node.ae_title,
+        intake.node.bind,
+        server.server_address[1],
+        intake.node.max_associations,
+    )
+    return server
+
+
+def wait_forever(stop: Callable[[], bool], interval: float = 0.5) -> None:
+    while not stop():
+        time.sleep(interval)

@@ -1,0 +1,562 @@
+"""The job store: every instance, study, job and state transition, in SQLite (default) or PostgreSQL.
+
+The store, not the broker, is the source of truth (DESIGN invariant 3). SQLite runs in WAL mode with
+``synchronous=FULL`` so that a committed record survives a crash or power loss; every process of the node (the SCP,
+workers on this host) opens its own engine on the same file.
+
+Tables (SQLAlchemy Core, so that PostgreSQL works by URL):
+
+- ``instances``: one row per received SOP Instance (idempotent by SOP Instance UID), with the few header values that
+  routing rules need and the spool path.
+- ``studies``: one row per Study Instance UID: whether it is still receiving, when it started and last changed, and
+  how many runs it has had.
+- ``jobs``: one row per run of one study: the rule and profile chosen, its state, attempts and a readable error.
+- ``events``: the history of every state transition, with timestamps and a detail text.
+- ``results``: the result objects a job produced (SOP Instance UID, file, per-destination delivery state).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+
+__all__ = [
+    "InstanceRecord",
+    "JobRecord",
+    "JobState",
+    "JobStore",
+    "StudyState",
+]
+
+log = logging.getLogger(__name__)
+
+
+class StudyState(str, enum.Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class JobState(str, enum.Enum):
+    """A run of one study. ``queued`` -> ``running`` -> ``succeeded`` -> ``delivered``; or ``failed``,
+    ``skipped`` (no rule matched), ``cancelled`` (by an administrator)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.DELIVERED, JobState.FAILED, JobState.SKIPPED, JobState.CANCELLED)
+
+
+UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.SUCCEEDED.value)
+
+metadata = MetaData()
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("study_uid", String(64), nullable=False),
+    Column("series_uid", String(64), nullable=False),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("transfer_syntax", String(64), nullable=False),
+    Column("modality", String(16), nullable=False, default=""),
+    Column("body_part", String(64), nullable=False, default=""),
+    Column("study_description", String(128), nullable=False, default=""),
+    Column("series_description", String(128), nullable=False, default=""),
+    Column("calling_ae", String(16), nullable=False, default=""),
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("run", Integer, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Index("ix_instances_study", "study_uid"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("window_started_at", Float, nullable=False),
+    Column("last_received_at", Float, nullable=False),
+    Column("runs", Integer, nullable=False, default=0),
+    Column("calling_ae", String(16), nullable=False, default=""),
+    Index("ix_studies_state", "state"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_uid", String(64), ForeignKey("studies.study_uid"), nullable=False),
+    Column("run", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("rule", String(128), nullable=True),
+    Column("profile", String(32), nullable=True),
+    Column("language", String(8), nullable=True),
+    Column("targets", Text, nullable=False, default="[]"),
+    Column("outputs", Text, nullable=False, default="[]"),
+    Column("destinations", Text, nullable=False, default="[]"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("deliveries", Integer, nullable=False, default=0),
+    Column("error", Text, nullable=True),
+    Column("result_path", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("study_uid", "run", name="uq_jobs_study_run"),
+    Index("ix_jobs_state", "state"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("study_uid", String(64), nullable=True),
+    Column("job_id", Integer, nullable=True),
+    Column("kind", String(32), nullable=False),
+    Column("detail", Text, nullable=False, default=""),
+    Index("ix_events_job", "job_id"),
+)
+
+results = Table(
+    "results",
+    metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("delivered_to", Text, nullable=False, default="[]"),
+    Index("ix_results_job", "job_id"),
+)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    modality: str
+    body_part: str
+    study_description: str
+    series_description: str
+    calling_ae: str
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    study_uid: str
+    run: int
+    state: JobState
+    rule: str | None
+    profile: str | None
+    language: str | None
+    targets: list[str]
+    outputs: list[str]
+    destinations: list[str]
+    attempts: int
+    deliveries: int
+    error: str | None
+    result_path: str | None
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: Any) -> JobRecord:
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            study_uid=m["study_uid"],
+            run=m["run"],
+            state=JobState(m["state"]),
+            rule=m["rule"],
+            profile=m["profile"],
+            language=m["language"],
+            targets=json.loads(m["targets"]),
+            outputs=json.loads(m["outputs"]),
+            destinations=json.loads(m["destinations"]),
+            attempts=m["attempts"],
+            deliveries=m["deliveries"],
+            error=m["error"],
+            result_path=m["result_path"],
+            created_at=m["created_at"],
+            updated_at=m["updated_at"],
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["state"] = self.state.value
+        return out
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Transactions are begun explicitly (below) so that a writer takes the lock up front: a deferred
+    # transaction that reads and then writes can fail with "database is locked" under concurrent writers.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # a committed record survives power loss (invariant 1)
+    cur.execute("PRAGMA busy_timeout=30000")  # several processes share the file
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin_immediate(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class JobStore:
+    """All reads and writes of the job store; safe to share between threads of one process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8, max_overflow=16
+            )
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin_immediate)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # --- receiving -------------------------------------------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid == sop_instance_uid)
+                ).first()
+                is not None
+            )
+
+    def is_own_result(self, sop_instance_uid: str) -> bool:
+        """True for an instance the node produced itself (a PACS may route our results back to us)."""
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(results.c.sop_instance_uid).where(results.c.sop_instance_uid == sop_instance_uid)
+                ).first()
+                is not None
+            )
+
+    def record_instance(self, rec: InstanceRecord, late_arrivals: str = "rerun", now: float | None = None) -> bool:
+        """Record a stored instance and advance its study's receive window, in one transaction.
+
+        Returns False when the SOP Instance UID was already recorded (a re-send: stored once, processed once).
+        A study that already ran re-opens for a new run when ``late_arrivals`` is ``rerun``; with ``ignore`` the
+        instance is recorded against the finished run and starts nothing.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            seen = conn.execute(
+                select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid == rec.sop_instance_uid)
+            ).first()
+            if seen is not None:
+                return False
+            study = conn.execute(select(studies).where(studies.c.study_uid == rec.study_uid)).first()
+            if study is None:
+                conn.execute(
+                    insert(studies).values(
+                        study_uid=rec.study_uid,
+                        state=StudyState.RECEIVING.value,
+                        window_started_at=now,
+                        last_received_at=now,
+                        runs=0,
+                        calling_ae=rec.calling_ae,
+                    )
+                )
+                run = 1
+                conn.execute(insert(events).values(at=now, study_uid=rec.study_uid, kind="received", detail=""))
+            else:
+                s = study._mapping
+                if s["state"] == StudyState.RECEIVING.value:
+                    run = s["runs"] + 1
+                    conn.execute(
+                        update(studies).where(studies.c.study_uid == rec.study_uid).values(last_received_at=now)
+                    )
+                elif late_arrivals == "rerun":
+                    run = s["runs"] + 1
+                    conn.execute(
+                        update(studies)
+                        .where(studies.c.study_uid == rec.study_uid)
+                        .values(state=StudyState.RECEIVING.value, window_started_at=now, last_received_at=now)
+                    )
+                    conn.execute(
+                        insert(events).values(
+                            at=now, study_uid=rec.study_uid, kind="received", detail=f"late arrival: run {run}"
+                        )
+                    )
+                else:
+                    run = s["runs"]
+                    conn.execute(
+                        insert(events).values(
+                            at=now, study_uid=rec.study_uid, kind="late_ignored", detail="late arrival ignored"
+                        )
+                    )
+            conn.execute(insert(instances).values(**rec.__dict__, run=run, received_at=now))
+        return True
+
+    # --- assembling ------------------------------------------------------------------------------------------
+
+    def studies_ready(self, stable_seconds: float, max_wait_seconds: float, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(studies.c.study_uid).where(
+                    and_(
+                        studies.c.state == StudyState.RECEIVING.value,
+                        or_(
+                            studies.c.last_received_at <= now - stable_seconds,
+                            studies.c.window_started_at <= now - max_wait_seconds,
+                        ),
+                    )
+                )
+            ).all()
+        return [r[0] for r in rows]
+
+    def study_instances(self, study_uid: str) -> list[InstanceRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(instances).where(instances.c.study_uid == study_uid).order_by(instances.c.received_at)
+            ).all()
+        fields = InstanceRecord.__dataclass_fields__
+        return [InstanceRecord(**{k: r._mapping[k] for k in fields}) for r in rows]
+
+    def complete_study(
+        self,
+        study_uid: str,
+        rule: str | None,
+        profile: str | None = None,
+        language: str | None = None,
+        targets: Sequence[str] = (),
+        outputs: Sequence[str] = (),
+        destinations: Sequence[str] = (),
+        skip_reason: str | None = None,
+        now: float | None = None,
+    ) -> int | None:
+        """Close a study's receive window and create its job (queued, or skipped with ``skip_reason``).
+
+        Returns the job id, or None when the study was no longer receiving (another assembler got there first).
+        """
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            s = conn.execute(select(studies).where(studies.c.study_uid == study_uid)).first()
+            if s is None or s._mapping["state"] != StudyState.RECEIVING.value:
+                return None
+            run = s._mapping["runs"] + 1
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid)
+                .values(state=StudyState.COMPLETE.value, runs=run)
+            )
+            state = JobState.SKIPPED if skip_reason else JobState.QUEUED
+            job_id = conn.execute(
+                insert(jobs).values(
+                    study_uid=study_uid,
+                    run=run,
+                    state=state.value,
+                    rule=rule,
+                    profile=profile,
+                    language=language,
+                    targets=json.dumps(list(targets)),
+                    outputs=json.dumps(list(outputs)),
+                    destinations=json.dumps(list(destinations)),
+                    error=skip_reason,
+                    created_at=now,
+                    updated_at=now,
+                )
+            ).inserted_primary_key
+            assert job_id is not None
+            job_id = job_id[0]
+            conn.execute(insert(events).values(at=now, study_uid=study_uid, kind="complete", detail=f"run {run}"))
+            conn.execute(
+                insert(events).values(
+                    at=now, study_uid=study_uid, job_id=job_id, kind=state.value, detail=skip_reason or rule or ""
+                )
+            )
+        return int(job_id)
+
+    # --- jobs ------------------------------------------------------------------------------------------------
+
+    def job(self, job_id: int) -> JobRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return JobRecord.from_row(row) if row else None
+
+    def list_jobs(self, states: Sequence[str] = (), limit: int = 200) -> list[JobRecord]:
+        q = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if states:
+            q = q.where(jobs.c.state.in_(list(states)))
+        with self.engine.connect() as conn:
+            return [JobRecord.from_row(r) for r in conn.execute(q).all()]
+
+    def unfinished_jobs(self) -> list[JobRecord]:
+        return self.list_jobs(UNFINISHED, limit=1_000_000)
+
+    def transition(
+        self,
+        job_id: int,
+        to: JobState,
+        *,
+        expect: Sequence[JobState] = (),
+        error: str | None = None,
+        detail: str = "",
+        count_attempt: bool = False,
+        count_delivery: bool = False,
+        result_path: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Move a job to ``to`` if it is in one of ``expect`` (any state when empty). False when it was not.
+
+        The compare-and-set is what keeps a job from being exported twice: only one caller wins each transition.
+        """
+        now = time.time() if now is None else now
+        values: dict[str, Any] = {"state": to.value, "updated_at": now}
+        if error is not None or to in (JobState.QUEUED, JobState.RUNNING, JobState.DELIVERED):
+            values["error"] = error
+        if count_attempt:
+            values["attempts"] = jobs.c.attempts + 1
+        if count_delivery:
+            values["deliveries"] = jobs.c.deliveries + 1
+        if result_path is not None:
+            values["result_path"] = result_path
+        q = update(jobs).where(jobs.c.id == job_id)
+        if expect:
+            q = q.where(jobs.c.state.in_([s.value for s in expect]))
+        with self._tx() as conn:
+            changed = conn.execute(q.values(**values)).rowcount
+            if changed:
+                study = conn.execute(select(jobs.c.study_uid).where(jobs.c.id == job_id)).scalar_one()
+                conn.execute(
+                    insert(events).values(
+                        at=now, study_uid=study, job_id=job_id, kind=to.value, detail=error or detail
+                    )
+                )
+        return bool(changed)
+
+    def note(self, job_id: int, kind: str, detail: str) -> None:
+        """Record an event (a retry, a redelivery, a send attempt) without changing the job's state."""
+        with self._tx() as conn:
+            conn.execute(insert(events).values(at=time.time(), job_id=job_id, kind=kind, detail=detail))
+
+    def set_error(self, job_id: int, error: str) -> None:
+        with self._tx() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(error=error, updated_at=time.time()))
+
+    def job_events(self, job_id: int) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            study = conn.execute(select(jobs.c.study_uid, jobs.c.created_at).where(jobs.c.id == job_id)).first()
+            if study is None:
+                return []
+            rows = conn.execute(
+                select(events)
+                .where(
+                    or_(
+                        events.c.job_id == job_id,
+                        and_(events.c.study_uid == study[0], events.c.job_id.is_(None)),
+                    )
+                )
+                .order_by(events.c.id)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    # --- results ---------------------------------------------------------------------------------------------
+
+    def record_results(self, job_id: int, objects: Sequence[tuple[str, str, str]]) -> None:
+        """Record (sop_instance_uid, kind, path) of result objects written to the outbox (idempotent)."""
+        with self._tx() as conn:
+            for uid, kind, path in objects:
+                exists = conn.execute(
+                    select(results.c.sop_instance_uid).where(results.c.sop_instance_uid == uid)
+                ).first()
+                if exists is None:
+                    conn.execute(insert(results).values(sop_instance_uid=uid, job_id=job_id, kind=kind, path=path))
+
+    def job_results(self, job_id: int) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(results).where(results.c.job_id == job_id)).all()
+        out = []
+        for r in rows:
+            d = dict(r._mapping)
+            d["delivered_to"] = json.loads(d["delivered_to"])
+            out.append(d)
+        return out
+
+    def mark_delivered(self, sop_instance_uid: str, destination: str) -> None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(results.c.delivered_to).where(results.c.sop_instance_uid == sop_instance_uid)
+            ).first()
+            if row is None:
+                return
+            done = set(json.loads(row[0]))
+            done.add(destination)
+            conn.execute(
+                update(results)
+                .where(results.c.sop_instance_uid == sop_instance_uid)
+                .values(delivered_to=json.dumps(sorted(done)))
+            )
+
+    # --- counts for health and metrics -----------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            out = {
+                f"jobs_{state}": n
+                for state, n in conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+            }
+            out["instances"] = conn.execute(select(func.count()).select_from(instances)).scalar_one()
+            out["studies_receiving"] = conn.execute(
+                select(func.count()).select_from(studies).where(studies.c.state == StudyState.RECEIVING.value)
+            ).scalar_one()
+        return out
