@@ -216,14 +216,14 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
     )
 
-    node: NodeSettings = Field(default_factory=lambda: NodeSettings())
-    study: StudySettings = Field(default_factory=lambda: StudySettings())
-    queue: QueueSettings = Field(default_factory=lambda: QueueSettings())
-    store: StoreSettings = Field(default_factory=lambda: StoreSettings())
-    model: ModelSettings = Field(default_factory=lambda: ModelSettings())
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    study: StudySettings = Field(default_factory=StudySettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
     rules: list[RuleSettings] = Field(default_factory=list)
-    logging: LoggingSettings = Field(default_factory=lambda: LoggingSettings())
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod
     def settings_customise_sources(

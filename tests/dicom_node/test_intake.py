@@ -98,7 +98,9 @@ def test_calling_ae_and_host_allow_lists_reject_with_a_associate_rj(running_node
     assert node.intake.counters.rejected_associations == 1
 
     other = running_node(node={"allowed_hosts": ["10.0.0.0/8"]})
-    refused = subprocess.run(["echoscu", "-aec", "AINODE", "127.0.0.1", str(other.port)], capture_output=True, text=True)
+    refused = subprocess.run(
+        ["echoscu", "-aec", "AINODE", "127.0.0.1", str(other.port)], capture_output=True, text=True
+    )
     assert refused.returncode != 0 and "Rejected" in refused.stderr
     assert other.intake.counters.rejected_associations == 1
 
