@@ -8,6 +8,8 @@
   dropped; the finding is kept as a text-only finding;
 * **frame number beyond the source's Number of Frames**: as for an unknown source;
 * **box partly outside the image**: clipped to the image (pixel edges ``0..Columns``, ``0..Rows``);
+* **coordinates**: rounded to 32-bit floats, the precision of Graphic Data (FL) in SR and GSPS, so what the
+  writers record is exactly what a reader gets back;
 * **box wholly outside the image, zero area, or narrower/shorter than** ``min_box_pixels`` **after clipping**:
   the box is dropped and the finding is kept as a text-only finding (a mask, if any, still stands);
 * **mask of the wrong shape or with no pixel set**: the mask is dropped;
@@ -134,6 +136,11 @@ def _box_from_mask(mask: np.ndarray) -> BoundingBox | None:
     return BoundingBox(float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
+def as_float32(value: float) -> float:
+    """``value`` at the precision SR and GSPS store coordinates (Graphic Data is FL, 32-bit)."""
+    return float(np.float32(value))
+
+
 def _checked_box(box: BoundingBox, columns: int, rows: int, min_size: float) -> tuple[BoundingBox | None, str]:
     values = (box.x0, box.y0, box.x1, box.y1)
     if not all(math.isfinite(v) for v in values):
@@ -144,8 +151,8 @@ def _checked_box(box: BoundingBox, columns: int, rows: int, min_size: float) -> 
     y0, y1 = max(0.0, min(box.y0, rows)), max(0.0, min(box.y1, rows))
     if x1 - x0 < min_size or y1 - y0 < min_size:
         return None, f"box {values} has less than {min_size} pixel inside the {columns}x{rows} image"
-    clipped = BoundingBox(x0, y0, x1, y1)
-    if clipped != box:
+    clipped = BoundingBox(*(as_float32(v) for v in (x0, y0, x1, y1)))
+    if (x0, y0, x1, y1) != values:
         return clipped, f"box {values} clipped to the {columns}x{rows} image"
     return clipped, ""
 
