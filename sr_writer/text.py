@@ -68,11 +68,11 @@ def multi_line(text: str, limit: int = MAX_UT_CHARS) -> str:
 
 
 def ascii_code_string(text: str, limit: int = SH_MAX) -> str:
-    """``text`` as a DICOM code string (CS): upper-case ASCII letters, digits, space and underscore only."""
+    """``text`` as a DICOM code string (CS): upper-case ASCII letters, digits and underscores only."""
     folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").upper()
-    cleaned = re.sub(r"[^A-Z0-9_ ]+", "_", folded).strip(" _")
+    cleaned = re.sub(r"[^A-Z0-9_]+", "_", folded).strip("_")
     cleaned = re.sub(r"_+", "_", cleaned)
-    return cleaned[:limit].rstrip(" _") or "AI"
+    return cleaned[:limit].rstrip("_") or "AI"
 
 
 def is_ascii(text: str) -> bool:

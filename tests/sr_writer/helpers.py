@@ -115,6 +115,12 @@ def synthetic_result(ds: Dataset, language: Language, findings: Sequence[Finding
     )
 
 
+_PER_SLICE = {
+    "SOPInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "InstanceNumber", "ImagePositionPatient",
+    "SliceThickness", "ImageOrientationPatient", "SliceLocation",
+}
+
+
 def synthetic_series(template: Dataset, count: int, seed: str = "series") -> list[Dataset]:
     """``count`` slices of a new CT series made from ``template``: new UIDs, positions 1 mm apart, same pixels."""
     series_uid = result_uid("synthetic", seed, "series")
@@ -122,8 +128,11 @@ def synthetic_series(template: Dataset, count: int, seed: str = "series") -> lis
     position = [float(v) for v in template.get("ImagePositionPatient", [0.0, 0.0, 0.0])]
     out = []
     for i in range(count):
-        ds = copy.copy(template)  # shallow: pixel data shared
-        ds.file_meta = copy.copy(template.file_meta)
+        ds = pydicom.FileDataset("", Dataset(), preamble=b"\0" * 128)
+        for elem in template:  # elements shared (pixel data too), except the ones set below
+            if elem.keyword not in _PER_SLICE:
+                ds.add(elem)
+        ds.file_meta = copy.deepcopy(template.file_meta)
         ds.SOPInstanceUID = result_uid("synthetic", seed, "instance", i)
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.SeriesInstanceUID = series_uid

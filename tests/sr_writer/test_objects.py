@@ -1,0 +1,177 @@
+"""What a user checks on GSPS, SEG, SC and UIDs: boxes on the right pixels, window kept, frames referenced."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from sr_writer import BoundingBox, Finding, ImageRef, ResultUIDs, build_result_objects, write_result_objects
+from sr_writer.context import ResultOptions
+from sr_writer.seg import box_mask
+from tests.sr_writer.conftest import BuiltStudy
+from tests.sr_writer.helpers import ALGORITHM, STUDIES, ellipse_mask, read, synthetic_result, synthetic_series
+
+
+def _one(study: BuiltStudy, modality: str):
+    (ds, _), *_ = study.of_modality(modality)
+    return ds
+
+
+def test_gsps_draws_each_box_as_a_closed_polyline_in_an_ai_layer(built_studies: dict[str, BuiltStudy]):
+    study = built_studies["RG3"]
+    gsps = _one(study, "PR")
+    assert gsps.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"
+    assert [layer.GraphicLayer for layer in gsps.GraphicLayerSequence] == ["AI_TESTVLM"]
+    (annotation,) = gsps.GraphicAnnotationSequence
+    assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == study.source.SOPInstanceUID
+    boxes = [f.box for f in study.result.findings if f.box is not None]
+    drawn = [np.asarray(g.GraphicData, dtype=np.float32).reshape(-1, 2) for g in annotation.GraphicObjectSequence]
+    assert len(drawn) == len(boxes)
+    for points, box in zip(drawn, boxes, strict=True):
+        assert g_type_closed(points)
+        np.testing.assert_array_equal(points, np.asarray(box.polyline(), dtype=np.float32))
+    labels = [t.UnformattedTextValue for t in annotation.TextObjectSequence]
+    assert labels == ["1 nodule (0.91)", "2 odd shadow"]
+
+
+def g_type_closed(points: np.ndarray) -> bool:
+    return len(points) == 5 and bool(np.array_equal(points[0], points[-1]))
+
+
+def test_gsps_keeps_the_source_window(built_studies: dict[str, BuiltStudy]):
+    study = built_studies["RG1"]
+    gsps = _one(study, "PR")
+    voi = gsps.SoftcopyVOILUTSequence[0]
+    assert float(voi.WindowCenter) == float(study.source.WindowCenter)
+    assert float(voi.WindowWidth) == float(study.source.WindowWidth)
+    ct = _one(built_studies["CT693"], "PR")
+    assert float(ct.RescaleIntercept) == float(built_studies["CT693"].source.RescaleIntercept)
+
+
+def test_colour_sources_get_a_colour_presentation_state(built_studies: dict[str, BuiltStudy]):
+    for name in ("US1", "USMF"):
+        assert _one(built_studies[name], "PR").SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.2"
+
+
+def test_multiframe_annotations_reference_their_frames(built_studies: dict[str, BuiltStudy]):
+    study = built_studies["USMF"]
+    gsps = _one(study, "PR")
+    frames = sorted(
+        int(a.ReferencedImageSequence[0].ReferencedFrameNumber) for a in gsps.GraphicAnnotationSequence
+    )
+    assert frames == [1, 2, 120]
+    sr_frames = sorted(f.source.frame_number for f in study.result.findings if f.source is not None)
+    assert frames == sr_frames
+
+
+def test_seg_holds_the_mask_and_the_box_regions(built_studies: dict[str, BuiltStudy]):
+    study = built_studies["RG3"]
+    seg = hd.seg.segread(study.of_modality("SEG")[0][1])
+    assert seg.SegmentationType == "BINARY"
+    labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    assert labels == ["nodule", "odd shadow"]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[study.source.SOPInstanceUID], segment_numbers=[1, 2]
+    )
+    rows, cols = int(study.source.Rows), int(study.source.Columns)
+    nodule, shadow = study.result.findings[0], study.result.findings[1]
+    assert nodule.box is not None and shadow.box is not None and shadow.mask is not None
+    np.testing.assert_array_equal(pixels[0, :, :, 0], box_mask(nodule.box, rows, cols))
+    np.testing.assert_array_equal(pixels[0, :, :, 1], shadow.mask)
+    uids = {s.TrackingUID for s in seg.SegmentSequence}
+    assert len(uids) == 2
+
+
+def test_seg_over_a_ct_series_references_the_right_slices():
+    series = synthetic_series(read("693_UNCI.dcm"), 6, seed="seg-test")
+    rows, cols = int(series[0].Rows), int(series[0].Columns)
+    box_a, box_b = BoundingBox(100, 100, 180, 160), BoundingBox(300, 200, 360, 290)
+    findings = [
+        Finding("nodule", "on slice 2", box=box_a, source=ImageRef(series[1].SOPInstanceUID),
+                mask=ellipse_mask(rows, cols, box_a)),
+        Finding("mass", "on slice 5", box=box_b, source=ImageRef(series[4].SOPInstanceUID),
+                mask=ellipse_mask(rows, cols, box_b)),
+    ]
+    result = synthetic_result(series[0], STUDIES["CT693"][1], findings=findings)
+    uids = ResultUIDs(result.study_instance_uid, ALGORITHM, result.profile)
+    objects = build_result_objects(result, series, uids, ResultOptions(sr=False, gsps=False))
+    (seg,) = objects
+    seg = hd.seg.Segmentation.from_dataset(seg)
+    assert seg.FrameOfReferenceUID == series[0].FrameOfReferenceUID
+    for number, f in enumerate(findings, start=1):
+        assert f.source is not None and f.mask is not None
+        for ds in (series[1], series[4]):
+            plane = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[ds.SOPInstanceUID], segment_numbers=[number]
+            )[0, :, :, 0]
+            if ds.SOPInstanceUID == f.source.sop_instance_uid:
+                np.testing.assert_array_equal(plane, f.mask)
+            else:
+                assert not plane.any()
+    referenced = {
+        fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for fg in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert referenced == {series[1].SOPInstanceUID, series[4].SOPInstanceUID}
+
+
+def test_secondary_capture_has_boxes_burned_in_and_says_it_is_ai(built_studies: dict[str, BuiltStudy]):
+    study = built_studies["RG3"]
+    sc = _one(study, "OT")
+    assert sc.BurnedInAnnotation == "YES"
+    assert "AI" in sc.SeriesDescription and "not verified" in sc.ImageComments
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == study.source.SOPInstanceUID
+    pixels = sc.pixel_array
+    box = study.result.findings[1].box  # integer edges
+    assert box is not None
+    x0, y0, x1 = int(box.x0), int(box.y0), int(box.x1)
+    yellow = np.array([255, 255, 0], dtype=np.uint8)
+    assert (pixels[y0 + 5, x0] == yellow).all()  # left edge of the box
+    assert (pixels[y0 + 5, x1 - 1] == yellow).all()  # right edge on the last covered pixel
+    assert not (pixels[y0 + 5, (x0 + x1) // 2] == yellow).all()  # inside stays the image
+    assert (pixels[2:6, 2:6] == 0).all()  # the AI OUTPUT banner's background in the corner
+
+
+def test_retry_gives_the_same_uids_and_overwrites_files(tmp_path):
+    source = read("RG3_UNCI.dcm")
+    result = synthetic_result(source, STUDIES["RG3"][1])
+    uids = ResultUIDs(result.study_instance_uid, ALGORITHM, result.profile, run=3)
+    first = write_result_objects(result, [source], uids, tmp_path, ResultOptions.all())
+    again = write_result_objects(
+        result, [source], ResultUIDs(result.study_instance_uid, ALGORITHM, result.profile, run=3), tmp_path,
+        ResultOptions.all(),
+    )
+    assert first == again
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in first)
+    for path in first:
+        ds = dcmread(path, stop_before_pixels=True)
+        assert path.name == f"{ds.SOPInstanceUID}.dcm"
+    rerun = build_result_objects(
+        result, [source], ResultUIDs(result.study_instance_uid, ALGORITHM, result.profile, run=4)
+    )
+    assert not {ds.SOPInstanceUID for ds in rerun} & {p.stem for p in first}
+
+
+def test_series_numbers_are_fixed_per_kind(built_studies: dict[str, BuiltStudy]):
+    numbers = {ds.Modality: int(ds.SeriesNumber) for ds in built_studies["MR2"].objects}
+    assert numbers == {"SR": 9001, "PR": 9002, "SEG": 9003, "OT": 9004}
+
+
+@pytest.mark.parametrize("name", ["RG1", "USMF"])
+def test_code_strings_stay_ascii_with_chinese_text(name: str, built_studies: dict[str, BuiltStudy]):
+    for ds in built_studies[name].objects:
+        assert ds.SpecificCharacterSet == "ISO_IR 192"
+        for elem in ds.iterall():
+            if elem.VR == "CS" and isinstance(elem.value, str):
+                assert elem.value.isascii(), elem
+
+
+def test_chinese_labels_survive_in_gsps_and_seg_files(built_studies: dict[str, BuiltStudy]):
+    study = built_studies["RG1"]
+    gsps = dcmread(study.of_modality("PR")[0][1])
+    texts = [t.UnformattedTextValue for a in gsps.GraphicAnnotationSequence for t in a.TextObjectSequence]
+    assert texts[0].startswith("1 左肺结节")
+    seg = dcmread(study.of_modality("SEG")[0][1], stop_before_pixels=True)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["左肺结节", "异常阴影"]
