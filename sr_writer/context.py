@@ -15,7 +15,7 @@ from sr_writer.prepare import PreparedFinding, SourceIndex, prepare_findings
 from sr_writer.text import LO_MAX, needs_utf8, single_line
 from sr_writer.uids import ResultUIDs
 
-__all__ = ["BuildContext", "ObjectKind", "ResultOptions", "UTF8"]
+__all__ = ["UTF8", "BuildContext", "ObjectKind", "ResultOptions"]
 
 UTF8 = "ISO_IR 192"
 WRITER_NAME = "sr_writer"

@@ -17,7 +17,7 @@ from pydicom.sr.codedict import codes
 
 from sr_writer.findings import Code
 
-__all__ = ["FINDING_TYPES", "FINDING_SITES", "finding_site_for", "finding_type_for"]
+__all__ = ["FINDING_SITES", "FINDING_TYPES", "finding_site_for", "finding_type_for"]
 
 
 def _sct(value: str, meaning: str) -> Code:

@@ -7,9 +7,11 @@ produce are skipped. ``dicom-node render FILE`` prints :func:`render_sr`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 from pydicom import dcmread
@@ -56,20 +58,20 @@ def _code(concept: Dataset | None) -> Code | None:
     return Code(str(concept.CodeValue), str(concept.CodingSchemeDesignator), str(concept.CodeMeaning))
 
 
-def _text_items(items: Dataset | list[Dataset], name: hd.sr.CodedConcept | object) -> list[str]:
+def _text_items(items: Iterable[Any], name: Any) -> list[str]:
     found = []
     for item in items:
         concept = item.ConceptNameCodeSequence[0]
         if (
             item.ValueType == "TEXT"
-            and concept.CodeValue == name.value  # type: ignore[attr-defined]
-            and concept.CodingSchemeDesignator == name.scheme_designator  # type: ignore[attr-defined]
+            and concept.CodeValue == name.value
+            and concept.CodingSchemeDesignator == name.scheme_designator
         ):
             found.append(str(item.TextValue))
     return found
 
 
-def _reported(group: Dataset) -> ReportedFinding:
+def _reported(group: Any) -> ReportedFinding:
     tracking_id = str(group.tracking_identifier or "")
     match = _TRACKING.match(tracking_id)
     label = match.group(2) if match else tracking_id
@@ -91,8 +93,8 @@ def _reported(group: Dataset) -> ReportedFinding:
         source_uid = str(ref.ReferencedSOPInstanceUID)
         if "ReferencedFrameNumber" in ref:
             value = ref.ReferencedFrameNumber
-            frame = int(value[0] if isinstance(value, list) or hasattr(value, "__len__") and not isinstance(
-                value, str) else value)
+            frame = int(value[0] if isinstance(value, list) or (hasattr(value, "__len__") and not isinstance(
+                value, str)) else value)
     return ReportedFinding(
         tracking_id=tracking_id,
         tracking_uid=str(group.tracking_uid or ""),
@@ -111,9 +113,9 @@ def read_sr(path_or_dataset: str | PathLike[str] | Dataset) -> SRContents:
     """The report's findings (in document order), narrative and identity, through highdicom."""
     ds = path_or_dataset if isinstance(path_or_dataset, Dataset) else dcmread(Path(path_or_dataset))
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
-    report = sr.content
-    root = report[0]
-    groups = []
+    report: Any = sr.content
+    root: Any = report[0]
+    groups: list[Any] = []
     for item in root.ContentSequence:
         if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == (
             codes.DCM.ImagingMeasurements.value
@@ -174,7 +176,8 @@ def render_sr(path_or_dataset: str | PathLike[str] | Dataset) -> str:
     for f in contents.findings:
         lines.append(f"  {f.tracking_id}")
         if f.finding_type is not None:
-            lines.append(f"    type: {f.finding_type.meaning} ({f.finding_type.scheme_designator} {f.finding_type.value})")
+            code = f.finding_type
+            lines.append(f"    type: {code.meaning} ({code.scheme_designator} {code.value})")
         if f.site is not None:
             lines.append(f"    site: {f.site.meaning} ({f.site.scheme_designator} {f.site.value})")
         if f.box is not None:

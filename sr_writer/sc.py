@@ -31,7 +31,7 @@ from pydicom.pixels import apply_modality_lut, get_decoder
 from sr_writer.context import BuildContext, ObjectKind, copy_image_context
 from sr_writer.gsps import graphic_label
 from sr_writer.prepare import PreparedFinding, is_multiframe
-from sr_writer.text import LO_MAX, single_line
+from sr_writer.text import single_line
 
 __all__ = ["build_secondary_captures", "render_frame"]
 
@@ -91,7 +91,7 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, size: int) -> tuple[int, in
     width = 0.0
     for run, font in _runs(text, size):
         width += draw.textlength(run, font=font)
-    return int(math.ceil(width)), int(size * 1.25)
+    return math.ceil(width), int(size * 1.25)
 
 
 def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, size: int) -> None:
@@ -108,10 +108,10 @@ def _window(ds: Dataset) -> tuple[float, float] | None:
     centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if centre is None or width is None or centre == "" or width == "":
         return None
-    c = float(centre[0] if isinstance(centre, list | tuple) or hasattr(centre, "__getitem__") and not isinstance(
-        centre, str | float | int) else centre)
-    w = float(width[0] if isinstance(width, list | tuple) or hasattr(width, "__getitem__") and not isinstance(
-        width, str | float | int) else width)
+    c = float(centre[0] if isinstance(centre, list | tuple) or (hasattr(centre, "__getitem__") and not isinstance(
+        centre, str | float | int)) else centre)
+    w = float(width[0] if isinstance(width, list | tuple) or (hasattr(width, "__getitem__") and not isinstance(
+        width, str | float | int)) else width)
     return (c, w) if w > 0 else None
 
 
@@ -223,8 +223,7 @@ def build_secondary_captures(ctx: BuildContext) -> list[hd.sc.SCImage]:
                 **ctx.common_kwargs(ObjectKind.SC),  # type: ignore[arg-type]
             )
             if orientation is None:
-                value = source.get("PatientOrientation")
-                sc.PatientOrientation = value if value else ""
+                sc.PatientOrientation = source.get("PatientOrientation") or ""  # type: ignore[assignment]
             sc.BurnedInAnnotation = "YES"
             sc.ImageComments = single_line(
                 f"AI output (not verified): boxes and labels burned in by {ctx.model_name}", 10240

@@ -79,7 +79,6 @@ def _region(f: PreparedFinding, rows: int, columns: int, with_boxes: bool) -> np
 
 
 def _segment(ctx: BuildContext, number: int, f: PreparedFinding) -> hd.seg.SegmentDescription:
-    algorithm = ctx.result.algorithm
     return hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=single_line(f.label, LO_MAX),

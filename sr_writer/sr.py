@@ -27,6 +27,7 @@ The document is PARTIAL, PRELIMINARY and UNVERIFIED: an AI result awaits a radio
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -124,13 +125,16 @@ def _algorithm_id(ctx: BuildContext) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _group(ctx: BuildContext, finding: PreparedFinding) -> Dataset:
+_Group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+
+
+def _group(ctx: BuildContext, finding: PreparedFinding) -> _Group:
     tracking = hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.tracking_id)
     sites = None
     if finding.site is not None:
         sites = [hd.sr.FindingSite(anatomic_location=_coded(finding.site))]
     finding_type = None if finding.finding_type is None else _coded(finding.finding_type)
-    group: Dataset
+    group: _Group
     if finding.has_geometry:
         assert finding.box is not None and finding.source is not None
         source = finding.source
@@ -159,7 +163,8 @@ def _group(ctx: BuildContext, finding: PreparedFinding) -> Dataset:
             finding_sites=sites,
         )
     # TID 1410/1501 take no free text in highdicom: the comment is appended to the group's own content.
-    group[0].ContentSequence.append(
+    container: Any = group[0]
+    container.ContentSequence.append(
         hd.sr.TextContentItem(
             name=codes.DCM.Comment,
             value=finding.comment,
@@ -198,7 +203,7 @@ def build_sr(ctx: BuildContext) -> hd.sr.Comprehensive3DSR:
             model_name=ctx.model_name,
         ),
     )
-    groups = [_group(ctx, f) for f in ctx.findings]
+    groups: list[_Group] = [_group(ctx, f) for f in ctx.findings]
     placeholder = not groups
     if placeholder:
         # highdicom insists on one group; the container is removed below (TID 1500 row 6 is optional when

@@ -27,9 +27,9 @@ __all__ = [
     "ST_MAX",
     "ascii_code_string",
     "is_ascii",
+    "multi_line",
     "needs_utf8",
     "single_line",
-    "multi_line",
 ]
 
 LO_MAX = 64

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-
 from sr_writer.findings import (
     AlgorithmIdentity,
     BoundingBox,
@@ -23,6 +22,7 @@ from sr_writer.findings import (
     Report,
     result_uid,
 )
+
 from tests.corpus import corpus_file
 
 ALGORITHM = AlgorithmIdentity(
@@ -69,7 +69,7 @@ def synthetic_findings(ds: Dataset, language: Language) -> list[Finding]:
     findings = [
         Finding(
             label="左肺结节" if zh else "nodule",
-            text="左肺上叶见一结节，边界清楚，约 12 mm。" if zh else "Well-defined nodule in the left upper lobe, 12 mm.",
+            text="左肺上叶见一结节，边界清楚，约 12 mm。" if zh else "Well-defined nodule, left upper lobe, 12 mm.",
             box=box1,
             source=ImageRef(uid, 1),
             score=0.91,

@@ -8,12 +8,12 @@ from pathlib import Path
 import highdicom as hd
 import pytest
 from pydicom import dcmread
-
-from sr_writer import BoundingBox, Finding, ImageRef, ResultUIDs, build_result_objects, write_result_objects
 from sr_writer.context import ResultOptions
 from sr_writer.gsps import graphic_label
 from sr_writer.render import read_findings
 from sr_writer.text import LO_MAX, MAX_UT_CHARS, ST_MAX, multi_line, single_line
+
+from sr_writer import BoundingBox, Finding, ImageRef, ResultUIDs, build_result_objects, write_result_objects
 from tests.sr_writer.helpers import STUDIES, dciodvfy, have_tool, read, synthetic_result
 
 
@@ -39,8 +39,12 @@ def _bad_findings(uid: str) -> list[Finding]:
         Finding("unknown source", "drop geometry", box=BoundingBox(1, 1, 9, 9), source=ImageRef("1.2.3.4")),
         Finding("bad frame", "drop geometry", box=BoundingBox(1, 1, 9, 9), source=ImageRef(uid, 7)),
         Finding("long", "x" * 2000, box=BoundingBox(100, 100, 200, 200), source=ImageRef(uid)),
-        Finding("ctrl\x00\x07 back\\slash\ttab\nline", "a\x1bb\\c\r\nsecond\x7f line", box=BoundingBox(300, 300, 400, 400),
-                source=ImageRef(uid)),
+        Finding(
+            "ctrl\x00\x07 back\\slash\ttab\nline",
+            "a\x1bb\\c\r\nsecond\x7f line",
+            box=BoundingBox(300, 300, 400, 400),
+            source=ImageRef(uid),
+        ),
     ]
 
 
@@ -129,7 +133,7 @@ def test_objects_from_bad_input_are_valid(bad_objects):
 
 
 def test_label_on_images_has_number_and_score(bad_objects):
-    result, paths = bad_objects
+    _, paths = bad_objects
     gsps = next(dcmread(p) for p in paths if dcmread(p, stop_before_pixels=True).Modality == "PR")
     objects = [g for a in gsps.GraphicAnnotationSequence for g in a.GraphicObjectSequence]
     assert {g.TrackingID.split(":")[0] for g in objects} == {"F1", "F7", "F8"}

@@ -38,7 +38,7 @@ def test_every_object_kind_is_built(name: str, built_studies: dict[str, BuiltStu
 @pytest.mark.skipif(not have_tool("dsrdump"), reason="dsrdump (Debian package dcmtk) is not installed")
 @pytest.mark.parametrize("name", sorted(STUDIES))
 def test_dsrdump_reads_the_report(name: str, built_studies: dict[str, BuiltStudy]):
-    (sr, path), = built_studies[name].of_modality("SR")
+    (_, path), = built_studies[name].of_modality("SR")
     proc = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, errors="replace", timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert not [line for line in proc.stderr.splitlines() if line.startswith(("E:", "F:"))]
