@@ -28,11 +28,13 @@ from typing import Any, Literal
 from sr_writer.findings import BoundingBox, Finding, ImageRef, Language
 
 from inference.geometry import ImageTransform
+from inference.types import ParsedAnswer, PreparedInput, Profile
 
 __all__ = [
     "BoxSpace",
     "ParsedRegions",
     "RawRegion",
+    "build_answer",
     "parse_json_boxes",
     "parse_ref_boxes",
     "regions_to_findings",
@@ -334,3 +336,37 @@ def regions_to_findings(
                 out.problems.append(f"{label!r}: no usable box; kept as text-only finding")
             out.findings.append(Finding(label=label, text=region.text, language=lang))
     return out.findings, out.problems
+
+
+def build_answer(
+    parsed: ParsedRegions,
+    space: BoxSpace,
+    item: PreparedInput,
+    raw_text: str,
+) -> ParsedAnswer:
+    """The :class:`ParsedAnswer` of one item, by profile.
+
+    ``region_to_text``: one finding on the asked region, labelled with the answer; ``vqa``: the answer as
+    narrative, no findings; ``grounded_report`` and ``text_to_region``: the parsed regions as findings (requested
+    targets name unlabelled boxes).
+    """
+    request = item.request
+    language = request.language
+    text = raw_text.strip() if isinstance(raw_text, str) else ""
+    if request.profile is Profile.VQA:
+        return ParsedAnswer(narrative=parsed.narrative or text, problems=parsed.problems)
+    if request.profile is Profile.REGION_TO_TEXT:
+        region = request.region
+        answer = re.sub(r"\s+", " ", parsed.narrative or text).strip().rstrip("。.")
+        if region is None or not answer:
+            return ParsedAnswer(narrative=answer, problems=(*parsed.problems, "empty answer for the region"))
+        label = answer if len(answer) <= 64 else answer[:61].rstrip() + "..."
+        box = region.box.clipped(item.image.columns, item.image.rows)
+        if box is None:
+            return ParsedAnswer(narrative=answer, problems=(*parsed.problems, "asked region lies outside the image"))
+        finding = Finding(label=label, text=answer, box=box, source=item.image.ref, language=language)
+        return ParsedAnswer(findings=(finding,), narrative=answer, problems=parsed.problems)
+    findings, problems = regions_to_findings(
+        parsed, space, item.transform, item.image.ref, language, fallback_labels=request.targets
+    )
+    return ParsedAnswer(findings=tuple(findings), narrative=parsed.narrative, problems=tuple(problems))

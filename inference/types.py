@@ -94,6 +94,7 @@ class TaskRequest:
     targets: tuple[str, ...] = ()  # text_to_region (and grounded_report: organs to describe)
     region: RegionInput | None = None  # region_to_text
     question: str = ""  # vqa
+    modality: str = ""  # of the image asked about; ModelAdapter.prepare fills it in per image
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "profile", Profile(self.profile))

@@ -31,7 +31,7 @@ import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,7 +44,7 @@ from inference.geometry import ImageTransform
 from inference.profiles import default_max_new_tokens
 from inference.types import ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
 
-__all__ = ["HFHandle", "ModelAdapter", "WeightFiles", "checkpoint_fingerprint"]
+__all__ = ["HFHandle", "ModelAdapter", "WeightFiles", "checkpoint_fingerprint", "read_chat_template"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,10 @@ HF_CHECKPOINT_FILES: tuple[WeightFiles, ...] = (
 
 @dataclass
 class HFHandle:
-    """What the transformers backend holds for one loaded checkpoint."""
+    """What the transformers backend holds for one loaded checkpoint.
+
+    ``processor`` is the image processor for the default hooks (an adapter may keep a full processor there).
+    """
 
     model: Any
     processor: Any
@@ -186,6 +189,8 @@ class ModelAdapter(ABC):
                 f"{type(self).__name__}.prepare_image returned pixels {pixels.shape[:2]} but a transform to "
                 f"{transform.output_size[::-1]} (rows, columns)"
             )
+        if not request.modality and image.modality:
+            request = replace(request, modality=image.modality)
         prompt = self.build_prompt(request, transform)
         return PreparedInput(image, request, pixels, transform, prompt, self.max_new_tokens(request.profile))
 
@@ -195,26 +200,45 @@ class ModelAdapter(ABC):
         """Findings (source pixel space, ``item.image.ref``) and narrative from one answer; never raises."""
 
     # -- transformers backend hooks --
+    # The default hooks load the tokenizer, the image processor and the model separately (not the multimodal
+    # ``AutoProcessor``: for Qwen-VL and InternVL it also builds a video processor, which needs torchvision), render
+    # the checkpoint's own chat template, and expand the image placeholder into the family's image tokens
+    # (:meth:`hf_expand_image_tokens`), exactly as the family's processor does.
+    def hf_model_class(self) -> Any:
+        """The transformers auto class (or model class) the weights load with."""
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+
     def hf_load(self, directory: Path, device: str, dtype: Any, attn_implementation: str) -> HFHandle:
-        """Load processor and model from ``directory`` (local files only) onto ``device``."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        """Load tokenizer, image processor and model from ``directory`` (local files only) onto ``device``."""
+        from transformers import AutoImageProcessor, AutoTokenizer
 
         trust = bool(self.needs_remote_code and self.settings.trust_remote_code)
-        processor = AutoProcessor.from_pretrained(directory, local_files_only=True, trust_remote_code=trust)
-        tokenizer = getattr(processor, "tokenizer", processor)
-        tokenizer.padding_side = "left"  # batched greedy generation appends to the right
-        model = AutoModelForImageTextToText.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust)
+        tokenizer.padding_side = "left"  # batched generation appends on the right
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        image_processor = AutoImageProcessor.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=trust
+        )
+        model = self.hf_model_class().from_pretrained(
             directory,
             local_files_only=True,
             trust_remote_code=trust,
             dtype=dtype,
             attn_implementation=attn_implementation,
         )
-        model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() oddly
-        return HFHandle(model=model, processor=processor, tokenizer=tokenizer)
+        model.to(device).eval()
+        return HFHandle(
+            model=model,
+            processor=image_processor,
+            tokenizer=tokenizer,
+            extras={"chat_template": read_chat_template(directory)},
+        )
 
     def hf_messages(self, item: PreparedInput) -> list[dict[str, Any]]:
-        """The chat messages of one item in the processor's content-list form (image at the placeholder)."""
+        """The chat messages of one item in content-list form (the image at the placeholder)."""
         before, after = item.prompt.split_at_image()
         content: list[dict[str, Any]] = []
         if before.strip():
@@ -228,28 +252,64 @@ class ModelAdapter(ABC):
         messages.append({"role": "user", "content": content})
         return messages
 
-    def hf_images(self, batch: Sequence[PreparedInput]) -> Any:
-        """The images argument of the processor call for a batch (one image per item)."""
+    def hf_render(self, handle: HFHandle, item: PreparedInput) -> str:
+        """The prompt text of one item through the checkpoint's chat template (one image placeholder)."""
+        text = handle.tokenizer.apply_chat_template(
+            self.hf_messages(item),
+            chat_template=handle.extras.get("chat_template"),
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        return str(text)
+
+    def hf_images(self, batch: Sequence[PreparedInput]) -> list[Any]:
+        """The images of a batch as PIL images (one per item)."""
         from PIL import Image
 
         return [Image.fromarray(item.pixels) for item in batch]
 
+    def hf_image_inputs(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> dict[str, Any]:
+        """The image processor's output for a batch (pixel values and whatever the family adds)."""
+        return dict(handle.processor(images=self.hf_images(batch), return_tensors="pt"))
+
+    def hf_expand_image_tokens(
+        self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int
+    ) -> str:
+        """``text`` with item ``index``'s image placeholder expanded into the family's image tokens."""
+        raise NotImplementedError(f"{type(self).__name__} does not expand image tokens for the transformers backend")
+
+    def hf_model_inputs(self, handle: HFHandle, image_inputs: dict[str, Any], text_inputs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of ``model.generate`` from the image and text inputs."""
+        return {**text_inputs, **image_inputs}
+
     def hf_encode(self, handle: HFHandle, batch: Sequence[PreparedInput], device: str) -> Mapping[str, Any]:
-        """Tensors for ``model.generate`` for a batch of prepared inputs."""
+        """Tensors for ``model.generate`` for a batch of prepared inputs, on ``device``."""
+        import torch
+
+        image_inputs = self.hf_image_inputs(handle, batch)
         texts = [
-            handle.processor.apply_chat_template(
-                self.hf_messages(item), add_generation_prompt=True, tokenize=False
-            )
-            for item in batch
+            self.hf_expand_image_tokens(handle, self.hf_render(handle, item), image_inputs, i)
+            for i, item in enumerate(batch)
         ]
-        encoded = handle.processor(
-            text=texts, images=self.hf_images(batch), return_tensors="pt", padding=True
-        )
-        return encoded.to(device)  # type: ignore[no-any-return]
+        text_inputs = dict(handle.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+        inputs = self.hf_model_inputs(handle, image_inputs, text_inputs)
+        dtype = getattr(handle.model, "dtype", None)
+        out: dict[str, Any] = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(device)
+                if value.is_floating_point() and dtype is not None:
+                    value = value.to(dtype)
+            out[key] = value
+        return out
 
     def hf_generate_kwargs(self, handle: HFHandle) -> dict[str, Any]:
-        """Extra keyword arguments of ``model.generate`` (stop tokens, for instance)."""
-        return {}
+        """Extra keyword arguments of ``model.generate`` (stop tokens, pad token)."""
+        tokenizer = handle.tokenizer
+        kwargs: dict[str, Any] = {}
+        if tokenizer.pad_token_id is not None:
+            kwargs["pad_token_id"] = tokenizer.pad_token_id
+        return kwargs
 
     def hf_decode(self, handle: HFHandle, sequences: Any, encoded: Mapping[str, Any]) -> list[str]:
         """The answers' text: the generated tokens after the prompt, special tokens removed."""
@@ -257,3 +317,21 @@ class ModelAdapter(ABC):
         new_tokens = sequences[:, prompt_length:]
         texts = handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [t.strip() for t in texts]
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """The checkpoint's chat template: ``chat_template.jinja``, ``chat_template.json``, else the tokenizer's."""
+    import json
+
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    as_json = directory / "chat_template.json"
+    if as_json.is_file():
+        try:
+            value = json.loads(as_json.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError):
+            value = None
+        if isinstance(value, str):
+            return value
+    return None

@@ -1,0 +1,141 @@
+"""Qwen2.5-VL (and Lingshu, built on it) and Qwen3-VL: JSON ``bbox_2d`` answers.
+
+* Qwen2.5-VL: coordinates in absolute pixels of the *resized* input (sides multiples of 28 = patch 14 x merge 2,
+  pixel count within the processor's min/max). The adapter does that resize itself, so the processor's own
+  resize is the identity and a box maps back through the recorded transform exactly.
+* Qwen3-VL: coordinates relative on 0..1000; sides multiples of 32 (patch 16 x merge 2).
+
+The chat template writes ``<|vision_start|><|image_pad|><|vision_end|>``; ``<|image_pad|>`` expands to
+``prod(image_grid_thw) / merge_size**2`` tokens as Qwen's processor does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+from sr_writer.findings import Language
+
+from inference.adapters.base import HFHandle, ModelAdapter
+from inference.geometry import ImageTransform
+from inference.parsing import BoxSpace, build_answer, parse_json_boxes
+from inference.pixels import resample
+from inference.profiles import DEFAULT_TARGETS, modality_noun
+from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+
+__all__ = ["Qwen3VLAdapter", "Qwen25VLAdapter", "json_box_prompt", "smart_resize"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+def smart_resize(rows: int, columns: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(rows, columns) rounded to multiples of ``factor`` with a pixel count within [min_pixels, max_pixels]."""
+    if min(rows, columns) < 1:
+        raise ValueError(f"image size must be positive, got {(rows, columns)}")
+    h = max(factor, round(rows / factor) * factor)
+    w = max(factor, round(columns / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(rows * columns / max_pixels)
+        h = max(factor, math.floor(rows / beta / factor) * factor)
+        w = max(factor, math.floor(columns / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (rows * columns))
+        h = math.ceil(rows * beta / factor) * factor
+        w = math.ceil(columns * beta / factor) * factor
+    return h, w
+
+
+def json_box_prompt(request: TaskRequest, region_numbers: tuple[float, ...] | None, key: str, scale: str) -> str:
+    """A grounding prompt for models that answer with a JSON list of ``{key: [...], "label": ...}``."""
+    zh = request.language is Language.CHINESE
+    noun = modality_noun(request.modality, request.language)
+    targets = list(request.targets) or list(DEFAULT_TARGETS[request.language])
+    names = ("、" if zh else ", ").join(targets)
+    shape = f'{{"{key}": [x1, y1, x2, y2], "label": "..."}}'
+    if request.profile is Profile.GROUNDED_REPORT:
+        if zh:
+            return (f"{IMAGE_PLACEHOLDER}\n请为这张{noun}撰写诊断报告（影像诊断和影像结论），并定位{names}及所见病变，"
+                    f"以JSON列表输出其边界框（{scale}）：[{shape[:-1]}, \"description\": \"...\"}}]。")
+        return (f"{IMAGE_PLACEHOLDER}\nWrite a radiology report (findings and impression) for this {noun}. Locate the "
+                f"{names} and any lesion, and output their bounding boxes ({scale}) in JSON format as a list of "
+                f"{shape[:-1]}, \"description\": \"...\"}}.")
+    if request.profile is Profile.TEXT_TO_REGION:
+        if zh:
+            return f"{IMAGE_PLACEHOLDER}\n请定位这张{noun}中的{names}，以JSON格式输出边界框坐标（{scale}）：[{shape}]。"
+        return (f"{IMAGE_PLACEHOLDER}\nLocate the {names} in this {noun} and output the bbox coordinates ({scale}) "
+                f"in JSON format as a list of {shape}.")
+    if request.profile is Profile.REGION_TO_TEXT:
+        box = json.dumps([round(v) for v in (region_numbers or (0, 0, 1, 1))])
+        if zh:
+            return f"{IMAGE_PLACEHOLDER}\n这张{noun}中边界框{box}（{scale}）内是什么结构？请用词或短语回答。"
+        return (f"{IMAGE_PLACEHOLDER}\nWhat is the structure inside the bounding box {box} ({scale}) of this {noun}? "
+                "Answer using a single word or phrase.")
+    return f"{IMAGE_PLACEHOLDER}\n{request.question.strip()}"
+
+
+class Qwen25VLAdapter(ModelAdapter):
+    """Qwen2.5-VL family (``Qwen2_5_VLForConditionalGeneration``; Lingshu)."""
+
+    family: ClassVar[str] = "qwen2_5_vl"
+    box_space: ClassVar[BoxSpace] = BoxSpace(scale=None)
+    scale_words: ClassVar[str] = "absolute pixel coordinates"
+    patch_size: ClassVar[int] = 14
+    default_min_pixels: ClassVar[int] = 56 * 56
+    default_max_pixels: ClassVar[int] = 28 * 28 * 1280
+
+    @cached_property
+    def _processor_config(self) -> dict[str, Any]:
+        path = self.checkpoint_dir() / "preprocessor_config.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def resize_rule(self) -> tuple[int, int, int]:
+        """(factor, min_pixels, max_pixels) from the checkpoint's image processor, capped by max_image_side."""
+        config = self._processor_config
+        size = config.get("size") if isinstance(config.get("size"), dict) else {}
+        min_pixels = int(config.get("min_pixels") or size.get("shortest_edge") or self.default_min_pixels)
+        max_pixels = int(config.get("max_pixels") or size.get("longest_edge") or self.default_max_pixels)
+        factor = int(config.get("patch_size", self.patch_size)) * int(config.get("merge_size", 2))
+        cap = self.settings.max_image_side**2
+        return factor, min_pixels, max(min_pixels, min(max_pixels, cap))
+
+    def prepare_image(self, image: ModelImage) -> tuple[np.ndarray, ImageTransform]:
+        factor, min_pixels, max_pixels = self.resize_rule()
+        rows, columns = smart_resize(image.rows, image.columns, factor, min_pixels, max_pixels)
+        transform = ImageTransform.identity(image.columns, image.rows).resize(columns, rows)
+        return resample(image.pixels, columns, rows), transform
+
+    def build_prompt(self, request: TaskRequest, transform: ImageTransform) -> Prompt:
+        numbers = self.box_space.from_source(request.region.box, transform) if request.region else None
+        return Prompt(text=json_box_prompt(request, numbers, "bbox_2d", self.scale_words))
+
+    def parse(self, text: str, item: PreparedInput) -> ParsedAnswer:
+        return build_answer(parse_json_boxes(text, key="bbox_2d"), self.box_space, item, text)
+
+    def hf_expand_image_tokens(
+        self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int
+    ) -> str:
+        merge = int(getattr(handle.processor, "merge_size", 2))
+        count = int(image_inputs["image_grid_thw"][index].prod()) // (merge * merge)
+        return text.replace(IMAGE_PAD, IMAGE_PAD * count, 1)
+
+
+class Qwen3VLAdapter(Qwen25VLAdapter):
+    """Qwen3-VL family (``Qwen3VLForConditionalGeneration``): the same JSON, relative 0..1000."""
+
+    family: ClassVar[str] = "qwen3_vl"
+    box_space: ClassVar[BoxSpace] = BoxSpace(scale=1000)
+    scale_words: ClassVar[str] = "relative coordinates from 0 to 1000"
+    patch_size: ClassVar[int] = 16
+    default_min_pixels: ClassVar[int] = 64 * 64
+    default_max_pixels: ClassVar[int] = 32 * 32 * 1280

@@ -1,0 +1,109 @@
+"""The ``transformers`` backend: CPU or CUDA, bf16 on GPU, SDPA attention, greedy decoding, batched generate."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from inference.adapters.base import HFHandle, ModelAdapter
+from inference.backends.base import Backend
+from inference.config import ModelSettings
+from inference.errors import InferenceError, ModelLoadError
+from inference.types import PreparedInput
+
+__all__ = ["TransformersBackend", "resolve_dtype", "set_offline"]
+
+logger = logging.getLogger(__name__)
+
+
+def set_offline() -> None:
+    """Forbid any hub access in this process: weights come from local directories only (DESIGN invariant 5)."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[name] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def resolve_dtype(setting: str, device: str) -> Any:
+    """The torch dtype for ``model.dtype``: ``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    import torch
+
+    if setting == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
+
+
+class TransformersBackend(Backend):
+    """Runs a checkpoint with Hugging Face transformers, through the adapter's ``hf_*`` hooks."""
+
+    name: ClassVar[str] = "transformers"
+
+    def __init__(self, adapter: ModelAdapter, settings: ModelSettings, device: str) -> None:
+        super().__init__(adapter, settings, device)
+        self.handle: HFHandle | None = None
+        self.dtype: Any = None
+
+    def load(self) -> None:
+        set_offline()
+        directory = self.adapter.check_checkpoint()
+        import torch
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError(f"model.device {self.device!r} asks for CUDA, but torch sees no CUDA device")
+        self.dtype = resolve_dtype(self.settings.dtype, self.device)
+        started = time.perf_counter()
+        try:
+            self.handle = self.adapter.hf_load(directory, self.device, self.dtype, self.settings.attn_implementation)
+        except ModelLoadError:
+            raise
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            expected = "; ".join(f"{r.what}: one of {', '.join(r.names)}" for r in self.adapter.required_files)
+            raise ModelLoadError(
+                f"cannot load the {self.adapter.family!r} checkpoint at {str(directory)!r} (expected {expected}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        logger.info(
+            "loaded %s checkpoint %s on %s (%s) in %.1f s",
+            self.adapter.family, directory.name, self.device, self.dtype, time.perf_counter() - started,
+        )
+
+    def _require(self) -> HFHandle:
+        if self.handle is None:
+            raise InferenceError("TransformersBackend.generate called before load()")
+        return self.handle
+
+    def warm_up(self, item: PreparedInput) -> None:
+        from dataclasses import replace
+
+        self.generate([replace(item, max_new_tokens=2)])
+
+    def generate(self, batch: Sequence[PreparedInput]) -> list[str]:
+        if not batch:
+            return []
+        import torch
+
+        handle = self._require()
+        encoded = self.adapter.hf_encode(handle, batch, self.device)
+        max_new_tokens = max(item.max_new_tokens for item in batch)
+        kwargs = self.adapter.hf_generate_kwargs(handle)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            sequences = handle.model.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **kwargs
+            )
+        texts = self.adapter.hf_decode(handle, sequences, encoded)
+        logger.debug("generated %d answers in %.2f s", len(texts), time.perf_counter() - started)
+        if len(texts) != len(batch):
+            raise InferenceError(f"backend returned {len(texts)} answers for a batch of {len(batch)}")
+        return texts
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": self.name,
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch.") if self.dtype is not None else self.settings.dtype,
+            "attention": self.settings.attn_implementation,
+            "decoding": "greedy",
+        }
