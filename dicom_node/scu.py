@@ -368,7 +368,25 @@ def _connect_failure(
     )
 
 
+NEGOTIATION_RETRY_DELAY = 0.2  # seconds before the one retry of an association lost during negotiation
+
+
 def _associate(
+    destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]
+) -> _Attempt:
+    """Request an association; one quick retry when the link drops during negotiation.
+
+    A peer that rejects and closes at once can reset the connection before its A-ASSOCIATE-RJ is read (seen
+    with Orthanc under load); the retry turns that into the rejection it really is.
+    """
+    attempt = _associate_once(destination, calling_ae, contexts)
+    if attempt.result is not None and attempt.result.state == AssociationState.ABORTED:
+        time.sleep(NEGOTIATION_RETRY_DELAY)
+        attempt = _associate_once(destination, calling_ae, contexts)
+    return attempt
+
+
+def _associate_once(
     destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]
 ) -> _Attempt:
     started = time.monotonic()
@@ -537,6 +555,13 @@ def _plan(info: _FileInfo, accepted: set[tuple[UID, UID]]) -> tuple[UID | None, 
     return None, False
 
 
+def _no_response(what: str, peer: str, timeout: float, sent: float) -> str:
+    """Why a request got no response: pynetdicom returns an empty status for a time-out and for a lost link."""
+    if time.monotonic() - sent >= timeout * 0.9:
+        return f"no {what} response from {peer} within {timeout:g} s"
+    return f"association with {peer} aborted or connection lost before the {what} response"
+
+
 def _send_one(
     assoc: Association, info: _FileInfo, accepted: set[tuple[UID, UID]], peer: str, timeout: float
 ) -> FileResult:
@@ -574,26 +599,23 @@ def _send_one(
             f"{peer} needs {info.sop_class.name} uncompressed and the file's {info.transfer_syntax.name} "
             f"could not be decompressed: {exc}",
         )
+    sent = time.monotonic()
     try:
         status = assoc.send_c_store(ds)
     except (ValueError, AttributeError, TypeError) as exc:
         return result(Outcome.REJECTED, f"cannot encode the object for {peer}: {exc}")
     if "Status" not in status:
-        if assoc.is_aborted:
-            why = f"association with {peer} aborted while sending"
-        else:
-            why = f"no C-STORE response from {peer} within {timeout:g} s"
-        return result(Outcome.TRANSIENT, why, None, syntax)
+        return result(Outcome.TRANSIENT, _no_response("C-STORE", peer, timeout, sent), None, syntax)
     code = int(status.Status)
     outcome = classify_store_status(code)
     comment = str(status.get("ErrorComment", "") or "")[:64]
     name = status_name(code)
     if outcome == Outcome.DELIVERED:
-        reason = "" if code == StoreStatus.SUCCESS else f"stored with warning {code:#06x} ({name})"
+        reason = "" if code == StoreStatus.SUCCESS else f"stored with warning 0x{code:04X} ({name})"
     elif outcome == Outcome.TRANSIENT:
-        reason = f"{peer} is temporarily unable to store: status {code:#06x} ({name})"
+        reason = f"{peer} is temporarily unable to store: status 0x{code:04X} ({name})"
     else:
-        reason = f"rejected by {peer} with status {code:#06x} ({name})"
+        reason = f"rejected by {peer} with status 0x{code:04X} ({name})"
     if comment:
         reason += f": {comment}"
     return result(outcome, reason, code, syntax)
@@ -696,22 +718,19 @@ def echo(
     assoc = attempt.assoc
     assert assoc is not None
     sent = clock()
+    sent_monotonic = time.monotonic()
     status = assoc.send_c_echo()
     round_trip = (clock() - sent) * 1000
     release = _release(attempt, destination)
     if "Status" not in status:
-        state = AssociationState.ABORTED if assoc.is_aborted else AssociationState.TIMEOUT
-        why = (
-            f"association with {peer} aborted during C-ECHO"
-            if state == AssociationState.ABORTED
-            else f"no C-ECHO response from {peer} within {destination.timeout:g} s"
-        )
+        why = _no_response("C-ECHO", peer, destination.timeout, sent_monotonic)
+        state = AssociationState.TIMEOUT if why.startswith("no ") else AssociationState.ABORTED
         result = EchoResult(destination.name, peer, False, state, why, None, total_ms())
     elif int(status.Status) != StoreStatus.SUCCESS:
         code = int(status.Status)
         result = EchoResult(
             destination.name, peer, False, release.state,
-            f"{peer} answered C-ECHO with status {code:#06x} ({status_name(code)})",
+            f"{peer} answered C-ECHO with status 0x{code:04X} ({status_name(code)})",
             round_trip, total_ms(), code,
         )  # fmt: skip
     else:
