@@ -55,7 +55,7 @@ def serve(config: ConfigOption = None) -> None:
 
     settings = _settings(config)
     configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
-    node = Node(settings)
+    node = Node(settings, config_path=config.resolve() if config else None)
     try:
         node.start()
     except OSError as exc:
@@ -72,6 +72,65 @@ def serve(config: ConfigOption = None) -> None:
         f"data in {settings.node.data_dir}. Ctrl-C stops."
     )
     node.wait()
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    queues: Annotated[str, typer.Option(help="Queues to consume: inference, export, or inference,export.")] = "inference",
+    device: Annotated[str | None, typer.Option(help="Model device, overriding model.device: cpu, cuda, cuda:N.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Worker processes (inference: one per GPU).")] = 1,
+) -> None:
+    """Run a Celery worker. An inference worker loads its model once per process, warms it up, then consumes."""
+    import os
+
+    from dicom_node.pipeline import WorkerContext
+    from dicom_node.queue import install_model_loader, make_celery
+
+    settings = _settings(config)
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in wanted if q not in ("inference", "export")]
+    if not wanted or unknown:
+        err.print(f"[red]error:[/red] --queues takes inference and/or export, got {queues!r}")
+        raise typer.Exit(2)
+    if device is not None:
+        try:
+            settings.model = settings.model.model_copy(update={"device": device})
+            settings.model.__class__.model_validate(settings.model.model_dump())
+        except ValueError as exc:
+            err.print(f"[red]error:[/red] --device: {exc}")
+            raise typer.Exit(2) from None
+    configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
+    engine_factory = None
+    if "inference" in wanted:
+        from inference.engine import Engine
+
+        model = settings.model
+
+        def engine_factory() -> Engine:
+            return Engine.load(model, model.device)
+
+    ctx = WorkerContext(settings, engine_factory=engine_factory)
+    app_ = make_celery(settings, ctx)
+    run_dir = settings.node.data_dir / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    failure = run_dir / f"worker-{os.getpid()}.failed"
+    failure.unlink(missing_ok=True)
+    if engine_factory is not None:
+        install_model_loader(ctx, failure)
+    argv = [
+        "worker", "--queues", ",".join(wanted), "--concurrency", str(concurrency), "--pool", "prefork",
+        "--hostname", f"{'-'.join(wanted)}-{os.getpid()}@%h", "--loglevel", settings.logging.level,
+        "--without-gossip", "--without-mingle",
+    ]
+    try:
+        app_.worker_main(argv)
+    except SystemExit:
+        pass
+    if failure.exists():
+        err.print(f"[red]error:[/red] the model could not be loaded: {failure.read_text(encoding='utf-8')}")
+        failure.unlink(missing_ok=True)
+        raise typer.Exit(1)
 
 
 @config_app.command("check")
@@ -149,7 +208,9 @@ def jobs_show(
     out.print(f"  study {job.study_uid} run {job.run}", highlight=False)
     out.print(f"  rule {job.rule or '-'}; profile {job.profile or '-'} ({job.language or '-'})", highlight=False)
     out.print(f"  outputs {job.outputs}; destinations {job.destinations}", highlight=False)
-    out.print(f"  attempts {job.attempts}; deliveries {job.deliveries}", highlight=False)
+    out.print(f"  attempts {job.attempts}; redeliveries {job.redeliveries}", highlight=False)
+    if job.owner:
+        out.print(f"  running on {job.owner}", highlight=False)
     if job.error:
         out.print(f"  [red]reason:[/red] {job.error}", highlight=False)
     out.print("  history:")

@@ -130,6 +130,13 @@ class QueueSettings(_Section):
     export_time_limit: float = Field(600, gt=0, description="hard limit of one export task, seconds")
     max_redeliveries: int = Field(3, ge=1, description="a job redelivered more often than this is failed")
     max_retries: int = Field(8, ge=0, description="retries of transient failures before a job fails")
+    start_workers: bool | None = Field(
+        None, description="`serve` starts and supervises an inference and an export worker; None: only when embedded"
+    )
+    reconcile_seconds: float = Field(30, gt=0, description="how often the store is compared with the queue")
+    requeue_after_seconds: float = Field(
+        600, gt=0, description="a queued job with no sign of a worker this long is enqueued again (lost message)"
+    )
 
     @field_validator("broker_url")
     @classmethod

@@ -11,6 +11,10 @@ and every job the store says is unfinished is handed to the dispatcher again.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,12 +25,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
 from dicom_node.logs import uid_hash
+from dicom_node.pipeline import owner_gone
 from dicom_node.rules import select_rule
 from dicom_node.scp import Intake, start_scp
 from dicom_node.spool import InvalidUIDError, Spool, check_uid
 from dicom_node.store import InstanceRecord, JobRecord, JobState, JobStore
 
-__all__ = ["Dispatcher", "Node", "RecordingDispatcher"]
+__all__ = ["Dispatcher", "Node", "RecordingDispatcher", "WorkerSupervisor"]
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +56,23 @@ class RecordingDispatcher:
 class Node:
     """One running node. ``start()`` returns once the SCP listens; ``stop()`` stops everything."""
 
-    def __init__(self, settings: Settings, dispatcher: Dispatcher | None = None) -> None:
+    def __init__(
+        self, settings: Settings, dispatcher: Dispatcher | None = None, config_path: Path | None = None
+    ) -> None:
         self.settings = settings
         data_dir = settings.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(data_dir / "spool", sync=settings.node.fsync)
         self.store = JobStore(settings.store_url)
-        self.dispatcher: Dispatcher = dispatcher or RecordingDispatcher()
+        if dispatcher is None:
+            from dicom_node.queue import CeleryDispatcher, make_celery
+
+            dispatcher = CeleryDispatcher(make_celery(settings), self.store)
+        self.dispatcher: Dispatcher = dispatcher
+        start_workers = settings.queue.start_workers
+        if start_workers is None:
+            start_workers = settings.queue.broker_url == "embedded"
+        self.workers = WorkerSupervisor(config_path, data_dir / "logs") if start_workers else None
         self.intake = Intake(settings.node, settings.study, self.spool, self.store)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -70,17 +85,25 @@ class Node:
 
     def start(self) -> None:
         self.recover_spool()
-        self.reconcile()
+        self.reconcile(startup=True)
         self._server = start_scp(self.intake)
+        if self.workers is not None:
+            self.workers.start()
         period = min(1.0, self.settings.study.stable_seconds / 4)
-        t = threading.Thread(target=self._assembler_loop, args=(period,), name="assembler", daemon=True)
-        t.start()
-        self._threads.append(t)
+        for name, target, arg in (
+            ("assembler", self._assembler_loop, period),
+            ("reconciler", self._reconciler_loop, self.settings.queue.reconcile_seconds),
+        ):
+            t = threading.Thread(target=target, args=(arg,), name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def stop(self) -> None:
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
+        if self.workers is not None:
+            self.workers.stop()
         for t in self._threads:
             t.join(timeout=5)
         self.store.close()
@@ -93,6 +116,13 @@ class Node:
                 self.assemble_ready()
             except Exception:  # process boundary: log once, try again next period
                 log.exception("study assembly failed; retrying")
+
+    def _reconciler_loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            try:
+                self.reconcile()
+            except Exception:  # process boundary: log once, try again next period
+                log.exception("reconciliation failed; retrying")
 
     def assemble_ready(self, now: float | None = None) -> list[int]:
         """Complete every study that has been stable long enough; returns the ids of the jobs created."""
@@ -177,19 +207,134 @@ class Node:
             size=path.stat().st_size,
         )
 
-    def reconcile(self) -> int:
-        """Hand every unfinished job to the dispatcher again: the store decides what still has to run."""
-        pending = self.store.unfinished_jobs()
-        for job in sorted(pending, key=lambda j: j.id):
+    def reconcile(self, startup: bool = False, now: float | None = None) -> int:
+        """Compare the store with the queue and enqueue what still has to run; returns the number enqueued.
+
+        The store decides (DESIGN invariant 3): a queued job that no worker took for ``queue.requeue_after_seconds``
+        (its message was lost when Redis was flushed or restarted) is enqueued again, as is a job whose worker
+        died (lease over, or its process gone on this host). Duplicate messages are harmless: a worker claims a
+        job with a compare-and-set and drops messages for jobs that are running or done.
+        """
+        now = time.time() if now is None else now
+        q = self.settings.queue
+        stale = now - q.requeue_after_seconds
+        enqueued = 0
+        for job in sorted(self.store.unfinished_jobs(), key=lambda j: j.id):
             if job.state is JobState.RUNNING:
-                # Its worker is gone (the node restarted or the message was lost): it runs again from the start.
-                self.store.transition(job.id, JobState.QUEUED, expect=[JobState.RUNNING], detail="reconciled")
-                job = self.store.job(job.id) or job
-            self.dispatcher.submit(job)
-        if pending:
-            log.info("reconciled %d unfinished job(s)", len(pending))
-        return len(pending)
+                expired = job.lease_until is not None and job.lease_until < now
+                if not (expired or owner_gone(job.owner)):
+                    continue
+                if job.redeliveries + 1 > q.max_redeliveries:
+                    self.store.transition(
+                        job.id, JobState.FAILED, expect=[JobState.RUNNING],
+                        error=f"the worker stopped {job.redeliveries + 1} times while running this job; more than "
+                        f"queue.max_redeliveries={q.max_redeliveries}",
+                    )
+                    continue
+                if not self.store.transition(
+                    job.id, JobState.QUEUED, expect=[JobState.RUNNING], count_redelivery=True,
+                    detail=f"worker {job.owner} stopped; queued again",
+                ):
+                    continue
+            elif not startup and job.enqueued_at is not None and job.enqueued_at > stale:
+                continue
+            fresh = self.store.job(job.id)
+            if fresh is not None and not fresh.state.finished:
+                self.dispatcher.submit(fresh)
+                enqueued += 1
+        if enqueued:
+            log.info("reconciled: %d job(s) enqueued", enqueued)
+        return enqueued
 
     def wait(self) -> None:
         while not self._stop.is_set():
             time.sleep(0.5)
+
+
+def _die_with_parent() -> None:
+    """In a child: ask Linux to send SIGTERM when the node dies (even by SIGKILL), so no orphan worker stays."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class WorkerSupervisor:
+    """Runs an inference and an export worker as child processes and restarts them when they stop.
+
+    Used with the embedded broker (or ``queue.start_workers: true``) so that one command runs the whole node.
+    A worker that keeps failing (a model that cannot load) is restarted with a growing pause, never in a loop.
+    """
+
+    QUEUES = ("inference", "export")
+
+    def __init__(self, config_path: Path | None, log_dir: Path) -> None:
+        self.config_path = config_path
+        self.log_dir = log_dir
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._failures: dict[str, int] = {}
+        self._next_start: dict[str, float] = {}
+        self._started_at: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def _command(self, queue: str) -> list[str]:
+        cmd = [sys.executable, "-m", "dicom_node.cli", "worker", "--queues", queue]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        return cmd
+
+    def _spawn(self, queue: str) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = (self.log_dir / f"worker-{queue}.log").open("ab")
+        self._procs[queue] = subprocess.Popen(
+            self._command(queue), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log_file.close()
+        self._started_at[queue] = time.monotonic()
+        log.info("started %s worker (pid %d); log in %s", queue, self._procs[queue].pid, self.log_dir)
+
+    def start(self) -> None:
+        for queue in self.QUEUES:
+            self._spawn(queue)
+        self._thread.start()
+
+    def pids(self) -> dict[str, int]:
+        return {q: p.pid for q, p in self._procs.items() if p.poll() is None}
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            now = time.monotonic()
+            for queue, proc in list(self._procs.items()):
+                code = proc.poll()
+                if code is None:
+                    if now - self._started_at[queue] > 60:
+                        self._failures[queue] = 0  # it stayed up: forget earlier failures
+                    continue
+                if queue not in self._next_start:
+                    failures = self._failures.get(queue, 0) + 1
+                    self._failures[queue] = failures
+                    pause = min(60.0, 2.0 ** (failures - 1))
+                    self._next_start[queue] = now + pause
+                    log.warning(
+                        "%s worker exited with code %s; restarting in %.0f s (see %s)",
+                        queue, code, pause, self.log_dir / f"worker-{queue}.log",
+                    )
+                if now >= self._next_start[queue] and not self._stop.is_set():
+                    del self._next_start[queue]
+                    self._spawn(queue)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in self._procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -132,7 +132,10 @@ jobs = Table(
     Column("outputs", Text, nullable=False, default="[]"),
     Column("destinations", Text, nullable=False, default="[]"),
     Column("attempts", Integer, nullable=False, default=0),
-    Column("deliveries", Integer, nullable=False, default=0),
+    Column("redeliveries", Integer, nullable=False, default=0),
+    Column("owner", String(128), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("enqueued_at", Float, nullable=True),
     Column("error", Text, nullable=True),
     Column("result_path", Text, nullable=True),
     Column("created_at", Float, nullable=False),
@@ -194,7 +197,10 @@ class JobRecord:
     outputs: list[str]
     destinations: list[str]
     attempts: int
-    deliveries: int
+    redeliveries: int
+    owner: str | None
+    lease_until: float | None
+    enqueued_at: float | None
     error: str | None
     result_path: str | None
     created_at: float
@@ -215,7 +221,10 @@ class JobRecord:
             outputs=json.loads(m["outputs"]),
             destinations=json.loads(m["destinations"]),
             attempts=m["attempts"],
-            deliveries=m["deliveries"],
+            redeliveries=m["redeliveries"],
+            owner=m["owner"],
+            lease_until=m["lease_until"],
+            enqueued_at=m["enqueued_at"],
             error=m["error"],
             result_path=m["result_path"],
             created_at=m["created_at"],
@@ -452,7 +461,9 @@ class JobStore:
         error: str | None = None,
         detail: str = "",
         count_attempt: bool = False,
-        count_delivery: bool = False,
+        count_redelivery: bool = False,
+        owner: str | None = None,
+        lease_until: float | None = None,
         result_path: str | None = None,
         now: float | None = None,
     ) -> bool:
@@ -466,8 +477,14 @@ class JobStore:
             values["error"] = error
         if count_attempt:
             values["attempts"] = jobs.c.attempts + 1
-        if count_delivery:
-            values["deliveries"] = jobs.c.deliveries + 1
+        if count_redelivery:
+            values["redeliveries"] = jobs.c.redeliveries + 1
+        if to is JobState.QUEUED:
+            values["enqueued_at"] = None  # not in the broker yet: the next reconcile enqueues it
+        if to is JobState.RUNNING:
+            values["owner"], values["lease_until"] = owner, lease_until
+        elif to in (JobState.QUEUED, JobState.SUCCEEDED) or to.finished:
+            values["owner"], values["lease_until"] = None, None
         if result_path is not None:
             values["result_path"] = result_path
         q = update(jobs).where(jobs.c.id == job_id)
@@ -483,6 +500,10 @@ class JobStore:
                     )
                 )
         return bool(changed)
+
+    def mark_enqueued(self, job_id: int, now: float | None = None) -> None:
+        with self._tx() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(enqueued_at=now or time.time()))
 
     def note(self, job_id: int, kind: str, detail: str) -> None:
         """Record an event (a retry, a redelivery, a send attempt) without changing the job's state."""

@@ -10,7 +10,7 @@ from typing import Any
 import pydicom
 import pytest
 from dicom_node.config import Settings, load_settings
-from dicom_node.service import Node
+from dicom_node.service import Dispatcher, Node, RecordingDispatcher
 from pydicom.uid import generate_uid
 
 from tests.corpus import corpus_file
@@ -47,11 +47,12 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 
 @pytest.fixture
 def running_node(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Node]]:
-    """Start an in-process node (SCP + assembler); stopped at teardown."""
+    """Start an in-process node (SCP + assembler); stopped at teardown. Jobs stay queued unless a dispatcher
+    is given."""
     started: list[Node] = []
 
-    def start(**sections: Any) -> Node:
-        node = Node(make_settings(**sections))
+    def start(dispatcher: Dispatcher | None = None, **sections: Any) -> Node:
+        node = Node(make_settings(**sections), dispatcher=dispatcher or RecordingDispatcher())
         node.start()
         started.append(node)
         return node

@@ -75,6 +75,7 @@ def test_sigkill_mid_study_loses_nothing_and_processes_once(tmp_path: Path) -> N
             {
                 "node": {"port": port, "bind": "127.0.0.1", "data_dir": str(data_dir)},
                 "study": {"stable_seconds": 2, "max_wait_seconds": 600},
+                "queue": {"start_workers": False},
             }
         )
     )

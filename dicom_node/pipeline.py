@@ -1,0 +1,286 @@
+"""What a job does, as plain functions the Celery tasks call (and tests call without Celery).
+
+``run_inference``: claim the job, read the study from the spool, run the model, keep the result on disk.
+``run_export``: build the result objects (deterministic UIDs), write them to the outbox, send them to every
+destination, mark the job delivered.
+
+Every step is idempotent: a redelivered or duplicated message finds the job already claimed, already done, or
+redoes work whose output is identical (DESIGN invariant 2). The job store's compare-and-set transitions decide.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pydicom
+
+from dicom_node.config import Settings
+from dicom_node.logs import audit, uid_hash
+from dicom_node.spool import Spool, durable_write
+from dicom_node.store import JobRecord, JobState, JobStore
+
+if TYPE_CHECKING:
+    from inference.engine import Engine
+
+__all__ = ["PermanentError", "owner_gone", "TransientError", "WorkerContext", "claim_job", "run_export", "run_inference"]
+
+log = logging.getLogger(__name__)
+
+#: SOP classes the model never reads (our own and others' results, key objects); still sent as region input.
+_NON_IMAGE_MODALITIES = {"SR", "PR", "SEG", "KO", "RTSTRUCT", "DOC"}
+
+
+class TransientError(Exception):
+    """Worth retrying later: the PACS is down or busy, the broker hiccupped."""
+
+
+class PermanentError(Exception):
+    """Retrying will not help: the PACS rejected an object, a destination is misconfigured."""
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process needs: settings, store, spool, and (inference workers) the loaded model."""
+
+    settings: Settings
+    engine_factory: Callable[[], Engine] | None = None
+    worker_id: str = field(default_factory=_worker_id)
+    _store: JobStore | None = None
+    _engine: Engine | None = None
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            self._store = JobStore(self.settings.store_url)
+        return self._store
+
+    @property
+    def spool(self) -> Spool:
+        return Spool(self.settings.node.data_dir / "spool", sync=self.settings.node.fsync)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            if self.engine_factory is None:
+                raise RuntimeError("this worker has no model: start it with --queues inference")
+            self._engine = self.engine_factory()
+        return self._engine
+
+    def load_engine(self) -> None:
+        """Load and warm up the model now (worker start), so that the first job is not slow."""
+        engine = self.engine
+        engine.warm_up()
+
+    def results_dir(self, job: JobRecord) -> Path:
+        return self.settings.node.data_dir / "results" / f"job-{job.id}"
+
+    def outbox_dir(self, job: JobRecord) -> Path:
+        return self.settings.node.data_dir / "outbox" / f"job-{job.id}"
+
+
+def owner_gone(owner: str | None) -> bool:
+    """True when ``owner`` (host:pid) is a process on this host that no longer exists."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def claim_job(ctx: WorkerContext, job_id: int, lease_seconds: float) -> JobRecord | None:
+    """Take the job for this worker, or None when there is nothing to do (done, cancelled, running elsewhere).
+
+    A job found ``running`` whose owner died (same host) or whose lease ran out was redelivered after a crash; it
+    is taken over and counted. One redelivered more than ``queue.max_redeliveries`` times is failed, so a study
+    that kills its worker (out of memory, say) does not loop forever.
+    """
+    store = ctx.store
+    job = store.job(job_id)
+    if job is None:
+        log.warning("job %d does not exist; message dropped", job_id)
+        return None
+    now = time.time()
+    lease = now + lease_seconds
+    if job.state is JobState.QUEUED:
+        if store.transition(
+            job_id, JobState.RUNNING, expect=[JobState.QUEUED], count_attempt=True, owner=ctx.worker_id,
+            lease_until=lease, detail=f"on {ctx.worker_id}",
+        ):
+            return store.job(job_id)
+        return None
+    if job.state is not JobState.RUNNING:
+        log.info("job %d is %s; nothing to run", job_id, job.state.value)
+        return None
+    expired = job.lease_until is not None and job.lease_until < now
+    if not (expired or owner_gone(job.owner)):
+        log.info("job %d already running on %s; duplicate message dropped", job_id, job.owner)
+        return None
+    max_redeliveries = ctx.settings.queue.max_redeliveries
+    if job.redeliveries + 1 > max_redeliveries:
+        store.transition(
+            job_id, JobState.FAILED, expect=[JobState.RUNNING],
+            error=f"the worker stopped {job.redeliveries + 1} times while running this job (killed, out of "
+            f"memory or over its time limit); more than queue.max_redeliveries={max_redeliveries}",
+        )
+        return None
+    if store.transition(
+        job_id, JobState.RUNNING, expect=[JobState.RUNNING], count_attempt=True, count_redelivery=True,
+        owner=ctx.worker_id, lease_until=lease, detail=f"redelivered after {job.owner} stopped; on {ctx.worker_id}",
+    ):
+        return store.job(job_id)
+    return None
+
+
+def study_files(ctx: WorkerContext, job: JobRecord) -> list[Path]:
+    """The study's instances as files, read through the spool (a shared volume for remote workers)."""
+    spool = ctx.spool
+    return [spool.resolve(i.path) for i in ctx.store.study_instances(job.study_uid)]
+
+
+def run_inference(ctx: WorkerContext, job_id: int) -> bool:
+    """Run the model on the job's study; True when the job succeeded and its export should be queued.
+
+    Raises :class:`inference.errors.PoisonInputError` subclasses only as a failed job: unusable input fails fast,
+    without retry, with the reason in the store.
+    """
+    from inference.errors import PoisonInputError
+
+    lease = ctx.settings.queue.inference_time_limit * 1.5
+    job = claim_job(ctx, job_id, lease)
+    if job is None:
+        return False
+    started = time.perf_counter()
+    files = study_files(ctx, job)
+    try:
+        result = ctx.engine.run_study(
+            files, job.profile or "grounded_report", job.language or "en", targets=job.targets
+        )
+    except PoisonInputError as exc:
+        ctx.store.transition(job_id, JobState.FAILED, expect=[JobState.RUNNING], error=f"unusable study: {exc}")
+        log.warning("job %d failed: unusable study: %s", job_id, exc)
+        return False
+    out = ctx.results_dir(job)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "result.json"
+    durable_write(path, result.to_json().encode("utf-8"), sync=ctx.settings.node.fsync)
+    elapsed = time.perf_counter() - started
+    done = ctx.store.transition(
+        job_id, JobState.SUCCEEDED, expect=[JobState.RUNNING], result_path=str(path),
+        detail=f"{len(result.findings)} finding(s) in {elapsed:.1f} s",
+    )
+    log.info(
+        "job %d: study %s, %d file(s), %d finding(s) in %.1f s",
+        job_id, uid_hash(job.study_uid), len(files), len(result.findings), elapsed,
+    )
+    return done
+
+
+def _result_sources(files: list[Path]) -> list[pydicom.Dataset]:
+    sources: list[pydicom.Dataset] = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        if str(ds.get("Modality", "")) in _NON_IMAGE_MODALITIES or "PixelData" not in ds:
+            continue
+        sources.append(ds)
+    return sources
+
+
+def _write_outbox(ctx: WorkerContext, job: JobRecord) -> list[tuple[str, str, Path]]:
+    """Build the result objects into the outbox once; later attempts reuse the files already there."""
+    from sr_writer.api import object_kind, write_result_objects
+    from sr_writer.context import ResultOptions
+    from sr_writer.findings import InferenceResult
+    from sr_writer.uids import ResultUIDs
+
+    recorded = ctx.store.job_results(job.id)
+    outbox = ctx.outbox_dir(job)
+    if recorded and all((outbox / Path(r["path"]).name).exists() for r in recorded):
+        return [(r["sop_instance_uid"], r["kind"], outbox / Path(r["path"]).name) for r in recorded]
+    if not job.result_path:
+        raise PermanentError("the job has no inference result to export")
+    result = InferenceResult.from_json(Path(job.result_path).read_text(encoding="utf-8"))
+    sources = _result_sources(study_files(ctx, job))
+    uids = ResultUIDs(job.study_uid, result.algorithm, job.profile or result.profile, job.run)
+    outputs = set(job.outputs)
+    options = ResultOptions(sr="sr" in outputs, gsps="gsps" in outputs, seg="seg" in outputs, sc="sc" in outputs)
+    paths = write_result_objects(result, sources, uids, outbox, options)
+    made = []
+    for path in paths:
+        data = path.read_bytes()
+        durable_write(path, data, sync=ctx.settings.node.fsync)  # the outbox survives a crash (invariant 1)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        made.append((str(ds.SOPInstanceUID), object_kind(ds).value, path))
+    ctx.store.record_results(job.id, [(uid, kind, str(p)) for uid, kind, p in made])
+    return made
+
+
+def run_export(ctx: WorkerContext, job_id: int) -> None:
+    """Build, keep and send the job's result objects; raises :class:`TransientError` when a retry may help.
+
+    A destination that rejects an object (a failure status) fails the job with the status and reason; partial
+    success is recorded per destination and per object, and a retry sends only what is missing.
+    """
+    from dicom_node.scu import Outcome, send_files
+
+    store = ctx.store
+    job = store.job(job_id)
+    if job is None or job.state is not JobState.SUCCEEDED:
+        log.info("job %d is %s; nothing to export", job_id, job.state.value if job else "missing")
+        return
+    made = _write_outbox(ctx, job)
+    delivered = {r["sop_instance_uid"]: set(r["delivered_to"]) for r in store.job_results(job_id)}
+    by_name = {d.name: d for d in ctx.settings.destinations}
+    if not job.destinations:
+        store.transition(
+            job_id, JobState.DELIVERED, expect=[JobState.SUCCEEDED],
+            detail=f"no destination configured: {len(made)} object(s) kept in {ctx.outbox_dir(job)}",
+        )
+        return
+    transient: list[str] = []
+    for name in job.destinations:
+        destination = by_name.get(name)
+        if destination is None:
+            raise PermanentError(f"destination {name!r} is no longer configured")
+        pending = [p for uid, _kind, p in made if name not in delivered.get(uid, set())]
+        if not pending:
+            continue
+        report = send_files(destination, pending, ctx.settings.node.ae_title)
+        for item in report.delivered:
+            if item.sop_instance_uid:
+                store.mark_delivered(item.sop_instance_uid, name)
+        audit(
+            "export", job=job_id, destination=name, delivered=len(report.delivered),
+            rejected=len(report.rejected), transient=len(report.transient),
+        )
+        store.note(job_id, "send", report.summary())
+        if report.outcome is Outcome.REJECTED:
+            raise PermanentError(f"{name}: {report.reason}")
+        if report.outcome is Outcome.TRANSIENT:
+            assoc = report.association
+            if assoc is not None and assoc.permanent:
+                raise PermanentError(f"{name}: {report.reason}")
+            transient.append(f"{name}: {report.reason}")
+    if transient:
+        raise TransientError("; ".join(transient))
+    store.transition(
+        job_id, JobState.DELIVERED, expect=[JobState.SUCCEEDED],
+        detail=f"{len(made)} object(s) to {', '.join(job.destinations)}",
+    )

@@ -1,0 +1,190 @@
+"""The Celery application: two queues, thin tasks, one retry policy, and the dispatcher the node uses.
+
+- ``inference``: GPU work, one worker process per GPU, one job at a time.
+- ``export``: CPU work: build the result objects and send them to the PACS.
+
+Tasks carry a job id, never pixels (DESIGN invariant 4). The job store decides what still has to run
+(invariant 3): messages may be lost (Redis flushed) or duplicated (redelivery, reconciler) and nothing breaks.
+
+``queue.broker_url: embedded`` uses kombu's filesystem transport under ``<data_dir>/broker``: the same tasks and
+workers, with no service to install.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+
+from dicom_node.config import Settings
+from dicom_node.pipeline import PermanentError, TransientError, WorkerContext, run_export, run_inference
+from dicom_node.store import JobRecord, JobState
+
+__all__ = ["EXPORT_QUEUE", "INFERENCE_QUEUE", "CeleryDispatcher", "RetryPolicy", "make_celery"]
+
+log = logging.getLogger(__name__)
+
+INFERENCE_QUEUE = "inference"
+EXPORT_QUEUE = "export"
+INFERENCE_TASK = "dicom_node.inference"
+EXPORT_TASK = "dicom_node.export"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with a cap, for transient failures (PACS down, broker hiccup). The one place it lives."""
+
+    base_seconds: float = 5.0
+    cap_seconds: float = 300.0
+    max_retries: int = 8
+
+    def delay(self, retries: int) -> float:
+        return float(min(self.cap_seconds, self.base_seconds * (2**retries)))
+
+
+def broker_settings(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The broker URL and its transport options."""
+    hard = settings.queue.inference_time_limit
+    if settings.queue.broker_url == "embedded" or settings.queue.broker_url.startswith("filesystem://"):
+        folder = settings.node.data_dir / "broker" / "messages"
+        folder.mkdir(parents=True, exist_ok=True)
+        return "filesystem://", {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    return settings.queue.broker_url, {
+        # Longer than the hard time limit: Redis must not hand a job still running to a second worker.
+        "visibility_timeout": int(hard * 1.5 + 60),
+        # Fail fast when Redis is down: the job stays queued in the store and the reconciler re-enqueues it.
+        "max_retries": 1,
+        "socket_connect_timeout": 3,
+        "socket_timeout": 10,
+    }
+
+
+def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
+    """The Celery app for ``settings``; ``ctx`` is the worker context the tasks use (created lazily if None)."""
+    broker, transport = broker_settings(settings)
+    app = Celery("dicom_node", broker=broker, set_as_current=False)
+    q = settings.queue
+    embedded = broker == "filesystem://"
+    app.conf.update(
+        broker_transport_options=transport,
+        # The job store holds every state and result; Celery's result backend would be a second truth.
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        # Acknowledge after the task ran: a worker that dies mid-task leaves its message to be redelivered.
+        task_acks_late=True,
+        # ...including when the worker process was killed (SIGKILL, out of memory).
+        task_reject_on_worker_lost=True,
+        # A GPU worker takes one job at a time; the next one stays in the queue for idle workers.
+        worker_prefetch_multiplier=1,
+        # Inference jobs can be long; export jobs are short. Soft limit first, so the task can record why.
+        task_routes={
+            INFERENCE_TASK: {"queue": INFERENCE_QUEUE},
+            EXPORT_TASK: {"queue": EXPORT_QUEUE},
+        },
+        task_default_queue=INFERENCE_QUEUE,
+        # Keep the broker connection alive across Redis restarts, with bounded publish retries.
+        broker_connection_retry_on_startup=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1},
+        # The filesystem transport has no fanout: no remote control or events on the embedded broker.
+        worker_enable_remote_control=not embedded,
+        worker_send_task_events=False,
+        # Log worker output through the node's logging set-up.
+        worker_hijack_root_logger=False,
+        # A slow poll of the filesystem transport is the embedded broker's latency floor.
+        broker_pool_limit=4,
+    )
+    if embedded:
+        app.conf.broker_transport_options["polling_interval"] = 0.05
+    holder = ctx or WorkerContext(settings)
+    policy = RetryPolicy(max_retries=q.max_retries)
+
+    @app.task(
+        name=INFERENCE_TASK,
+        bind=True,
+        soft_time_limit=q.inference_time_limit * 0.9,
+        time_limit=q.inference_time_limit,
+    )
+    def inference_task(self: Task, job_id: int) -> None:
+        try:
+            if run_inference(holder, job_id):
+                app.send_task(EXPORT_TASK, args=[job_id], queue=EXPORT_QUEUE)
+                holder.store.mark_enqueued(job_id)
+        except Exception as exc:  # process boundary: the job fails with a readable reason, once
+            log.exception("inference of job %d failed", job_id)
+            holder.store.transition(
+                job_id, JobState.FAILED, expect=[JobState.RUNNING], error=f"inference failed: {exc}"[:2000]
+            )
+
+    @app.task(
+        name=EXPORT_TASK,
+        bind=True,
+        soft_time_limit=q.export_time_limit * 0.9,
+        time_limit=q.export_time_limit,
+        max_retries=policy.max_retries,
+    )
+    def export_task(self: Task, job_id: int) -> None:
+        store = holder.store
+        try:
+            run_export(holder, job_id)
+        except TransientError as exc:
+            retries = int(self.request.retries or 0)
+            store.set_error(job_id, f"attempt {retries + 1}: {exc}")
+            store.note(job_id, "retry", str(exc))
+            if retries >= policy.max_retries:
+                store.transition(
+                    job_id, JobState.FAILED, expect=[JobState.SUCCEEDED],
+                    error=f"export gave up after {retries + 1} attempts: {exc}",
+                )
+                return
+            raise self.retry(countdown=policy.delay(retries), exc=exc, max_retries=policy.max_retries) from None
+        except PermanentError as exc:
+            store.transition(job_id, JobState.FAILED, expect=[JobState.SUCCEEDED], error=f"export failed: {exc}")
+        except Exception as exc:  # process boundary
+            log.exception("export of job %d failed", job_id)
+            store.transition(
+                job_id, JobState.FAILED, expect=[JobState.SUCCEEDED], error=f"export failed: {exc}"[:2000]
+            )
+
+    app.conf.dicom_node_context = holder
+    return app
+
+
+class CeleryDispatcher:
+    """Publishes a job's next task; never raises: when the broker is down the job stays queued in the store."""
+
+    def __init__(self, app: Celery, store: Any) -> None:
+        self.app = app
+        self.store = store
+
+    def submit(self, job: JobRecord) -> None:
+        task, queue = (
+            (EXPORT_TASK, EXPORT_QUEUE) if job.state is JobState.SUCCEEDED else (INFERENCE_TASK, INFERENCE_QUEUE)
+        )
+        try:
+            self.app.send_task(task, args=[job.id], queue=queue)
+        except Exception as exc:  # broker unavailable: the reconciler tries again later
+            log.warning("job %d not enqueued (%s); it stays %s and is retried", job.id, exc, job.state.value)
+            return
+        self.store.mark_enqueued(job.id)
+
+
+def install_model_loader(ctx: WorkerContext, failure_file: Path) -> None:
+    """Load the model once in each worker process, before it consumes; a failure stops the whole worker."""
+
+    @worker_process_init.connect(weak=False)
+    def _load(**_: Any) -> None:
+        try:
+            ctx.load_engine()
+        except Exception as exc:
+            failure_file.write_text(str(exc), encoding="utf-8")
+            log.error("model could not be loaded: %s", exc)
+            os.kill(os.getppid(), signal.SIGTERM)
+            os._exit(1)
