@@ -286,7 +286,7 @@ class Orthanc:
             return False
 
     def stop(self, timeout: float = 10) -> None:
-        """Stop Orthanc: SIGTERM to its process group, SIGKILL if it lingers beyond ``timeout`` seconds."""
+        """Stop Orthanc cleanly (about 3.5 s): SIGTERM to its group, SIGKILL if it lingers past ``timeout`` s."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
@@ -320,7 +320,7 @@ class Orthanc:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.kill()  # teardown: the storage is thrown away, so no need for the 3.5 s graceful stop
 
     # -- REST ----------------------------------------------------------------------------------------------
 
@@ -452,7 +452,7 @@ def running_orthanc(workdir: Path, **kwargs: Any) -> Iterator[Orthanc]:
     try:
         yield server.start()
     finally:
-        server.stop()
+        server.kill()
 
 
 class StoreRecorder:
