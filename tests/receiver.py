@@ -1,0 +1,61 @@
+"""A real DICOM Storage SCP (pynetdicom) standing in for a PACS's receiving side in tests.
+
+It records every instance it receives (SOP Instance UID -> times received) and can answer with a chosen failure
+status, or be stopped and started again on the same port for outage tests.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from tests.conftest import free_port
+
+
+class Receiver:
+    def __init__(self, ae_title: str = "PACS", status: int = 0x0000, store_dir: Path | None = None) -> None:
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.status = status
+        self.store_dir = store_dir
+        self.received: Counter[str] = Counter()
+        self.modalities: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+
+    def _on_store(self, event: Any) -> int:
+        ds = event.dataset
+        with self._lock:
+            self.received[str(ds.SOPInstanceUID)] += 1
+            self.modalities[str(ds.SOPInstanceUID)] = str(ds.get("Modality", ""))
+        if self.store_dir is not None and self.status == 0:
+            ds.file_meta = event.file_meta
+            ds.save_as(self.store_dir / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        return self.status
+
+    def start(self) -> Receiver:
+        ae = AE(ae_title=self.ae_title)
+        for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
+            ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(Verification)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def destination(self, name: str = "pacs") -> dict[str, Any]:
+        return {"name": name, "ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port, "timeout": 5}
