@@ -83,8 +83,9 @@ class Engine:
             settings = settings.model_copy(update={"device": ModelSettings.model_validate(
                 {**settings.model_dump(), "device": device}).device})
         adapter = adapter_class(settings.family)(settings)
+        backend_cls = backend_class(settings.backend)  # an unknown backend fails before any file is read
         directory = adapter.check_checkpoint()
-        backend = backend_class(settings.backend)(adapter, settings, settings.device)
+        backend = backend_cls(adapter, settings, settings.device)
         backend.load()
         base = adapter.identity(directory)
         identity = replace(base, parameters={**base.parameters, **backend.describe()})

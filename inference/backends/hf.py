@@ -58,7 +58,8 @@ class TransformersBackend(Backend):
             self.handle = self.adapter.hf_load(directory, self.device, self.dtype, self.settings.attn_implementation)
         except ModelLoadError:
             raise
-        except (OSError, ValueError, KeyError, ImportError) as exc:
+        except Exception as exc:  # noqa: BLE001 - loading runs third-party (even remote) code that raises anything
+            # on a bad checkpoint; at worker start-up it all means one thing: this checkpoint cannot be served.
             expected = "; ".join(f"{r.what}: one of {', '.join(r.names)}" for r in self.adapter.required_files)
             raise ModelLoadError(
                 f"cannot load the {self.adapter.family!r} checkpoint at {str(directory)!r} (expected {expected}): "

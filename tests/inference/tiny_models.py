@@ -35,6 +35,7 @@ GEMMA_TEMPLATE = (
 WORDS = (
     ["<ref>", "</ref>", "<box>", "</box>", "[[", "]]", "[", "]", ",", ":", "：", "{", "}", '"bbox_2d":', '"label":']
     + ["right", "lung", "left", "heart", "nodule", "Findings:", "Impression:", "normal", "```json", "```"]
+    + ['"right', 'lung"', '"box_2d":', "Final", "Answer:", "No", "effusion."]
     + [str(i) for i in range(1001)]
 )
 
