@@ -49,6 +49,8 @@ class ResultOptions:
     their filled box as a segment too. ``sc`` (burned-in Secondary Capture) is off by default: it duplicates pixel
     data and carries no machine-readable meaning. ``series_number_base`` + 1..4 are the series numbers of SR, GSPS,
     SEG and SC. ``min_box_pixels``: boxes narrower or shorter than this after clipping are dropped.
+    ``library_all_sources`` lists every source image in the SR's Image Library, not only those carrying a region
+    (costly for large series: about 5 ms per image; every source is in the evidence sequence anyway).
     """
 
     sr: bool = True
@@ -59,6 +61,7 @@ class ResultOptions:
     min_box_pixels: float = 1.0
     series_number_base: int = 9000
     institution_name: str | None = None
+    library_all_sources: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.series_number_base <= 2**31 - 10:

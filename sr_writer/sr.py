@@ -7,7 +7,8 @@ Content tree (highdicom builds every item; nothing is assembled by hand):
   * Language of Content (TID 1204): ``en`` or ``zh`` (RFC 5646)
   * Observation context: the observer is a *device* (the algorithm, its device UID, name, manufacturer, model)
   * Procedure Reported: the imaging procedure of the source modality (never the algorithm)
-  * Image Library: every source image
+  * Image Library: the source images the findings' regions lie on (every source image with
+    ``ResultOptions.library_all_sources``, or when no finding has a region); descriptors per TID 1602-1604
   * ``(126010, DCM) Imaging Measurements``, one group per finding:
 
     * a finding with a box: TID 1410 Planar ROI group: Tracking Identifier ``"F<n>: <label>"`` and Tracking UID,
@@ -110,6 +111,16 @@ def _library_view(ds: Dataset) -> Dataset:
             return view
     view.Modality = "OT"
     return view
+
+
+def _library_images(ctx: BuildContext) -> list[Dataset]:
+    """The Image Library's images: those a finding's region lies on (DICOM's purpose for the library), or every
+    source image when ``ResultOptions.library_all_sources`` is set or no finding has a region. Every source image
+    is referenced in the Current Requested Procedure Evidence Sequence either way."""
+    located = {f.source_uid for f in ctx.findings if f.has_geometry}
+    if ctx.options.library_all_sources or not located:
+        return ctx.sources.datasets
+    return [ds for ds in ctx.sources.datasets if str(ds.SOPInstanceUID) in located]
 
 
 def _algorithm_id(ctx: BuildContext) -> hd.sr.AlgorithmIdentification:
@@ -220,7 +231,7 @@ def build_sr(ctx: BuildContext) -> hd.sr.Comprehensive3DSR:
         language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
             _LANGUAGES[ctx.result.language]
         ),
-        referenced_images=[_library_view(ds) for ds in ctx.sources.datasets],
+        referenced_images=[_library_view(ds) for ds in _library_images(ctx)],
     )
     root = report[0]
     if placeholder:

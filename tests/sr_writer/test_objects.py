@@ -175,3 +175,57 @@ def test_chinese_labels_survive_in_gsps_and_seg_files(built_studies: dict[str, B
     assert texts[0].startswith("1 左肺结节")
     seg = dcmread(study.of_modality("SEG")[0][1], stop_before_pixels=True)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["左肺结节", "异常阴影"]
+
+
+def test_image_library_lists_located_sources_or_every_source_on_request():
+    series = synthetic_series(read("693_UNCI.dcm"), 6, seed="library-test")
+    finding = Finding("nodule", "x", box=BoundingBox(10, 10, 50, 50), source=ImageRef(series[2].SOPInstanceUID))
+    result = synthetic_result(series[0], STUDIES["CT693"][1], findings=[finding])
+    uids = ResultUIDs(result.study_instance_uid, ALGORITHM, result.profile)
+
+    def library(options: ResultOptions) -> list[str]:
+        (sr,) = build_result_objects(result, series, uids, options)
+        (container,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"]
+        return [
+            entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for group in container.ContentSequence
+            for entry in group.ContentSequence
+            if entry.ValueType == "IMAGE"
+        ]
+
+    only_sr = ResultOptions(gsps=False, seg=False)
+    assert library(only_sr) == [series[2].SOPInstanceUID]
+    everything = ResultOptions(gsps=False, seg=False, library_all_sources=True)
+    assert sorted(library(everything)) == sorted(ds.SOPInstanceUID for ds in series)
+    (sr,) = build_result_objects(result, series, uids, only_sr)
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert len(evidence) == len(series)
+
+
+def test_mask_without_box_gets_the_mask_extent_as_box():
+    source = read("MR2_UNCI.dcm")
+    box = BoundingBox(200, 300, 260, 340)
+    mask = box_mask(box, int(source.Rows), int(source.Columns))
+    finding = Finding("lesion", "from a mask", source=ImageRef(source.SOPInstanceUID), mask=mask)
+    result = synthetic_result(source, STUDIES["MR2"][1], findings=[finding])
+    uids = ResultUIDs(result.study_instance_uid, ALGORITHM, result.profile)
+    sr, gsps, seg = build_result_objects(result, [source], uids)
+    from sr_writer.render import read_findings
+
+    (reported,) = read_findings(sr)
+    assert reported.box == box
+    assert seg.Modality == "SEG" and gsps.Modality == "PR"
+
+
+def test_uids_come_from_the_caller_seed():
+    source = read("RG3_UNCI.dcm")
+    result = synthetic_result(source, STUDIES["RG3"][1])
+    uids = ResultUIDs(result.study_instance_uid, ALGORITHM, result.profile, run=1)
+    objects = build_result_objects(result, [source], uids, ResultOptions.all())
+    by_modality = {ds.Modality: ds for ds in objects}
+    assert by_modality["SR"].SOPInstanceUID == uids.uid("sr", "instance")
+    assert by_modality["SR"].SeriesInstanceUID == uids.uid("sr", "series")
+    assert by_modality["PR"].SOPInstanceUID == uids.uid("gsps", "instance", source.SOPInstanceUID)
+    assert by_modality["SEG"].SOPInstanceUID == uids.uid("seg", "instance", "image", source.SOPInstanceUID)
+    assert by_modality["OT"].SOPInstanceUID == uids.uid("sc", "instance", source.SOPInstanceUID, 1)
+    assert all(len(ds.SOPInstanceUID) <= 64 for ds in objects)
