@@ -50,7 +50,7 @@ class ResultOptions:
     data and carries no machine-readable meaning. ``series_number_base`` + 1..4 are the series numbers of SR, GSPS,
     SEG and SC. ``min_box_pixels``: boxes narrower or shorter than this after clipping are dropped.
     ``library_all_sources`` lists every source image in the SR's Image Library, not only those carrying a region
-    (costly for large series: about 5 ms per image; every source is in the evidence sequence anyway).
+    (about 3 ms per image; every source image is in the evidence sequence anyway).
     """
 
     sr: bool = True

@@ -8,7 +8,8 @@ Content tree (highdicom builds every item; nothing is assembled by hand):
   * Observation context: the observer is a *device* (the algorithm, its device UID, name, manufacturer, model)
   * Procedure Reported: the imaging procedure of the source modality (never the algorithm)
   * Image Library: the source images the findings' regions lie on (every source image with
-    ``ResultOptions.library_all_sources``, or when no finding has a region); descriptors per TID 1602-1604
+    ``ResultOptions.library_all_sources``, or when no finding has a region), with the general TID 1602
+    descriptors
   * ``(126010, DCM) Imaging Measurements``, one group per finding:
 
     * a finding with a box: TID 1410 Planar ROI group: Tracking Identifier ``"F<n>: <label>"`` and Tracking UID,
@@ -84,31 +85,20 @@ def _procedures(ctx: BuildContext) -> list[hd.sr.CodedConcept | object]:
     return list(found.values())
 
 
-_CROSS_SECTIONAL = ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness")
-_PROJECTION = ("PatientOrientation", "ImagerPixelSpacing")
-
-
 def _library_view(ds: Dataset) -> Dataset:
-    """The attributes of ``ds`` that the Image Library needs (no pixel data).
+    """The attributes of ``ds`` that the Image Library entry needs (no pixel data).
 
-    highdicom's TID 1602 descriptors read modality-specific attributes (TID 1603/1604) without checking they are
-    present; a source lacking any of them (a CR without Imager Pixel Spacing, an enhanced MR whose geometry lives
-    in functional groups) gets the general descriptors only, by presenting the view as modality ``OT``. The coded
-    Modality item itself comes from the SOP Class and stays right.
+    Entries carry the general TID 1602 descriptors: Modality (coded from the SOP Class), Frame of Reference UID,
+    Rows and Columns. The optional modality-specific descriptors (TID 1603/1604: spacing, position, orientation)
+    are left out on purpose: highdicom reads them without checking they exist (a CR without Imager Pixel
+    Spacing, an enhanced MR with its geometry in functional groups fail), and they double the cost of a report
+    on a large series while the referenced images carry the same facts. The view presents itself as modality
+    ``OT`` so that highdicom skips them; the coded Modality item still comes from the SOP Class and stays right.
     """
     view = Dataset()
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID", "Modality"):
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
         if keyword in ds:
             setattr(view, keyword, ds[keyword].value)
-    modality = str(ds.get("Modality", ""))
-    needed = _CROSS_SECTIONAL if modality in ("CT", "MR", "PT") else _PROJECTION
-    if all(ds.get(k) not in (None, "") and len(ds[k].value) > 0 for k in needed if k != "SliceThickness") and (
-        "SliceThickness" not in needed or ds.get("SliceThickness") not in (None, "")
-    ):
-        for keyword in needed:
-            setattr(view, keyword, ds[keyword].value)
-        if modality in ("CT", "MR", "PT") or modality in ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"):
-            return view
     view.Modality = "OT"
     return view
 
