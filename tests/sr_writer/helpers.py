@@ -34,6 +34,7 @@ ALGORITHM = AlgorithmIdentity(
 )
 
 # name -> (file, language); the multi-frame US of the corpus is color3d_jpeg_baseline.dcm (120 frames, JPEG).
+# emri_small.dcm is an enhanced MR stripped of its functional groups (no per-frame geometry).
 STUDIES = {
     "RG1": ("RG1_UNCI.dcm", Language.CHINESE),
     "RG3": ("RG3_UNCI.dcm", Language.ENGLISH),
@@ -42,6 +43,8 @@ STUDIES = {
     "US1": ("US1_UNCR.dcm", Language.ENGLISH),
     "USMF": ("color3d_jpeg_baseline.dcm", Language.CHINESE),
     "EMRI": ("emri_small.dcm", Language.ENGLISH),
+    # An enhanced CT with functional groups (2 frames): the multi-frame SEG path with patient geometry.
+    "ECT": ("eCT_Supplemental.dcm", Language.ENGLISH),
 }
 
 

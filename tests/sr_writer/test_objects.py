@@ -229,3 +229,24 @@ def test_uids_come_from_the_caller_seed():
     assert by_modality["SEG"].SOPInstanceUID == uids.uid("seg", "instance", "image", source.SOPInstanceUID)
     assert by_modality["OT"].SOPInstanceUID == uids.uid("sc", "instance", source.SOPInstanceUID, 1)
     assert all(len(ds.SOPInstanceUID) <= 64 for ds in objects)
+
+
+def test_seg_of_a_multiframe_image_puts_each_region_on_its_frame(built_studies: dict[str, BuiltStudy]):
+    study = built_studies["ECT"]
+    seg = hd.seg.segread(study.of_modality("SEG")[0][1])
+    frames = int(study.source.NumberOfFrames)
+    for number, finding in enumerate([f for f in study.result.findings if f.box is not None], start=1):
+        assert finding.source is not None and finding.box is not None
+        for frame in range(1, frames + 1):
+            plane = seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=study.source.SOPInstanceUID,
+                source_frame_numbers=[frame],
+                segment_numbers=[number],
+            )[0, :, :, 0]
+            if frame == finding.source.frame_number:
+                expected = finding.mask if finding.mask is not None else box_mask(
+                    finding.box, int(study.source.Rows), int(study.source.Columns)
+                )
+                np.testing.assert_array_equal(plane, expected)
+            else:
+                assert not plane.any()
