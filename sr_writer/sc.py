@@ -2,7 +2,7 @@
 
 One SC per source image (per frame for multi-frame sources) that carries a box. The picture is the source frame
 as a radiologist would see it (Modality LUT, then the source's first window, or the 0.5-99.5 percentile range
-when it has none; MONOCHROME1 inverted; colour sources as RGB), 8-bit RGB, with:
+when it has none; MONOCHROME1 inverted; colour sources as RGB; PALETTE COLOR through its palette), 8-bit RGB, with:
 
 * each box drawn as a rectangle on its pixel edges and its label (``"<n> <label>"``, as in the GSPS) above it;
 * a banner across the top: ``AI OUTPUT - <model> <version> - NOT VERIFIED``.
@@ -26,7 +26,7 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 from sr_writer.context import BuildContext, ObjectKind, copy_image_context
 from sr_writer.gsps import graphic_label
@@ -117,6 +117,8 @@ def _window(ds: Dataset) -> tuple[float, float] | None:
 
 def _to_display(ds: Dataset, frame: np.ndarray, photometric: str) -> np.ndarray:
     """An 8-bit RGB picture of one decoded frame, windowed as the source asks."""
+    if photometric == "PALETTE COLOR" and frame.ndim == 2:
+        frame = apply_color_lut(frame, ds)
     if frame.ndim == 3:
         if frame.dtype != np.uint8:
             frame = (frame.astype(np.float32) * (255.0 / max(1.0, float(frame.max())))).astype(np.uint8)

@@ -45,6 +45,8 @@ STUDIES = {
     "EMRI": ("emri_small.dcm", Language.ENGLISH),
     # An enhanced CT with functional groups (2 frames): the multi-frame SEG path with patient geometry.
     "ECT": ("eCT_Supplemental.dcm", Language.ENGLISH),
+    # A PALETTE COLOR ultrasound: no presentation state (documented), the rest as usual.
+    "USPAL": ("gdcm-US-ALOKA-16.dcm", Language.ENGLISH),
 }
 
 
