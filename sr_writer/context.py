@@ -128,7 +128,13 @@ class BuildContext:
         return out
 
     def contributing_equipment(self) -> list[hd.ContributingEquipment]:
-        """The algorithm as processing equipment (IHE AIR): manufacturer, model, version and its device UID."""
+        """The algorithm as contributing equipment, as IHE AI Results asks: manufacturer, model name, software
+        version, Device UID (changes when the model changes) and Purpose of Reference (Newcode1, 99IHE,
+        "Processing Algorithm"). highdicom accepts only CID 7005 purposes when constructing the item, so it is
+        built as Processing Equipment and its purpose then replaced by the IHE code.
+
+        dciodvfy (Debian 12) warns that Device UID is not in its IOD tables there; IHE AIR requires it.
+        """
         algorithm = self.result.algorithm
         item = hd.ContributingEquipment(
             manufacturer=self.manufacturer,
@@ -140,6 +146,7 @@ class BuildContext:
             ),
         )
         item.DeviceUID = algorithm.device_uid
+        item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")]
         return [item]
 
     # -- helpers ----------------------------------------------------------------------------------------------
