@@ -7,9 +7,10 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import highdicom as hd
 from pydicom.dataset import Dataset
 
-from sr_writer.context import BuildContext, ObjectKind, ResultOptions
+from sr_writer.context import BuildContext, ObjectKind, ResultOptions, repair_patient_module
 from sr_writer.findings import InferenceResult
 from sr_writer.gsps import build_presentation_states
 from sr_writer.sc import build_secondary_captures
@@ -51,6 +52,13 @@ def build_result_objects(
         objects.extend(build_segmentations(ctx))
     if options.sc:
         objects.extend(build_secondary_captures(ctx))
+    first = ctx.sources.datasets[0]
+    for obj in objects:
+        # Same Patient and Study attributes in every object (dcentvfy compares them across the study); some
+        # highdicom constructors copy only a subset.
+        if isinstance(obj, hd.SOPClass):
+            obj.copy_patient_and_study_information(first)
+        repair_patient_module(obj)
     logger.info(
         "built %d result objects for %d findings (%d with geometry)",
         len(objects), len(ctx.findings), len(ctx.findings_with_geometry()),

@@ -91,6 +91,8 @@ def test_report_structure_follows_tid_1500(built_studies: dict[str, BuiltStudy])
     equipment = sr.ContributingEquipmentSequence
     algorithm = [e for e in equipment if e.get("ManufacturerModelName") == "TestVLM"]
     assert algorithm and algorithm[0].DeviceUID == study.result.algorithm.device_uid
+    purpose = algorithm[0].PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("Newcode1", "99IHE")
 
 
 def test_uncoded_label_has_no_finding_type_but_keeps_its_text(built_studies: dict[str, BuiltStudy]):

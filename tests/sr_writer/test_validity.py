@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.corpus import corpus_file
 from tests.sr_writer.conftest import BuiltStudy
 from tests.sr_writer.helpers import STUDIES, Verdict, have_tool
 
@@ -67,3 +68,17 @@ def test_series_are_one_per_object_kind(built_studies: dict[str, BuiltStudy]):
         series.setdefault(ds.Modality, set()).add(ds.SeriesInstanceUID)
     assert all(len(uids) == 1 for uids in series.values())
     assert len({next(iter(u)) for u in series.values()}) == len(series)
+
+
+@pytest.mark.skipif(not have_tool("dcentvfy"), reason="dcentvfy (Debian package dicom3tools) is not installed")
+@pytest.mark.parametrize("name", ["RG1", "CT693", "USMF"])
+def test_dcentvfy_finds_the_study_consistent(name: str, built_studies: dict[str, BuiltStudy]):
+    study = built_studies[name]
+    source = corpus_file(STUDIES[name][0])
+    proc = subprocess.run(
+        ["dcentvfy", str(source), *map(str, study.paths)], capture_output=True, text=True, errors="replace",
+        timeout=120,
+    )
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert [line for line in lines if line.startswith("Error")] == []
+    assert not [line for line in lines if "StudyDescription" in line or "PatientIdentityRemoved" in line]
