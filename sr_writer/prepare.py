@@ -14,6 +14,8 @@
   the box is dropped and the finding is kept as a text-only finding (a mask, if any, still stands);
 * **mask of the wrong shape or with no pixel set**: the mask is dropped;
 * **a mask without a box**: the box is derived from the mask's extent;
+* **codes given by the model** (finding type, site) whose value or scheme is not plain ASCII: dropped (the table
+  in :mod:`sr_writer.lexicon` may still code the label); meanings are sanitised and cut to 64 characters;
 * **labels and texts**: sanitised and truncated as described in :mod:`sr_writer.text` (label at most 64
   characters, sentence at most :data:`~sr_writer.text.MAX_UT_CHARS`).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -123,6 +126,23 @@ class PreparedFinding:
         return self.text or self.label
 
 
+_CODE_VALUE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,64}$")  # printable ASCII without backslash
+_SCHEME = re.compile(r"^[A-Za-z0-9_.\-]{1,16}$")
+
+
+def checked_code(code: Code | None, index: int, what: str) -> Code | None:
+    """``code`` when its value and scheme are DICOM-safe ASCII (SH/UC, CS-like), else ``None`` (logged); the
+    meaning is sanitised and cut to 64 characters."""
+    if code is None:
+        return None
+    if not _CODE_VALUE.match(code.value) or not _SCHEME.match(code.scheme_designator):
+        logger.warning("finding %d: %s code dropped: value or scheme is not plain ASCII of the allowed length",
+                       index, what)
+        return None
+    meaning = single_line(code.meaning, LO_MAX)
+    return code if meaning == code.meaning else Code(code.value, code.scheme_designator, meaning or code.value)
+
+
 def tracking_identifier(index: int, label: str) -> str:
     """The human-readable Tracking Identifier: ``"F<index>: <label>"`` (unique within the report)."""
     return f"F{index}: {label}"
@@ -206,8 +226,8 @@ def _prepare_one(
         index=index,
         label=label,
         text=text,
-        finding_type=finding.code or finding_type_for(finding.label),
-        site=finding.site or finding_site_for(finding.label),
+        finding_type=checked_code(finding.code, index, "finding type") or finding_type_for(finding.label),
+        site=checked_code(finding.site, index, "site") or finding_site_for(finding.label),
         score=finding.score,
         tracking_id=tracking_identifier(index, label),
         tracking_uid=uids.uid("finding", index),

@@ -155,3 +155,23 @@ def test_srread_accepts_the_bad_input_report(bad_objects):
     report = hd.sr.srread(_sr(paths)).content
     assert len(report.get_planar_roi_measurement_groups()) == 3
     assert len(report.get_image_measurement_groups()) == 5
+
+
+def test_model_codes_are_checked(source, caplog: pytest.LogCaptureFixture):
+    from sr_writer import Code
+
+    uid = str(source.SOPInstanceUID)
+    findings = [
+        Finding("nodule", "bad code", box=BoundingBox(1, 1, 50, 50), source=ImageRef(uid),
+                code=Code("结节", "SCT", "Nodule")),
+        Finding("thing", "long meaning", box=BoundingBox(60, 60, 90, 90), source=ImageRef(uid),
+                code=Code("123", "99LOCAL", "m" * 100)),
+    ]
+    result = synthetic_result(source, STUDIES["RG3"][1], findings=findings)
+    uids = ResultUIDs(result.study_instance_uid, result.algorithm, result.profile)
+    with caplog.at_level(logging.WARNING, logger="sr_writer"):
+        (sr,) = build_result_objects(result, [source], uids, ResultOptions(gsps=False, seg=False))
+    assert any("finding type code dropped" in r.getMessage() for r in caplog.records)
+    first, second = read_findings(sr)
+    assert first.finding_type is not None and first.finding_type.value == "27925004"  # from the table instead
+    assert second.finding_type is not None and len(second.finding_type.meaning) == LO_MAX
