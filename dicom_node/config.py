@@ -286,13 +286,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Read, merge and validate the configuration.
-
-    ``path`` None means the embedded defaults (``dicom_node/defaults.yaml``). Environment variables override the
-    file; ``overrides`` (used by tests and the CLI) override both at section level.
-    """
-    source = path or DEFAULT_CONFIG
+def _read_yaml(source: Path) -> dict[str, Any]:
     try:
         text = Path(source).read_text(encoding="utf-8")
     except OSError as exc:
@@ -303,11 +297,29 @@ def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None 
         raise ConfigError(f"configuration file {source} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"configuration file {source} must hold a mapping of sections, got {type(data).__name__}")
-    for section, values in (overrides or {}).items():
+    return data
+
+
+def _lay_over(data: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """Sections of ``layer`` over ``data``: mappings merge key by key, anything else (a list) replaces."""
+    for section, values in layer.items():
         if isinstance(values, Mapping) and isinstance(data.get(section), Mapping):
             data[section] = {**data[section], **values}
         else:
             data[section] = values
+
+
+def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read, merge and validate the configuration.
+
+    The embedded defaults (``dicom_node/defaults.yaml``) come first, the file at ``path`` over them, environment
+    variables over both; ``overrides`` (used by tests) are laid over the file at section level.
+    """
+    data = _read_yaml(DEFAULT_CONFIG)
+    source = path or DEFAULT_CONFIG
+    if path is not None:
+        _lay_over(data, _read_yaml(path))
+    _lay_over(data, overrides or {})
     try:
         settings = Settings(**data)
     except ValidationError as exc:

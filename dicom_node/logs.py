@@ -59,8 +59,9 @@ def configure_logging(level: str = "INFO", json_format: bool = False, data_dir: 
     )
     root.addHandler(console)
     root.setLevel(level)
-    # pynetdicom logs every PDU at INFO; its warnings and errors are what an administrator needs.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # pynetdicom logs every PDU and highdicom every copied module at INFO; warnings are what an administrator needs.
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     for handler in list(_audit.handlers):
         _audit.removeHandler(handler)
     if data_dir is not None:

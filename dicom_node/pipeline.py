@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,9 +55,14 @@ class WorkerContext:
 
     settings: Settings
     engine_factory: Callable[[], Engine] | None = None
-    worker_id: str = field(default_factory=_worker_id)
+    fixed_worker_id: str | None = None
     _store: JobStore | None = None
     _engine: Engine | None = None
+
+    @property
+    def worker_id(self) -> str:
+        """host:pid of the process running the task (a prefork child, not the worker's parent process)."""
+        return self.fixed_worker_id or _worker_id()
 
     @property
     def store(self) -> JobStore:

@@ -54,7 +54,7 @@ def broker_settings(settings: Settings) -> tuple[str, dict[str, Any]]:
     if settings.queue.broker_url == "embedded" or settings.queue.broker_url.startswith("filesystem://"):
         folder = settings.node.data_dir / "broker" / "messages"
         folder.mkdir(parents=True, exist_ok=True)
-        return "filesystem://", {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+        return "filesystem://localhost//", {"data_folder_in": str(folder), "data_folder_out": str(folder)}
     return settings.queue.broker_url, {
         # Longer than the hard time limit: Redis must not hand a job still running to a second worker.
         "visibility_timeout": int(hard * 1.5 + 60),
@@ -70,7 +70,7 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
     broker, transport = broker_settings(settings)
     app = Celery("dicom_node", broker=broker, set_as_current=False)
     q = settings.queue
-    embedded = broker == "filesystem://"
+    embedded = broker.startswith("filesystem://")
     app.conf.update(
         broker_transport_options=transport,
         # The job store holds every state and result; Celery's result backend would be a second truth.

@@ -164,8 +164,8 @@ def test_claim_drops_duplicates_takes_over_dead_workers_and_gives_up(
 ) -> None:
     node = running_node(queue={"max_redeliveries": 1})
     job_id = queued_job(node, make_study(tmp_path / "s", 1))
-    first = WorkerContext(node.settings, worker_id="gpu-host-a:101")
-    second = WorkerContext(node.settings, worker_id="gpu-host-b:202")
+    first = WorkerContext(node.settings, fixed_worker_id="gpu-host-a:101")
+    second = WorkerContext(node.settings, fixed_worker_id="gpu-host-b:202")
 
     assert claim_job(first, job_id, lease_seconds=60) is not None
     assert claim_job(second, job_id, lease_seconds=60) is None  # running elsewhere, lease valid: duplicate

@@ -1,0 +1,288 @@
+"""The Celery pipeline for real: a redis-server, worker processes, the node, a receiving PACS on loopback.
+
+No fakeredis and no eager mode: these tests start `redis-server` and `dicom-node worker` processes and kill or
+restart them the way a hospital's night would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dicom_node.config import load_settings
+from dicom_node.service import Node
+from dicom_node.store import JobState, JobStore
+from tests.conftest import free_port, make_study
+from tests.dicom_node.test_intake import storescu
+from tests.inference.tiny_models import build_qwen2_5_vl
+from tests.receiver import Receiver
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ping = subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True)
+            if ping.stdout.strip() == "PONG":
+                return
+            time.sleep(0.1)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_qwen2_5_vl(tmp_path_factory.mktemp("model") / "tiny-qwen2_5_vl")
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+class Deployment:
+    """One node (in this process) and its worker processes, sharing a data_dir, configured by one YAML file."""
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
+        self.tmp_path = tmp_path
+        self.config_path = tmp_path / "node.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.settings = load_settings(self.config_path)
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.node: Node | None = None
+        self.store = JobStore(self.settings.store_url)
+
+    def start_node(self) -> Node:
+        self.node = Node(self.settings, config_path=self.config_path)
+        self.node.start()
+        return self.node
+
+    def start_worker(self, queues: str) -> subprocess.Popen[bytes]:
+        log = (self.tmp_path / f"worker-{len(self.workers)}-{queues}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "worker", "--config", str(self.config_path), "--queues", queues],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.workers.append(proc)
+        return proc
+
+    def wait_jobs(self, predicate: Callable[[list[Any]], bool], timeout: float = 90) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        jobs: list[Any] = []
+        while time.monotonic() < deadline:
+            jobs = self.store.list_jobs()
+            if jobs and predicate(jobs):
+                return jobs
+            time.sleep(0.2)
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in self.tmp_path.glob("*.log"))
+        raise AssertionError(f"jobs did not reach the expected states: {[(j.id, j.state.value) for j in jobs]}\n{logs}")
+
+    def stop(self) -> None:
+        if self.node is not None:
+            self.node.stop()
+        for proc in self.workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.store.close()
+
+
+@pytest.fixture
+def deploy(tmp_path: Path) -> Iterator[Callable[..., Deployment]]:
+    made: list[Deployment] = []
+
+    def make(**sections: Any) -> Deployment:
+        config: dict[str, Any] = {
+            "node": {"port": free_port(), "bind": "127.0.0.1", "data_dir": str(tmp_path / "var")},
+            "study": {"stable_seconds": 1},
+            "queue": {"start_workers": False, "reconcile_seconds": 1},
+        }
+        for name, values in sections.items():
+            config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
+        d = Deployment(tmp_path, config)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+
+
+def model(path: Path, tokens: int = 16) -> dict[str, Any]:
+    return {"family": "qwen2_5_vl", "path": str(path), "max_new_tokens": tokens}
+
+
+def delivered(jobs: list[Any]) -> bool:
+    return all(j.state is JobState.DELIVERED for j in jobs)
+
+
+def test_two_inference_workers_share_the_queue(
+    deploy: Callable[..., Deployment], redis: RedisServer, tiny_model: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    d = deploy(queue={"broker_url": redis.url}, model=model(tiny_model, 48), destinations=[receiver.destination()])
+    d.start_worker("inference")
+    d.start_worker("inference")
+    d.start_worker("export")
+    node = d.start_node()
+    for i in range(4):
+        assert storescu(node, make_study(tmp_path / f"s{i}", 1, "RG1_UNCI.dcm")).returncode == 0
+    jobs = d.wait_jobs(lambda js: len(js) == 4 and delivered(js), timeout=180)
+    owners = set()
+    for job in jobs:
+        owners |= {e["detail"] for e in d.store.job_events(job.id) if e["kind"] == "running"}
+    assert len(owners) >= 2, f"both workers should have taken jobs: {owners}"
+    sent = {o["sop_instance_uid"] for j in jobs for o in d.store.job_results(j.id)}
+    assert sent == set(receiver.received) and all(n == 1 for n in receiver.received.values())
+
+
+def test_worker_killed_mid_task_job_is_redelivered_and_completes_once(
+    deploy: Callable[..., Deployment], redis: RedisServer, tiny_model: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    # Enough tokens that the task runs for several seconds on this CPU.
+    d = deploy(queue={"broker_url": redis.url}, model=model(tiny_model, 400), destinations=[receiver.destination()])
+    d.start_worker("inference")
+    d.start_worker("export")
+    node = d.start_node()
+    assert storescu(node, make_study(tmp_path / "s", 1, "RG1_UNCI.dcm")).returncode == 0
+    running = d.wait_jobs(lambda js: js[0].state is JobState.RUNNING and js[0].owner is not None)
+    pid = int(running[0].owner.rpartition(":")[2])
+    os.kill(pid, signal.SIGKILL)  # the process running the task, as the out-of-memory killer would
+    jobs = d.wait_jobs(delivered, timeout=180)
+    assert jobs[0].redeliveries == 1 and jobs[0].attempts == 2
+    assert all(n == 1 for n in receiver.received.values()) and receiver.received
+
+
+def test_redis_down_then_back_nothing_lost(
+    deploy: Callable[..., Deployment], redis: RedisServer, tiny_model: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    d = deploy(queue={"broker_url": redis.url}, model=model(tiny_model), destinations=[receiver.destination()])
+    d.start_worker("inference")
+    d.start_worker("export")
+    node = d.start_node()
+    assert storescu(node, make_study(tmp_path / "before", 1, "RG1_UNCI.dcm")).returncode == 0
+    d.wait_jobs(lambda js: delivered(js))
+
+    redis.stop()
+    # The SCP keeps accepting and spooling while the broker is down.
+    assert storescu(node, make_study(tmp_path / "during", 2, "RG1_UNCI.dcm")).returncode == 0
+    jobs = d.wait_jobs(lambda js: len(js) == 2)
+    assert jobs[0].state is JobState.QUEUED and jobs[0].enqueued_at is None  # in the store, not in any broker
+    time.sleep(2)
+    redis.start()  # empty: whatever Redis held is gone
+    jobs = d.wait_jobs(lambda js: len(js) == 2 and delivered(js), timeout=120)
+    assert sum(receiver.received.values()) == len(receiver.received)
+
+
+def test_poison_study_fails_once_with_reason(
+    deploy: Callable[..., Deployment], redis: RedisServer, tiny_model: Path, tmp_path: Path
+) -> None:
+    d = deploy(queue={"broker_url": redis.url}, model=model(tiny_model))
+    d.start_worker("inference")
+    node = d.start_node()
+    # A study with no image at all: a lone SR document.
+    sr = tmp_path / "sr.dcm"
+    import highdicom as hd  # noqa: F401  (only to make sure the SR tools are there)
+    from pydicom.data import get_testdata_file
+
+    doc = get_testdata_file("reportsi.dcm", download=False)
+    assert doc is not None
+    Path(sr).write_bytes(Path(doc).read_bytes())
+    assert storescu(node, [sr]).returncode == 0
+    jobs = d.wait_jobs(lambda js: js[0].state.finished)
+    assert jobs[0].state is JobState.FAILED and jobs[0].attempts == 1
+    assert jobs[0].error and jobs[0].error.startswith("unusable study:")
+
+
+def test_embedded_broker_runs_a_study_end_to_end_without_redis(
+    tmp_path: Path, tiny_model: Path, receiver: Receiver
+) -> None:
+    port = free_port()
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"port": port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var")},
+                "study": {"stable_seconds": 1},
+                "model": model(tiny_model),
+                "destinations": [receiver.destination()],
+            }
+        )
+    )
+    log = (tmp_path / "serve.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        settings = load_settings(config)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            echo = subprocess.run(["echoscu", "-aec", "AINODE", "127.0.0.1", str(port)], capture_output=True)
+            if echo.returncode == 0:
+                break
+            time.sleep(0.3)
+        files = make_study(tmp_path / "s", 1, "RG1_UNCI.dcm")
+        sent = subprocess.run(["storescu", "-aec", "AINODE", "127.0.0.1", str(port), str(files[0])])
+        assert sent.returncode == 0
+        store = JobStore(settings.store_url)
+        deadline = time.monotonic() + 120
+        jobs: list[Any] = []
+        while time.monotonic() < deadline:
+            jobs = store.list_jobs()
+            if jobs and jobs[0].state.finished:
+                break
+            time.sleep(0.3)
+        assert jobs and jobs[0].state is JobState.DELIVERED, (tmp_path / "serve.log").read_text()[-3000:]
+        assert receiver.received
+        store.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    # Stopping the node stopped its workers: none is left behind.
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"workers left running: {left}"
