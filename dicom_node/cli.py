@@ -133,6 +133,38 @@ def worker(
         raise typer.Exit(1)
 
 
+@app.command()
+def echo(
+    destination: Annotated[str, typer.Argument(help="Destination name from the configuration's destinations.")],
+    config: ConfigOption = None,
+) -> None:
+    """C-ECHO a configured destination: success and round trip, or the exact failure."""
+    from dicom_node.scu import echo as c_echo
+
+    settings = _settings(config)
+    by_name = {d.name: d for d in settings.destinations}
+    if destination not in by_name:
+        err.print(f"[red]error:[/red] no destination {destination!r}; configured: {sorted(by_name) or 'none'}")
+        raise typer.Exit(2)
+    result = c_echo(by_name[destination], settings.node.ae_title)
+    (out if result.ok else err).print(str(result), highlight=False)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def render(file: Annotated[Path, typer.Argument(help="A DICOM SR file (for example from the outbox).")]) -> None:
+    """Print a structured report as readable text: findings, boxes, narrative."""
+    from sr_writer.render import render_sr
+
+    try:
+        text = render_sr(file)
+    except (OSError, ValueError, AttributeError) as exc:
+        err.print(f"[red]error:[/red] cannot render {file}: {exc}")
+        raise typer.Exit(1) from None
+    out.print(text, highlight=False, markup=False)
+
+
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
     """Validate a configuration file; prints what is wrong (key, value, rule) or a summary."""
