@@ -18,7 +18,7 @@ from sr_writer.seg import build_segmentations
 from sr_writer.sr import build_sr
 from sr_writer.uids import ResultUIDs
 
-__all__ = ["build_result_objects", "write_result_objects"]
+__all__ = ["build_result_objects", "object_kind", "write_result_objects"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ def build_result_objects(
     with the same arguments gives objects with the same UIDs (a retry overwrites in the PACS).
 
     Bad findings never make an invalid object: see :mod:`sr_writer.prepare` for what is clipped, dropped to a
-    text-only finding, or sanitised. Raises ``ValueError`` for caller errors: no sources, sources of another study,
-    a repeated source, or ``uids`` made for another study.
+    text-only finding, or sanitised. Raises ``ValueError`` for caller errors: no sources, a source of another
+    study or without SOP/series/study UIDs or Rows/Columns, or ``uids`` made for another study.
     """
     options = options or ResultOptions()
     ctx = BuildContext(result, sources, uids, options)

@@ -46,8 +46,8 @@ _EMPTY_LABEL = "finding"
 class SourceIndex:
     """The study's source images by SOP Instance UID, in the order given.
 
-    Raises ``ValueError`` when a dataset lacks the attributes every writer needs, when a SOP Instance UID appears
-    twice, or when a dataset belongs to another study than ``study_instance_uid``.
+    Raises ``ValueError`` when a dataset lacks the attributes every writer needs or belongs to another study than
+    ``study_instance_uid``. A SOP Instance UID given twice (an instance received twice) keeps its first dataset.
     """
 
     REQUIRED = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
@@ -67,7 +67,8 @@ class SourceIndex:
                 )
             uid = str(ds.SOPInstanceUID)
             if uid in self._by_uid:
-                raise ValueError(f"sources[{position}] repeats a SOP Instance UID already given")
+                logger.warning("sources[%d] repeats a SOP Instance UID already given; the first one is used", position)
+                continue
             self._by_uid[uid] = ds
 
     def get(self, sop_instance_uid: str) -> Dataset | None:

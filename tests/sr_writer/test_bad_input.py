@@ -175,3 +175,10 @@ def test_model_codes_are_checked(source, caplog: pytest.LogCaptureFixture):
     first, second = read_findings(sr)
     assert first.finding_type is not None and first.finding_type.value == "27925004"  # from the table instead
     assert second.finding_type is not None and len(second.finding_type.meaning) == LO_MAX
+
+
+def test_an_instance_given_twice_is_used_once(source):
+    result = synthetic_result(source, STUDIES["RG3"][1])
+    uids = ResultUIDs(result.study_instance_uid, result.algorithm, result.profile)
+    objects = build_result_objects(result, [source, source], uids, ResultOptions(seg=False))
+    assert [ds.Modality for ds in objects] == ["SR", "PR"]
