@@ -386,6 +386,17 @@ def _associate(
     return attempt
 
 
+def _no_delay(event: evt.Event) -> None:
+    """Disable Nagle's algorithm: pynetdicom writes a C-STORE as several small PDUs, and Nagle holding each
+    one back until the peer's delayed ACK costs ~40 ms per instance on loopback (measured: 49 -> 12 ms)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            LOGGER.debug("cannot set TCP_NODELAY: %s", exc)
+
+
 def _associate_once(
     destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]
 ) -> _Attempt:
@@ -416,6 +427,7 @@ def _associate_once(
 
     def on_open(event: evt.Event) -> None:
         connected.append(True)
+        _no_delay(event)
 
     assoc = ae.associate(
         address,
@@ -602,6 +614,8 @@ def _send_one(
     sent = time.monotonic()
     try:
         status = assoc.send_c_store(ds)
+    except RuntimeError:  # pynetdicom: the association ended between our check and the send
+        return result(Outcome.TRANSIENT, f"association with {peer} ended before this object was sent")
     except (ValueError, AttributeError, TypeError) as exc:
         return result(Outcome.REJECTED, f"cannot encode the object for {peer}: {exc}")
     if "Status" not in status:

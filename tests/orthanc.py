@@ -181,8 +181,11 @@ class Orthanc:
         check_called_aet: bool = True,
         always_allow_store: bool = True,
         modalities: dict[str, tuple[str, str, int]] | None = None,
+        sync_storage: bool = False,
         binary: Path = ORTHANC_BINARY,
     ) -> None:
+        """``sync_storage``: fsync each stored file (Orthanc's default). Off by default: tests kill processes,
+        not the machine, so the page cache keeps everything, and each fsync costs tens of ms on shared disks."""
         if stable_age < 1:
             raise ValueError(
                 f"stable_age must be a whole number of seconds >= 1 (Orthanc's unit), got {stable_age}"
@@ -233,6 +236,7 @@ class Orthanc:
             "StableAge": stable_age,
             "UserMetadata": _USER_METADATA,
             "SaveJobs": False,
+            "SyncStorageArea": sync_storage,
             "ConcurrentJobs": 2,
             "HttpTimeout": 10,
             "MetricsEnabled": False,

@@ -7,8 +7,9 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -168,7 +169,7 @@ def _uid(path: Path) -> str:
 
 def _destination(port: int, ae_title: str = "ORTHANC", **kwargs: object) -> DestinationSettings:
     settings: dict[str, object] = {"timeout": 5, **kwargs}
-    return DestinationSettings(name="pacs", ae_title=ae_title, host="127.0.0.1", port=port, **settings)  # type: ignore[arg-type]
+    return DestinationSettings(name="pacs", ae_title=ae_title, host="127.0.0.1", port=port, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -272,9 +273,9 @@ def test_echo_orthanc_ok_and_each_failure(pacs: Orthanc) -> None:
 # -- against pynetdicom SCPs that answer as the test wants ---------------------------------------------------
 
 
-def _failing_for(uids: set[str], status: int, comment: str = "") -> object:
+def _failing_for(uids: set[str], status: int, comment: str = "") -> Callable[[evt.Event], int | Dataset]:
     def respond(event: evt.Event) -> int | Dataset:
-        if str(event.request.AffectedSOPInstanceUID) not in uids:
+        if str(event.dataset.SOPInstanceUID) not in uids:
             return int(StoreStatus.SUCCESS)
         answer = Dataset()
         answer.Status = status
@@ -302,7 +303,7 @@ def test_per_instance_status_is_classified_and_the_rest_of_the_batch_goes_throug
 ) -> None:
     sr_uid = _uid(results["sr"])
     files = [corpus_file("693_UNCI.dcm"), results["sr"], results["gsps"]]
-    with StoreRecorder("STORESCP", respond=_failing_for({sr_uid}, status, "test says no")) as scp:  # type: ignore[arg-type]
+    with StoreRecorder("STORESCP", respond=_failing_for({sr_uid}, status, "test says no")) as scp:
         report = send_files(_destination(scp.port, "STORESCP"), files, NODE_AET)
 
     assert [f.outcome for f in report.files] == [Outcome.DELIVERED, outcome, Outcome.DELIVERED]
@@ -364,6 +365,27 @@ def test_peer_that_never_answers_is_a_transient_time_out(silent_server: int) -> 
 
     result = echo(destination, NODE_AET)
     assert not result.ok and result.state == AssociationState.TIMEOUT
+
+
+def test_peer_that_does_not_answer_a_c_store_in_time_leaves_it_transient(results: dict[str, Path]) -> None:
+    answered = threading.Event()
+
+    def hang_on_first(event: evt.Event) -> int:
+        if len(scp.received) == 1:
+            answered.wait(5)  # longer than the destination's 1 s time-out
+        return int(StoreStatus.SUCCESS)
+
+    with StoreRecorder("STORESCP", respond=hang_on_first) as scp:
+        try:
+            report = send_files(
+                _destination(scp.port, "STORESCP", timeout=1), [results["sr"], results["gsps"]], NODE_AET
+            )
+        finally:
+            answered.set()
+
+    assert [f.outcome for f in report.files] == [Outcome.TRANSIENT, Outcome.TRANSIENT]
+    assert report.files[0].reason == f"no C-STORE response from STORESCP@127.0.0.1:{scp.port} within 1 s"
+    assert "ended before this object was sent" in report.files[1].reason
 
 
 def test_busy_peer_rejecting_the_association_for_now_is_transient() -> None:
@@ -481,7 +503,7 @@ def test_logs_name_hashed_uids_never_patient_data(caplog: pytest.LogCaptureFixtu
     caplog.set_level(logging.DEBUG, logger="dicom_node")
     with StoreRecorder(
         "STORESCP",
-        respond=_failing_for({sr_uid}, StoreStatus.CANNOT_UNDERSTAND),  # type: ignore[arg-type]
+        respond=_failing_for({sr_uid}, StoreStatus.CANNOT_UNDERSTAND),
     ) as scp:
         send_files(_destination(scp.port, "STORESCP"), [results["sr"], results["gsps"]], NODE_AET)
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("dicom_node")]
