@@ -134,6 +134,19 @@ def worker(
 
 
 @app.command()
+def demo(
+    config: ConfigOption = None,
+    keep_running: Annotated[bool, typer.Option(help="Keep the node and the PACS running after the demo study.")] = False,
+) -> None:
+    """Start the node with the demo model, send it a real study through a PACS, and show the results."""
+    from dicom_node.demo import run_demo
+
+    settings = _settings(config)
+    configure_logging("WARNING", False, None)
+    raise typer.Exit(run_demo(settings, out, keep_running=keep_running))
+
+
+@app.command()
 def echo(
     destination: Annotated[str, typer.Argument(help="Destination name from the configuration's destinations.")],
     config: ConfigOption = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,16 +9,11 @@ from typing import Any
 import pydicom
 import pytest
 from dicom_node.config import Settings, load_settings
+from dicom_node.receiver import free_port
 from dicom_node.service import Dispatcher, Node, RecordingDispatcher
 from pydicom.uid import generate_uid
 
 from tests.corpus import corpus_file
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

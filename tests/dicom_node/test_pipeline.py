@@ -18,7 +18,7 @@ from inference.engine import Engine
 from tests.conftest import make_study
 from tests.dicom_node.test_intake import storescu, wait_for
 from tests.inference.tiny_models import build_qwen2_5_vl
-from tests.receiver import Receiver
+from dicom_node.receiver import Receiver
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ from dicom_node.store import JobState, JobStore
 from tests.conftest import free_port, make_study
 from tests.dicom_node.test_intake import storescu
 from tests.inference.tiny_models import build_qwen2_5_vl
-from tests.receiver import Receiver
+from dicom_node.receiver import Receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

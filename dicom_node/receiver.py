@@ -1,11 +1,12 @@
-"""A real DICOM Storage SCP (pynetdicom) standing in for a PACS's receiving side in tests.
+"""A small Storage SCP standing in for a PACS: the demo's PACS when Orthanc is not installed, and the tests'.
 
-It records every instance it receives (SOP Instance UID -> times received) and can answer with a chosen failure
-status, or be stopped and started again on the same port for outage tests.
+It records every instance it receives (SOP Instance UID -> times received), keeps the files when given a folder,
+and can answer with a chosen failure status, or be stopped and started again on the same port (outage tests).
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,12 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from tests.conftest import free_port
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 
 class Receiver:
