@@ -223,6 +223,8 @@ def _write_outbox(ctx: WorkerContext, job: JobRecord) -> list[tuple[str, str, Pa
         raise PermanentError("the job has no inference result to export")
     result = InferenceResult.from_json(Path(job.result_path).read_text(encoding="utf-8"))
     sources = _result_sources(study_files(ctx, job))
+    if not sources:
+        raise PermanentError("the study has no image left in the spool to attach results to")
     uids = ResultUIDs(job.study_uid, result.algorithm, job.profile or result.profile, job.run)
     outputs = set(job.outputs)
     options = ResultOptions(sr="sr" in outputs, gsps="gsps" in outputs, seg="seg" in outputs, sc="sc" in outputs)

@@ -53,8 +53,14 @@ def broker_settings(settings: Settings) -> tuple[str, dict[str, Any]]:
     hard = settings.queue.inference_time_limit
     if settings.queue.broker_url == "embedded" or settings.queue.broker_url.startswith("filesystem://"):
         folder = settings.node.data_dir / "broker" / "messages"
-        folder.mkdir(parents=True, exist_ok=True)
-        return "filesystem://localhost//", {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+        control = settings.node.data_dir / "broker" / "control"
+        for d in (folder, control):
+            d.mkdir(parents=True, exist_ok=True)
+        return "filesystem://localhost//", {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "control_folder": str(control),
+        }
     return settings.queue.broker_url, {
         # Longer than the hard time limit: Redis must not hand a job still running to a second worker.
         "visibility_timeout": int(hard * 1.5 + 60),
