@@ -199,6 +199,35 @@ def config_show(config: ConfigOption = None) -> None:
     out.print_json(settings.model_dump_json())
 
 
+@app.command()
+def status(config: ConfigOption = None) -> None:
+    """Health at a glance: jobs per state, studies still receiving, spool space, oldest unfinished job."""
+    import shutil
+    import time
+
+    settings = _settings(config)
+    store = _store(settings)
+    counts = store.counts()
+    table = Table("what", "count")
+    for key in sorted(counts):
+        table.add_row(key.replace("_", " "), str(counts[key]))
+    out.print(table)
+    spool = settings.node.data_dir / "spool"
+    if spool.exists():
+        free = shutil.disk_usage(spool).free / 2**30
+        out.print(f"spool {spool}: {free:.1f} GiB free (floor {settings.node.min_free_disk_mb} MB)")
+    pending = store.unfinished_jobs()
+    if pending:
+        oldest = min(pending, key=lambda j: j.created_at)
+        out.print(
+            f"oldest unfinished job: {oldest.id} ({oldest.state.value}) for {time.time() - oldest.created_at:.0f} s",
+            highlight=False,
+        )
+    failed = counts.get("jobs_failed", 0)
+    if failed:
+        out.print(f"[red]{failed} failed job(s)[/red]: dicom-node jobs list --state failed")
+
+
 @jobs_app.command("list")
 def jobs_list(
     config: ConfigOption = None,

@@ -79,6 +79,7 @@ class NodeSettings(_Section):
     network_timeout: float = Field(120, gt=0)
     min_free_disk_mb: int = Field(1024, ge=0, description="below this, new instances get Out of Resources")
     fsync: bool = Field(True, description="sync each instance to disk before Success; disable only for tests")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 turns metrics off")
 
     @field_validator("ae_title")
     @classmethod

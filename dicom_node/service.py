@@ -87,6 +87,10 @@ class Node:
         self.recover_spool()
         self.reconcile(startup=True)
         self._server = start_scp(self.intake)
+        if self.settings.node.metrics_port:
+            from dicom_node.metrics import serve_metrics
+
+            serve_metrics(self, self.settings.node.metrics_port, self.settings.node.bind)
         if self.workers is not None:
             self.workers.start()
         period = min(1.0, self.settings.study.stable_seconds / 4)

@@ -259,3 +259,19 @@ def test_pynetdicom_dataset_send_and_max_associations(running_node: Callable[...
     third = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
     assert third.is_established
     third.release()
+
+
+def test_metrics_show_what_the_scp_did(running_node: Callable[..., Node], tmp_path: Path) -> None:
+    import urllib.request
+
+    from dicom_node.receiver import free_port
+
+    port = free_port()
+    node = running_node(node={"metrics_port": port})
+    files = make_study(tmp_path / "s", 2)
+    assert storescu(node, files).returncode == 0
+    assert storescu(node, files[:1]).returncode == 0
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'dicom_node_instances_total{outcome="stored"} 2.0' in text
+    assert 'dicom_node_instances_total{outcome="duplicate"} 1.0' in text
+    assert "dicom_node_studies_receiving" in text

@@ -1,0 +1,60 @@
+"""Prometheus metrics of a running node: what the SCP received, and how many jobs are in each state.
+
+Values are read when Prometheus scrapes (a custom collector), so nothing on the C-STORE path does extra work.
+Served on ``node.metrics_port`` (0 turns it off) at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from dicom_node.store import JobState
+
+if TYPE_CHECKING:
+    from dicom_node.service import Node
+
+__all__ = ["NodeCollector", "serve_metrics"]
+
+log = logging.getLogger(__name__)
+
+
+class NodeCollector(Collector):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        c = self.node.intake.counters
+        received = CounterMetricFamily("dicom_node_instances", "C-STORE requests by outcome", labels=["outcome"])
+        for outcome, value in (("stored", c.stored), ("duplicate", c.duplicates), ("failed", c.failed)):
+            received.add_metric([outcome], value)
+        yield received
+        yield CounterMetricFamily("dicom_node_received_bytes", "bytes of instances stored", value=c.bytes)
+        assoc = CounterMetricFamily("dicom_node_associations", "associations by outcome", labels=["outcome"])
+        assoc.add_metric(["accepted"], c.associations)
+        assoc.add_metric(["rejected"], c.rejected_associations)
+        yield assoc
+        counts = self.node.store.counts()
+        jobs = GaugeMetricFamily("dicom_node_jobs", "jobs in the job store by state", labels=["state"])
+        for state in JobState:
+            jobs.add_metric([state.value], counts.get(f"jobs_{state.value}", 0))
+        yield jobs
+        yield GaugeMetricFamily(
+            "dicom_node_studies_receiving", "studies still within their receive window",
+            value=counts.get("studies_receiving", 0),
+        )
+        yield GaugeMetricFamily(
+            "dicom_node_spool_free_bytes", "free space where the spool lives", value=self.node.spool.free_bytes()
+        )
+
+
+def serve_metrics(node: Node, port: int, addr: str = "0.0.0.0") -> None:
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(node))
+    start_http_server(port, addr=addr, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", addr, port)
