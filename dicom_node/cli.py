@@ -77,8 +77,8 @@ def serve(config: ConfigOption = None) -> None:
 @app.command()
 def worker(
     config: ConfigOption = None,
-    queues: Annotated[str, typer.Option(help="Queues to consume: inference, export, or inference,export.")] = "inference",
-    device: Annotated[str | None, typer.Option(help="Model device, overriding model.device: cpu, cuda, cuda:N.")] = None,
+    queues: Annotated[str, typer.Option(help="Queues: inference, export, or inference,export.")] = "inference",
+    device: Annotated[str | None, typer.Option(help="Model device (overrides model.device): cpu, cuda:N.")] = None,
     concurrency: Annotated[int, typer.Option(help="Worker processes (inference: one per GPU).")] = 1,
 ) -> None:
     """Run a Celery worker. An inference worker loads its model once per process, warms it up, then consumes."""
@@ -136,7 +136,7 @@ def worker(
 @app.command()
 def demo(
     config: ConfigOption = None,
-    keep_running: Annotated[bool, typer.Option(help="Keep the node and the PACS running after the demo study.")] = False,
+    keep_running: Annotated[bool, typer.Option(help="Keep the node and the PACS running afterwards.")] = False,
 ) -> None:
     """Start the node with the demo model, send it a real study through a PACS, and show the results."""
     from dicom_node.demo import run_demo

@@ -29,7 +29,15 @@ from dicom_node.store import JobRecord, JobState, JobStore
 if TYPE_CHECKING:
     from inference.engine import Engine
 
-__all__ = ["PermanentError", "owner_gone", "TransientError", "WorkerContext", "claim_job", "run_export", "run_inference"]
+__all__ = [
+    "PermanentError",
+    "TransientError",
+    "WorkerContext",
+    "claim_job",
+    "owner_gone",
+    "run_export",
+    "run_inference",
+]
 
 log = logging.getLogger(__name__)
 
