@@ -30,9 +30,7 @@ class ModelSettings(BaseModel):
         description="local checkpoint directory; None only for family 'demo' (the packaged demo checkpoint)",
     )
     backend: str = Field("transformers", description="registry key of the backend")
-    device: str = Field(
-        "cpu", description="'cpu', 'cuda' or 'cuda:N'; `dicom-node worker --device` overrides"
-    )
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'; `dicom-node worker --device` overrides")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
     )
@@ -42,9 +40,7 @@ class ModelSettings(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, description="None: each profile's own cap")
     batch_size: int = Field(1, ge=1, description="images per generate call")
     slices_per_series: int = Field(3, ge=1, description="CT/MR: evenly spaced slices taken from each series")
-    max_images_per_study: int = Field(
-        8, ge=1, description="upper bound of images sent to the model per study"
-    )
+    max_images_per_study: int = Field(8, ge=1, description="upper bound of images sent to the model per study")
     window: WindowName = Field("auto", description="VOI window of grey-scale images (CT presets: lung, ...)")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
     max_image_side: int = Field(
@@ -64,7 +60,6 @@ class ModelSettings(BaseModel):
     def _check_path(self) -> ModelSettings:
         if self.path is None and self.family != "demo":
             raise ValueError(
-                f"model.path is required for family {self.family!r} "
-                "(only family 'demo' has a packaged checkpoint)"
+                f"model.path is required for family {self.family!r} (only family 'demo' has a packaged checkpoint)"
             )
         return self

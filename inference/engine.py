@@ -43,7 +43,10 @@ logger = logging.getLogger(__name__)
 
 _SECTIONS = {
     Language.ENGLISH: (re.compile(r"\bfindings?\s*[:：]", re.I), re.compile(r"\bimpressions?\s*[:：]", re.I)),
-    Language.CHINESE: (re.compile(r"影像(?:诊断|所见|表现)\s*[:：]"), re.compile(r"(?:影像结论|诊断意见|印象)\s*[:：]")),
+    Language.CHINESE: (
+        re.compile(r"影像(?:诊断|所见|表现)\s*[:：]"),
+        re.compile(r"(?:影像结论|诊断意见|印象)\s*[:：]"),
+    ),
 }
 
 
@@ -57,9 +60,9 @@ def compose_report(narratives: Sequence[str], language: Language) -> Report:
         if not text:
             continue
         imp = tail.search(text)
-        body, impression = (text[: imp.start()], text[imp.end():]) if imp else (text, "")
+        body, impression = (text[: imp.start()], text[imp.end() :]) if imp else (text, "")
         start = head.search(body)
-        body = body[start.end():] if start else body
+        body = body[start.end() :] if start else body
         for part, out in ((body.strip(), findings), (impression.strip(), impressions)):
             if part and part not in out:
                 out.append(part)
@@ -69,8 +72,9 @@ def compose_report(narratives: Sequence[str], language: Language) -> Report:
 class Engine:
     """One model, loaded once per worker process (DESIGN invariant 5)."""
 
-    def __init__(self, settings: ModelSettings, adapter: ModelAdapter, backend: Backend,
-                 identity: AlgorithmIdentity) -> None:
+    def __init__(
+        self, settings: ModelSettings, adapter: ModelAdapter, backend: Backend, identity: AlgorithmIdentity
+    ) -> None:
         self.settings = settings
         self.adapter = adapter
         self.backend = backend
@@ -80,8 +84,9 @@ class Engine:
     def load(cls, settings: ModelSettings, device: str | None = None) -> Engine:
         """Build the adapter and backend for ``settings`` and load the weights; :class:`ModelLoadError` on failure."""
         if device is not None:
-            settings = settings.model_copy(update={"device": ModelSettings.model_validate(
-                {**settings.model_dump(), "device": device}).device})
+            settings = settings.model_copy(
+                update={"device": ModelSettings.model_validate({**settings.model_dump(), "device": device}).device}
+            )
         adapter = adapter_class(settings.family)(settings)
         backend_cls = backend_class(settings.backend)  # an unknown backend fails before any file is read
         directory = adapter.check_checkpoint()
@@ -89,8 +94,9 @@ class Engine:
         backend.load()
         base = adapter.identity(directory)
         identity = replace(base, parameters={**base.parameters, **backend.describe()})
-        logger.info("model ready: family %s, checkpoint %s, version %s", identity.family, identity.name,
-                    identity.version)
+        logger.info(
+            "model ready: family %s, checkpoint %s, version %s", identity.family, identity.name, identity.version
+        )
         return cls(settings, adapter, backend, identity)
 
     # -- warm-up --
@@ -143,8 +149,12 @@ class Engine:
             findings.extend(answer.findings)
             narratives.append(answer.narrative)
             if answer.problems:
-                logger.info("image %s: %d parse notes: %s", hashed_uid(item.image.ref.sop_instance_uid),
-                            len(answer.problems), "; ".join(answer.problems[:5]))
+                logger.info(
+                    "image %s: %d parse notes: %s",
+                    hashed_uid(item.image.ref.sop_instance_uid),
+                    len(answer.problems),
+                    "; ".join(answer.problems[:5]),
+                )
         study_uid = next((h.study_instance_uid for h in headers if h.study_instance_uid), "")
         if profile is Profile.VQA or profile is Profile.REGION_TO_TEXT:
             report = Report(findings="\n".join(dict.fromkeys(n for n in narratives if n)), language=language)
@@ -156,7 +166,7 @@ class Engine:
         answers: list[ParsedAnswer] = []
         size = self.settings.batch_size
         for start in range(0, len(prepared), size):
-            batch = prepared[start:start + size]
+            batch = prepared[start : start + size]
             began = time.perf_counter()
             texts = self.backend.generate(batch)
             logger.info("generated %d answer(s) in %.2f s", len(batch), time.perf_counter() - began)

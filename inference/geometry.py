@@ -47,9 +47,7 @@ class ImageTransform:
         for name in ("source_size", "output_size"):
             cols, rows = getattr(self, name)
             if cols < 1 or rows < 1:
-                raise ValueError(
-                    f"ImageTransform.{name} must be positive (columns, rows), got {(cols, rows)}"
-                )
+                raise ValueError(f"ImageTransform.{name} must be positive (columns, rows), got {(cols, rows)}")
 
     @classmethod
     def identity(cls, columns: int, rows: int) -> ImageTransform:

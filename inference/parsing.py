@@ -73,9 +73,7 @@ _TAG = re.compile(
 )
 _NUMBER = r"[-+]?\d+(?:\.\d+)?"
 _QUAD = re.compile(rf"[\[(]\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*[\])]")
-_PAIRS = re.compile(
-    rf"\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*,?\s*\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)"
-)
+_PAIRS = re.compile(rf"\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*,?\s*\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)")
 _SEPARATORS = " \t\r\n,，;；:：、"
 _LEADING = re.compile(r"^[\s,，;；]*[:：]?\s*")
 
@@ -174,9 +172,7 @@ def _json_candidates(text: str) -> tuple[Any, str, str]:
         return None, body, outside
 
 
-def parse_json_boxes(
-    text: str, key: str = "bbox_2d", order: Literal["xyxy", "yxyx"] = "xyxy"
-) -> ParsedRegions:
+def parse_json_boxes(text: str, key: str = "bbox_2d", order: Literal["xyxy", "yxyx"] = "xyxy") -> ParsedRegions:
     """Read ``[{"<key>": [..4 numbers..], "label": "..."}]`` answers (Qwen2.5-VL, Qwen3-VL, MedGemma).
 
     ``order="yxyx"`` reads MedGemma's ``box_2d`` ([y0, x0, y1, x1]); boxes come back as (x0, y0, x1, y1).
@@ -327,9 +323,7 @@ def regions_to_findings(
                 out.problems.append(f"{label!r}: box {raw} lies in the padding; dropped")
                 logger.info("model answer: box of %r lies outside the image, dropped", label)
                 continue
-            out.findings.append(
-                Finding(label=label, text=region.text, box=source_box, source=ref, language=lang)
-            )
+            out.findings.append(Finding(label=label, text=region.text, box=source_box, source=ref, language=lang))
             placed += 1
         if placed == 0:
             if region.boxes:

@@ -205,7 +205,7 @@ class InstanceHeader:
     has_pixels: bool
     frames: int
     instance_number: int | None
-    position: float | None          # position along the slice normal, when the geometry is there
+    position: float | None  # position along the slice normal, when the geometry is there
 
     @property
     def is_image(self) -> bool:
@@ -275,9 +275,7 @@ def select_images(
     order (by Series Instance UID) and the total is capped at ``max_images``, taken round-robin over series.
     """
     if slices_per_series < 1 or max_images < 1:
-        raise ValueError(
-            f"slices_per_series and max_images must be >= 1, got {slices_per_series} and {max_images}"
-        )
+        raise ValueError(f"slices_per_series and max_images must be >= 1, got {slices_per_series} and {max_images}")
     series: dict[str, list[InstanceHeader]] = defaultdict(list)
     for header in headers:
         if header.is_image and header.sop_instance_uid:

@@ -59,8 +59,7 @@ class ModelImage:
     def __post_init__(self) -> None:
         if self.pixels.dtype != np.uint8 or self.pixels.ndim != 3 or self.pixels.shape[2] != 3:
             raise ValueError(
-                "ModelImage.pixels must be uint8 (rows, columns, 3), "
-                f"got {self.pixels.dtype} {self.pixels.shape}"
+                f"ModelImage.pixels must be uint8 (rows, columns, 3), got {self.pixels.dtype} {self.pixels.shape}"
             )
 
     @property

@@ -219,9 +219,7 @@ class ModelAdapter(ABC):
         tokenizer.padding_side = "left"  # batched generation appends on the right
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        image_processor = AutoImageProcessor.from_pretrained(
-            directory, local_files_only=True, trust_remote_code=trust
-        )
+        image_processor = AutoImageProcessor.from_pretrained(directory, local_files_only=True, trust_remote_code=trust)
         model = self.hf_model_class().from_pretrained(
             directory,
             local_files_only=True,
@@ -272,13 +270,13 @@ class ModelAdapter(ABC):
         """The image processor's output for a batch (pixel values and whatever the family adds)."""
         return dict(handle.processor(images=self.hf_images(batch), return_tensors="pt"))
 
-    def hf_expand_image_tokens(
-        self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int
-    ) -> str:
+    def hf_expand_image_tokens(self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int) -> str:
         """``text`` with item ``index``'s image placeholder expanded into the family's image tokens."""
         raise NotImplementedError(f"{type(self).__name__} does not expand image tokens for the transformers backend")
 
-    def hf_model_inputs(self, handle: HFHandle, image_inputs: dict[str, Any], text_inputs: dict[str, Any]) -> dict[str, Any]:
+    def hf_model_inputs(
+        self, handle: HFHandle, image_inputs: dict[str, Any], text_inputs: dict[str, Any]
+    ) -> dict[str, Any]:
         """The keyword arguments of ``model.generate`` from the image and text inputs."""
         return {**text_inputs, **image_inputs}
 

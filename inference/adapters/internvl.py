@@ -46,15 +46,22 @@ def ref_box_prompt(request: TaskRequest, region_numbers: tuple[float, ...] | Non
     if request.profile is Profile.GROUNDED_REPORT:
         refs = ("、" if zh else ", ").join(f"<ref>{t}</ref>" for t in targets)
         if zh:
-            return (f"{IMAGE_PLACEHOLDER}\n请为这张{noun}撰写诊断报告，并用<ref>名称</ref><box>[[x1, y1, x2, y2]]</box>"
-                    f"（0到{scale}）定位并描述{refs}，每个区域后写出“：描述”。")
-        return (f"{IMAGE_PLACEHOLDER}\nWrite a radiology report for this {noun}. Locate and describe {refs}: give "
-                f"each as <ref>name</ref><box>[[x1, y1, x2, y2]]</box> (0 to {scale}) followed by \": description\".")
+            return (
+                f"{IMAGE_PLACEHOLDER}\n请为这张{noun}撰写诊断报告，并用<ref>名称</ref><box>[[x1, y1, x2, y2]]</box>"
+                f"（0到{scale}）定位并描述{refs}，每个区域后写出“：描述”。"
+            )
+        return (
+            f"{IMAGE_PLACEHOLDER}\nWrite a radiology report for this {noun}. Locate and describe {refs}: give "
+            f'each as <ref>name</ref><box>[[x1, y1, x2, y2]]</box> (0 to {scale}) followed by ": description".'
+        )
     if request.profile is Profile.TEXT_TO_REGION:
         refs = ("、" if zh else ", ").join(f"<ref>{t}</ref>" for t in targets)
         if zh:
             return f"{IMAGE_PLACEHOLDER}\n请给出以下描述所对应区域的边界框坐标：{refs}"
-        return f"{IMAGE_PLACEHOLDER}\nPlease provide the bounding box coordinates of the regions these phrases describe: {refs}"
+        return (
+            f"{IMAGE_PLACEHOLDER}\nPlease provide the bounding box coordinates of the regions these phrases "
+            f"describe: {refs}"
+        )
     if request.profile is Profile.REGION_TO_TEXT:
         box = format_ref_box("this" if not zh else "这个", region_numbers or (0, 0, scale, scale))
         if zh:
@@ -82,9 +89,7 @@ class InternVLAdapter(ModelAdapter):
     def hf_image_inputs(self, handle: HFHandle, batch: Any) -> dict[str, Any]:
         return dict(handle.processor(images=self.hf_images(batch), crop_to_patches=True, return_tensors="pt"))
 
-    def hf_expand_image_tokens(
-        self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int
-    ) -> str:
+    def hf_expand_image_tokens(self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int) -> str:
         patches = image_inputs["num_patches"]
         count = int(patches[index]) * int(handle.model.config.image_seq_length)
         return text.replace(IMG_CONTEXT, "<img>" + IMG_CONTEXT * count + "</img>", 1)

@@ -38,23 +38,36 @@ def medgemma_prompt(request: TaskRequest, region_numbers: tuple[float, ...] | No
     shape = '{"box_2d": [y0, x0, y1, x1], "label": "..."}'
     if request.profile is Profile.GROUNDED_REPORT:
         if zh:
-            return (f"{IMAGE_PLACEHOLDER}\n请为这张{noun}撰写诊断报告（影像诊断和影像结论），并定位{names}及所见病变。"
-                    f"最后以 Final Answer: ```json [{shape}]``` 输出边界框（0到1000，在补成正方形的图像上）。")
-        return (f"{IMAGE_PLACEHOLDER}\nWrite a radiology report (findings and impression) for this {noun}, and locate "
-                f"the {names} and any lesion. Finish with Final Answer: ```json [{shape}]``` with coordinates "
-                "scaled 0 to 1000 on the image padded to a square.")
+            return (
+                f"{IMAGE_PLACEHOLDER}\n请为这张{noun}撰写诊断报告（影像诊断和影像结论），并定位{names}及所见病变。"
+                f"最后以 Final Answer: ```json [{shape}]``` 输出边界框（0到1000，在补成正方形的图像上）。"
+            )
+        return (
+            f"{IMAGE_PLACEHOLDER}\nWrite a radiology report (findings and impression) for this {noun}, and locate "
+            f"the {names} and any lesion. Finish with Final Answer: ```json [{shape}]``` with coordinates "
+            "scaled 0 to 1000 on the image padded to a square."
+        )
     if request.profile is Profile.TEXT_TO_REGION:
         if zh:
-            return (f"{IMAGE_PLACEHOLDER}\n请定位这张{noun}中的{names}。以 Final Answer: ```json [{shape}]``` 输出"
-                    "（0到1000，在补成正方形的图像上）。")
-        return (f"{IMAGE_PLACEHOLDER}\nLocate the {names} in this {noun}. Output the final answer in the format "
-                f"Final Answer: ```json [{shape}]``` with coordinates scaled 0 to 1000 on the image padded to a square.")
+            return (
+                f"{IMAGE_PLACEHOLDER}\n请定位这张{noun}中的{names}。以 Final Answer: ```json [{shape}]``` 输出"
+                "（0到1000，在补成正方形的图像上）。"
+            )
+        return (
+            f"{IMAGE_PLACEHOLDER}\nLocate the {names} in this {noun}. Output the final answer in the format "
+            f"Final Answer: ```json [{shape}]``` with coordinates scaled 0 to 1000 on the image padded to a square."
+        )
     if request.profile is Profile.REGION_TO_TEXT:
         box = json.dumps([round(v) for v in (region_numbers or (0, 0, 1000, 1000))])
         if zh:
-            return f"{IMAGE_PLACEHOLDER}\n这张{noun}中 box_2d {box}（[y0, x0, y1, x1]，0到1000）内是什么结构？请用词或短语回答。"
-        return (f"{IMAGE_PLACEHOLDER}\nWhat is the structure inside box_2d {box} ([y0, x0, y1, x1], 0 to 1000) of "
-                f"this {noun}? Answer using a single word or phrase.")
+            return (
+                f"{IMAGE_PLACEHOLDER}\n这张{noun}中 box_2d {box}（[y0, x0, y1, x1]，0到1000）内是什么结构？"
+                "请用词或短语回答。"
+            )
+        return (
+            f"{IMAGE_PLACEHOLDER}\nWhat is the structure inside box_2d {box} ([y0, x0, y1, x1], 0 to 1000) of "
+            f"this {noun}? Answer using a single word or phrase."
+        )
     return f"{IMAGE_PLACEHOLDER}\n{request.question.strip()}"
 
 
@@ -96,9 +109,7 @@ class MedGemmaAdapter(ModelAdapter):
     def parse(self, text: str, item: PreparedInput) -> ParsedAnswer:
         return build_answer(parse_json_boxes(text, key="box_2d", order="yxyx"), self.box_space, item, text)
 
-    def hf_expand_image_tokens(
-        self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int
-    ) -> str:
+    def hf_expand_image_tokens(self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int) -> str:
         config = handle.model.config
         soft = handle.tokenizer.convert_ids_to_tokens(int(config.image_token_index))
         eoi = handle.tokenizer.convert_ids_to_tokens(int(config.eoi_token_index))

@@ -54,11 +54,12 @@ _BOX_RULE_EN = (
     "These values correspond to the top left x, top left y, bottom right x, and bottom right y."
 )
 _BOX_FORMAT_EN = (
-    'For each object, please utilize this format to represent the region with its bounding box: '
+    "For each object, please utilize this format to represent the region with its bounding box: "
     '"<ref>object</ref><box>[[x1, y1, x2, y2]]</box>".'
 )
 _BOX_RULE_ZH = (
-    "区域用边界框的形式表示，[x1, y1, x2, y2]，整数范围从0到999。这些值分别对应左上角的x，左上角的y，右下角的x和右下角的y。"
+    "区域用边界框的形式表示，[x1, y1, x2, y2]，整数范围从0到999。"
+    "这些值分别对应左上角的x，左上角的y，右下角的x和右下角的y。"
 )
 
 _EN_NOUN = {"CR": "chest x-ray image", "DX": "chest x-ray image", "CT": "CT image", "MR": "MRI image"}
@@ -91,7 +92,8 @@ def medrega_prompt(request: TaskRequest, modality: str = "", region_numbers: Seq
                 )
             refs = "".join(f"<ref>{t}</ref>" for t in targets)
             return (
-                "你是一个医疗助手，你的任务是定位并描述病种。病种区域用边界框的形式表示，[x1, y1, x2, y2]，整数范围从0到999。"
+                "你是一个医疗助手，你的任务是定位并描述病种。"
+                "病种区域用边界框的形式表示，[x1, y1, x2, y2]，整数范围从0到999。"
                 "这些值分别对应左上角的x，左上角的y，右下角的x和右下角的y。对于每个病种，请使用这种格式用边界框表示区域："
                 f'"<ref>病种</ref><box>[[x1, y1, x2, y2]]</box>：诊断"。{IMAGE_PLACEHOLDER}\n'
                 f"请定位并描述这张医学影像中的{refs}"
@@ -222,18 +224,19 @@ class MedRegAAdapter(ModelAdapter):
 
     def hf_render(self, handle: HFHandle, item: PreparedInput) -> str:
         system = item.prompt.system or HERMES_SYSTEM
-        return f"<|im_start|>system\n{system}{IM_END}<|im_start|>user\n{item.prompt.text}{IM_END}<|im_start|>assistant\n"
+        return (
+            f"<|im_start|>system\n{system}{IM_END}<|im_start|>user\n{item.prompt.text}{IM_END}<|im_start|>assistant\n"
+        )
 
     def hf_image_inputs(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> dict[str, Any]:
         import torch
 
-        stack = np.stack([item.pixels for item in batch]).astype(np.float32) / 255.0
-        stack = (stack - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
-        return {"pixel_values": torch.from_numpy(np.ascontiguousarray(stack.transpose(0, 3, 1, 2)))}
+        unit = np.stack([item.pixels for item in batch]).astype(np.float32) / np.float32(255.0)
+        mean, std = np.array(IMAGENET_MEAN, dtype=np.float32), np.array(IMAGENET_STD, dtype=np.float32)
+        normalised = ((unit - mean) / std).astype(np.float32)
+        return {"pixel_values": torch.from_numpy(np.ascontiguousarray(normalised.transpose(0, 3, 1, 2)))}
 
-    def hf_expand_image_tokens(
-        self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int
-    ) -> str:
+    def hf_expand_image_tokens(self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int) -> str:
         tokens = "<img>" + "<IMG_CONTEXT>" * self.num_image_tokens(handle) + "</img>"
         if IMAGE_PLACEHOLDER not in text:
             text = text.replace("<|im_start|>user\n", f"<|im_start|>user\n{IMAGE_PLACEHOLDER}\n", 1)

@@ -61,22 +61,30 @@ def json_box_prompt(request: TaskRequest, region_numbers: tuple[float, ...] | No
     shape = f'{{"{key}": [x1, y1, x2, y2], "label": "..."}}'
     if request.profile is Profile.GROUNDED_REPORT:
         if zh:
-            return (f"{IMAGE_PLACEHOLDER}\n请为这张{noun}撰写诊断报告（影像诊断和影像结论），并定位{names}及所见病变，"
-                    f"以JSON列表输出其边界框（{scale}）：[{shape[:-1]}, \"description\": \"...\"}}]。")
-        return (f"{IMAGE_PLACEHOLDER}\nWrite a radiology report (findings and impression) for this {noun}. Locate the "
-                f"{names} and any lesion, and output their bounding boxes ({scale}) in JSON format as a list of "
-                f"{shape[:-1]}, \"description\": \"...\"}}.")
+            return (
+                f"{IMAGE_PLACEHOLDER}\n请为这张{noun}撰写诊断报告（影像诊断和影像结论），并定位{names}及所见病变，"
+                f'以JSON列表输出其边界框（{scale}）：[{shape[:-1]}, "description": "..."}}]。'
+            )
+        return (
+            f"{IMAGE_PLACEHOLDER}\nWrite a radiology report (findings and impression) for this {noun}. Locate the "
+            f"{names} and any lesion, and output their bounding boxes ({scale}) in JSON format as a list of "
+            f'{shape[:-1]}, "description": "..."}}.'
+        )
     if request.profile is Profile.TEXT_TO_REGION:
         if zh:
             return f"{IMAGE_PLACEHOLDER}\n请定位这张{noun}中的{names}，以JSON格式输出边界框坐标（{scale}）：[{shape}]。"
-        return (f"{IMAGE_PLACEHOLDER}\nLocate the {names} in this {noun} and output the bbox coordinates ({scale}) "
-                f"in JSON format as a list of {shape}.")
+        return (
+            f"{IMAGE_PLACEHOLDER}\nLocate the {names} in this {noun} and output the bbox coordinates ({scale}) "
+            f"in JSON format as a list of {shape}."
+        )
     if request.profile is Profile.REGION_TO_TEXT:
         box = json.dumps([round(v) for v in (region_numbers or (0, 0, 1, 1))])
         if zh:
             return f"{IMAGE_PLACEHOLDER}\n这张{noun}中边界框{box}（{scale}）内是什么结构？请用词或短语回答。"
-        return (f"{IMAGE_PLACEHOLDER}\nWhat is the structure inside the bounding box {box} ({scale}) of this {noun}? "
-                "Answer using a single word or phrase.")
+        return (
+            f"{IMAGE_PLACEHOLDER}\nWhat is the structure inside the bounding box {box} ({scale}) of this {noun}? "
+            "Answer using a single word or phrase."
+        )
     return f"{IMAGE_PLACEHOLDER}\n{request.question.strip()}"
 
 
@@ -102,7 +110,8 @@ class Qwen25VLAdapter(ModelAdapter):
     def resize_rule(self) -> tuple[int, int, int]:
         """(factor, min_pixels, max_pixels) from the checkpoint's image processor, capped by max_image_side."""
         config = self._processor_config
-        size = config.get("size") if isinstance(config.get("size"), dict) else {}
+        raw_size = config.get("size")
+        size: dict[str, Any] = raw_size if isinstance(raw_size, dict) else {}
         min_pixels = int(config.get("min_pixels") or size.get("shortest_edge") or self.default_min_pixels)
         max_pixels = int(config.get("max_pixels") or size.get("longest_edge") or self.default_max_pixels)
         factor = int(config.get("patch_size", self.patch_size)) * int(config.get("merge_size", 2))
@@ -122,9 +131,7 @@ class Qwen25VLAdapter(ModelAdapter):
     def parse(self, text: str, item: PreparedInput) -> ParsedAnswer:
         return build_answer(parse_json_boxes(text, key="bbox_2d"), self.box_space, item, text)
 
-    def hf_expand_image_tokens(
-        self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int
-    ) -> str:
+    def hf_expand_image_tokens(self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int) -> str:
         merge = int(getattr(handle.processor, "merge_size", 2))
         count = int(image_inputs["image_grid_thw"][index].prod()) // (merge * merge)
         return text.replace(IMAGE_PAD, IMAGE_PAD * count, 1)

@@ -58,7 +58,7 @@ class TransformersBackend(Backend):
             self.handle = self.adapter.hf_load(directory, self.device, self.dtype, self.settings.attn_implementation)
         except ModelLoadError:
             raise
-        except Exception as exc:  # noqa: BLE001 - loading runs third-party (even remote) code that raises anything
+        except Exception as exc:
             # on a bad checkpoint; at worker start-up it all means one thing: this checkpoint cannot be served.
             expected = "; ".join(f"{r.what}: one of {', '.join(r.names)}" for r in self.adapter.required_files)
             raise ModelLoadError(
@@ -67,7 +67,11 @@ class TransformersBackend(Backend):
             ) from exc
         logger.info(
             "loaded %s checkpoint %s on %s (%s) in %.1f s",
-            self.adapter.family, directory.name, self.device, self.dtype, time.perf_counter() - started,
+            self.adapter.family,
+            directory.name,
+            self.device,
+            self.dtype,
+            time.perf_counter() - started,
         )
 
     def _require(self) -> HFHandle:

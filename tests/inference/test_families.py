@@ -35,8 +35,10 @@ ANSWERS: dict[str, tuple[str, tuple[float, float, float, float]]] = {
     "qwen2_5_vl": ('```json [ { "bbox_2d": [ 10 , 20 , 60 , 90 ] , "label": "right lung" } ] ```', (10, 20, 60, 90)),
     "qwen3_vl": ('[ { "bbox_2d": [ 100 , 200 , 400 , 900 ] , "label": "right lung" } ]', (100, 200, 400, 900)),
     "internvl": ("<ref> right lung </ref> <box> [[ 100 , 200 , 400 , 900 ]] </box>", (100, 200, 400, 900)),
-    "medgemma": ('Final Answer: ```json [ { "box_2d": [ 200 , 100 , 900 , 400 ] , "label": "right lung" } ] ```',
-                 (100, 200, 400, 900)),
+    "medgemma": (
+        'Final Answer: ```json [ { "box_2d": [ 200 , 100 , 900 , 400 ] , "label": "right lung" } ] ```',
+        (100, 200, 400, 900),
+    ),
 }
 
 
@@ -56,8 +58,9 @@ def cr_item(engine: Engine, profile: Profile = Profile.TEXT_TO_REGION) -> Prepar
 
 
 @pytest.mark.parametrize("family", HF_FAMILIES)
-def test_engine_loads_offline_with_identity(family: str, engines: dict[str, Engine],
-                                            tiny_checkpoint: Callable[[str], Path]) -> None:
+def test_engine_loads_offline_with_identity(
+    family: str, engines: dict[str, Engine], tiny_checkpoint: Callable[[str], Path]
+) -> None:
     engine = engines[family]
     assert engine.identity.family == family
     assert engine.identity.version == checkpoint_fingerprint(tiny_checkpoint(family))
@@ -135,8 +138,9 @@ class ForceAnswer(LogitsProcessor):
 
 
 @pytest.mark.parametrize("family", HF_FAMILIES)
-def test_a_generated_grounded_answer_lands_on_source_pixels(family: str,
-                                                            tiny_checkpoint: Callable[[str], Path]) -> None:
+def test_a_generated_grounded_answer_lands_on_source_pixels(
+    family: str, tiny_checkpoint: Callable[[str], Path]
+) -> None:
     text, numbers = ANSWERS[family]
     base = adapter_class(family)
 
@@ -168,8 +172,9 @@ def engine_backend(adapter: Any, model_settings: ModelSettings) -> Any:
     return backend
 
 
-def expected_source_box(scale: float | None, numbers: tuple[float, float, float, float],
-                        transform: ImageTransform) -> BoundingBox:
+def expected_source_box(
+    scale: float | None, numbers: tuple[float, float, float, float], transform: ImageTransform
+) -> BoundingBox:
     columns, rows = transform.output_size
     x0, y0, x1, y1 = numbers
     if scale is not None:

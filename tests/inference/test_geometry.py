@@ -20,8 +20,7 @@ from sr_writer.findings import BoundingBox, ImageRef
 
 from tests.corpus import COMPRESSED, CORPUS, corpus_file
 
-ADAPTERS: list[type[ModelAdapter]] = [MedRegAAdapter, InternVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter,
-                                      MedGemmaAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [MedRegAAdapter, InternVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, MedGemmaAdapter]
 
 
 def corpus_shapes() -> list[tuple[int, int]]:
@@ -54,8 +53,9 @@ def max_error(a: BoundingBox, b: BoundingBox) -> float:
 
 @pytest.mark.parametrize("cls", ADAPTERS, ids=lambda c: c.family)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_boxes_map_both_ways_on_every_corpus_shape(cls: type[ModelAdapter], shape: tuple[int, int],
-                                                   tmp_path: Path) -> None:
+def test_boxes_map_both_ways_on_every_corpus_shape(
+    cls: type[ModelAdapter], shape: tuple[int, int], tmp_path: Path
+) -> None:
     columns, rows = shape
     adapter = cls(ModelSettings(family=cls.family, path=tmp_path, trust_remote_code=True))
     image = ModelImage(np.zeros((rows, columns, 3), np.uint8), ImageRef("1.2.3"))

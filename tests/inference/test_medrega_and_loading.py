@@ -63,10 +63,12 @@ class StandInChatModel(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return torch.float32
 
-    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 **kwargs: Any) -> torch.Tensor:
-        self.calls.append({"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
-                           **kwargs})
+    def generate(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        self.calls.append(
+            {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
+        )
         return torch.tensor([[*self.answer_ids, kwargs["eos_token_id"]]] * input_ids.shape[0])
 
 
@@ -104,7 +106,8 @@ def test_medrega_builds_hermes_inputs_and_parses_its_answer(tmp_path: Path) -> N
     call = backend.handle.model.calls[0]
     assert call["pixel_values"].shape == (1, 3, 448, 448)
     expected_mean = (item.pixels.mean(axis=(0, 1)) / 255 - np.array([0.485, 0.456, 0.406])) / np.array(
-        [0.229, 0.224, 0.225])
+        [0.229, 0.224, 0.225]
+    )
     assert np.allclose(call["pixel_values"][0].mean(dim=(1, 2)).numpy(), expected_mean, atol=1e-4)
     tokenizer = backend.handle.tokenizer
     context = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
@@ -116,7 +119,8 @@ def test_medrega_builds_hermes_inputs_and_parses_its_answer(tmp_path: Path) -> N
     assert finding.label == "right lung" and finding.text == "No effusion."
     assert finding.box is not None
     assert finding.box.as_list() == pytest.approx(
-        [102 / 999 * 1841, 106 / 999 * 1955, 481 / 999 * 1841, 910 / 999 * 1955])
+        [102 / 999 * 1841, 106 / 999 * 1955, 481 / 999 * 1841, 910 / 999 * 1955]
+    )
 
 
 def test_medrega_chinese_prompt_is_the_published_one(tmp_path: Path) -> None:
@@ -128,8 +132,12 @@ def test_medrega_chinese_prompt_is_the_published_one(tmp_path: Path) -> None:
         "这些值分别对应左上角的x，左上角的y，右下角的x和右下角的y。对于每个病种，请使用这种格式用边界框表示区域："
         '"<ref>病种</ref><box>[[x1, y1, x2, y2]]</box>：诊断"。<image>\n请定位并描述这张医学影像中的<ref>胰腺癌</ref>'
     )
-    vqa = adapter.prepare(image, TaskRequest(Profile.VQA, question="What does this image show? Answer the "
-                                             "question using a single word or phrase."))
+    vqa = adapter.prepare(
+        image,
+        TaskRequest(
+            Profile.VQA, question="What does this image show? Answer the question using a single word or phrase."
+        ),
+    )
     assert vqa.prompt.text == (
         "You are a helpful medical assistant. You are required to answer the question based on the medical image. "
         "<image>\nWhat does this image show? Answer the question using a single word or phrase."
@@ -169,7 +177,7 @@ def test_unknown_family_and_backend(tmp_path: Path) -> None:
 
 
 def test_settings_reject_bad_values() -> None:
-    with pytest.raises(ValidationError, match="model.path is required for family 'medgemma'"):
+    with pytest.raises(ValidationError, match=r"model\.path is required for family 'medgemma'"):
         ModelSettings(family="medgemma")
     with pytest.raises(ValidationError, match="cuda:N"):
         ModelSettings(device="gpu0")
@@ -188,8 +196,10 @@ def test_corrupt_weights_are_a_load_error(tiny_checkpoint: Callable[[str], Path]
 
 
 def test_importing_the_library_imports_no_torch() -> None:
-    code = ("import sys, inference, inference.config, inference.errors, inference.registry, inference.engine; "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys, inference, inference.config, inference.errors, inference.registry, inference.engine; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -223,8 +233,9 @@ def gsps_for(image: Dataset, points: list[float], graphic_type: str = "POLYLINE"
 
 def test_region_from_gsps_polyline_and_circle() -> None:
     image = pydicom.dcmread(corpus_file("RG1_UNCI.dcm"), stop_before_pixels=True)
-    region = region_from_dataset(gsps_for(image, [100.0, 200.0, 300.0, 200.0, 300.0, 400.0, 100.0, 400.0, 100.0,
-                                                  200.0]))
+    region = region_from_dataset(
+        gsps_for(image, [100.0, 200.0, 300.0, 200.0, 300.0, 400.0, 100.0, 400.0, 100.0, 200.0])
+    )
     assert region is not None and region.box == BoundingBox(100, 200, 300, 400)
     assert region.ref is not None and region.ref.sop_instance_uid == image.SOPInstanceUID
     circle = region_from_dataset(gsps_for(image, [500.0, 500.0, 530.0, 540.0], "CIRCLE"))
@@ -254,10 +265,10 @@ def test_region_from_sr_scoord() -> None:
     assert region.ref is not None and (region.ref.sop_instance_uid, region.ref.frame_number) == ("1.2.3.4", 7)
 
 
-def test_region_to_text_reads_the_gsps_of_the_study(tiny_checkpoint: Callable[[str], Path],
-                                                    tmp_path: Path) -> None:
-    engine = Engine.load(ModelSettings(family="qwen2_5_vl", path=tiny_checkpoint("qwen2_5_vl"), max_new_tokens=4,
-                                       max_image_side=128))
+def test_region_to_text_reads_the_gsps_of_the_study(tiny_checkpoint: Callable[[str], Path], tmp_path: Path) -> None:
+    engine = Engine.load(
+        ModelSettings(family="qwen2_5_vl", path=tiny_checkpoint("qwen2_5_vl"), max_new_tokens=4, max_image_side=128)
+    )
     cr = corpus_file("RG1_UNCI.dcm")
     image = pydicom.dcmread(cr, stop_before_pixels=True)
     gsps = gsps_for(image, [100.0, 200.0, 300.0, 200.0, 300.0, 400.0, 100.0, 400.0])

@@ -29,14 +29,22 @@ MEDREGA_GROUNDED = (
 )
 MEDREGA_DETECTION = "<ref>carotid vessel wall</ref><box>[[365, 293, 416, 598], [596, 316, 635, 464]]</box>"
 MEDREGA_CHINESE = (
-    "<ref>胰腺癌</ref><box>[[661, 528, 743, 599]]</box>：胰尾部见一稍低密度肿块，约39mm×28mm×36mm，增强后呈轻度不均匀强化，"
+    "<ref>胰腺癌</ref><box>[[661, 528, 743, 599]]</box>：胰尾部见一稍低密度肿块，约39mm×28mm×36mm，"
+    "增强后呈轻度不均匀强化，"
     "强化程度低于正常胰腺考虑恶性肿瘤性病变，胰腺癌可能性大。"
 )
 
 
-def make_item(adapter: ModelAdapter, profile: Profile = Profile.TEXT_TO_REGION, columns: int = COLUMNS,
-              rows: int = ROWS, language: Language = Language.ENGLISH, targets: tuple[str, ...] = (),
-              region: RegionInput | None = None, modality: str = "CR") -> PreparedInput:
+def make_item(
+    adapter: ModelAdapter,
+    profile: Profile = Profile.TEXT_TO_REGION,
+    columns: int = COLUMNS,
+    rows: int = ROWS,
+    language: Language = Language.ENGLISH,
+    targets: tuple[str, ...] = (),
+    region: RegionInput | None = None,
+    modality: str = "CR",
+) -> PreparedInput:
     image = ModelImage(pixels=np.zeros((rows, columns, 3), np.uint8), ref=REF, modality=modality)
     request = TaskRequest(profile, language, targets, region, "What is shown?" if profile is Profile.VQA else "")
     return adapter.prepare(image, request)
@@ -75,8 +83,15 @@ def test_medrega_several_boxes_for_one_label_give_one_finding_each(tmp_path: Pat
 
 
 def test_medrega_chinese_answer_with_full_width_colon(tmp_path: Path) -> None:
-    item = make_item(adapter_for(MedRegAAdapter, tmp_path), Profile.GROUNDED_REPORT, 512, 512,
-                     Language.CHINESE, ("胰腺癌",), modality="CT")
+    item = make_item(
+        adapter_for(MedRegAAdapter, tmp_path),
+        Profile.GROUNDED_REPORT,
+        512,
+        512,
+        Language.CHINESE,
+        ("胰腺癌",),
+        modality="CT",
+    )
     answer = parse_ref_box_answer(MEDREGA_CHINESE, item)
     (finding,) = answer.findings
     assert finding.label == "胰腺癌"
@@ -97,8 +112,10 @@ def test_medrega_truncated_output_keeps_what_is_complete(tmp_path: Path) -> None
 
 def test_medrega_out_of_range_and_degenerate_boxes_are_dropped(tmp_path: Path) -> None:
     item = make_item(adapter_for(MedRegAAdapter, tmp_path))
-    text = ("<ref>heart</ref><box>[[300, 400, 1500, 700]]</box>, <ref>aorta</ref><box>[[500, 500, 500, 600]]</box>, "
-            "<ref>spine</ref><box>[[480, 0, 520, 1001]]</box>")
+    text = (
+        "<ref>heart</ref><box>[[300, 400, 1500, 700]]</box>, <ref>aorta</ref><box>[[500, 500, 500, 600]]</box>, "
+        "<ref>spine</ref><box>[[480, 0, 520, 1001]]</box>"
+    )
     answer = parse_ref_box_answer(text, item)
     heart, aorta, spine = answer.findings
     assert heart.box is None and aorta.box is None  # text-only, with a reason each
@@ -109,8 +126,9 @@ def test_medrega_out_of_range_and_degenerate_boxes_are_dropped(tmp_path: Path) -
 
 def test_medrega_region_to_text_labels_the_asked_region(tmp_path: Path) -> None:
     region = RegionInput(BoundingBox(100, 200, 300, 400), REF)
-    item = make_item(adapter_for(MedRegAAdapter, tmp_path), Profile.REGION_TO_TEXT, 512, 512, region=region,
-                     modality="CT")
+    item = make_item(
+        adapter_for(MedRegAAdapter, tmp_path), Profile.REGION_TO_TEXT, 512, 512, region=region, modality="CT"
+    )
     assert "What is <ref>this</ref><box>[[195, 390, 585, 780]]</box> in this CT scan?" in item.prompt.text
     answer = parse_ref_box_answer("right mandible", item)
     (finding,) = answer.findings
@@ -137,13 +155,16 @@ def test_qwen2_5_vl_json_in_a_fence_maps_from_the_resized_input(tmp_path: Path) 
     item = make_item(adapter)
     columns, rows = item.transform.output_size
     assert columns % 28 == 0 and rows % 28 == 0
-    text = ('```json\n[\n\t{"bbox_2d": [56, 60, 476, 940], "label": "right lung"},\n'
-            f'\t{{"bbox_2d": [520, 70, 900, 930], "label": "left lung"}},\n'
-            f'\t{{"bbox_2d": [300, 500, 640, 900], "label": "heart"}}\n]\n```')
+    text = (
+        '```json\n[\n\t{"bbox_2d": [56, 60, 476, 940], "label": "right lung"},\n'
+        '\t{"bbox_2d": [520, 70, 900, 930], "label": "left lung"},\n'
+        '\t{"bbox_2d": [300, 500, 640, 900], "label": "heart"}\n]\n```'
+    )
     answer = adapter.parse(text, item)
     assert [f.label for f in answer.findings] == ["right lung", "left lung", "heart"]
-    expect_box(answer.findings[0].box, 56 * COLUMNS / columns, 60 * ROWS / rows, 476 * COLUMNS / columns,
-               940 * ROWS / rows)
+    expect_box(
+        answer.findings[0].box, 56 * COLUMNS / columns, 60 * ROWS / rows, 476 * COLUMNS / columns, 940 * ROWS / rows
+    )
 
 
 def test_qwen_truncated_json_is_read_object_by_object(tmp_path: Path) -> None:
@@ -165,8 +186,10 @@ def test_qwen3_vl_uses_relative_coordinates(tmp_path: Path) -> None:
 def test_qwen_chinese_labels_and_descriptions(tmp_path: Path) -> None:
     adapter = adapter_for(Qwen3VLAdapter, tmp_path)
     item = make_item(adapter, Profile.GROUNDED_REPORT, 640, 480, Language.CHINESE)
-    text = ('影像诊断：右肺下叶见结节。\n```json\n[{"bbox_2d": [100, 600, 300, 800], "label": "结节", '
-            '"description": "右肺下叶结节，约8mm"}]\n```')
+    text = (
+        '影像诊断：右肺下叶见结节。\n```json\n[{"bbox_2d": [100, 600, 300, 800], "label": "结节", '
+        '"description": "右肺下叶结节，约8mm"}]\n```'
+    )
     answer = adapter.parse(text, item)
     (finding,) = answer.findings
     assert finding.label == "结节" and finding.text == "右肺下叶结节，约8mm"
@@ -180,8 +203,10 @@ def test_qwen_chinese_labels_and_descriptions(tmp_path: Path) -> None:
 def test_medgemma_box_2d_is_y_first_on_the_padded_square(tmp_path: Path) -> None:
     adapter = adapter_for(MedGemmaAdapter, tmp_path)
     item = make_item(adapter, columns=800, rows=400)  # padded to 800 x 800: 200 rows of padding above
-    text = ('The lungs are clear.\nFinal Answer: ```json\n[{"box_2d": [250, 100, 750, 450], "label": "right lung"},'
-            ' {"box_2d": [0, 0, 200, 1000], "label": "in padding"}]\n```')
+    text = (
+        'The lungs are clear.\nFinal Answer: ```json\n[{"box_2d": [250, 100, 750, 450], "label": "right lung"},'
+        ' {"box_2d": [0, 0, 200, 1000], "label": "in padding"}]\n```'
+    )
     answer = adapter.parse(text, item)
     assert [f.label for f in answer.findings] == ["right lung", "in padding"]
     right, padding = answer.findings
@@ -215,7 +240,7 @@ GARBAGE = [
 def test_parsers_never_raise_on_garbage(cls: type[ModelAdapter], tmp_path: Path) -> None:
     adapter = adapter_for(cls, tmp_path)
     rng = random.Random(5)
-    alphabet = string.printable + "<>[]{}\",:：：ref/box_2dbbox"
+    alphabet = string.printable + '<>[]{}",:：：ref/box_2dbbox'
     samples = [*GARBAGE, *("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200))) for _ in range(200))]
     samples += [MEDREGA_GROUNDED[:n] for n in range(0, len(MEDREGA_GROUNDED), 7)]
     for profile in Profile:

@@ -51,9 +51,9 @@ def test_monochrome1_chest_radiograph_is_inverted_lungs_dark() -> None:
     pixels = grey("RG1_UNCI.dcm")
     rows, columns = pixels.shape
     band = slice(int(rows * 0.35), int(rows * 0.55))
-    right_lung = pixels[band, int(columns * 0.20):int(columns * 0.35)].mean()
-    left_lung = pixels[band, int(columns * 0.65):int(columns * 0.80)].mean()
-    mediastinum = pixels[band, int(columns * 0.45):int(columns * 0.55)].mean()
+    right_lung = pixels[band, int(columns * 0.20) : int(columns * 0.35)].mean()
+    left_lung = pixels[band, int(columns * 0.65) : int(columns * 0.80)].mean()
+    mediastinum = pixels[band, int(columns * 0.45) : int(columns * 0.55)].mean()
     assert right_lung < mediastinum - 40 and left_lung < mediastinum - 40
 
 
@@ -104,19 +104,19 @@ def test_voi_lut_sequence_and_modality_lut_sequence() -> None:
         ("RG1_UNCI.dcm", "RG1_J2KI.dcm", 1),
         ("MR2_UNCR.dcm", "MR2_J2KR.dcm", 0),
         ("693_UNCR.dcm", "693_J2KR.dcm", 0),
-        ("US1_UNCR.dcm", "US1_J2KR.dcm", 0),          # RGB vs JPEG 2000 YBR_RCT
+        ("US1_UNCR.dcm", "US1_J2KR.dcm", 0),  # RGB vs JPEG 2000 YBR_RCT
         ("emri_small.dcm", "emri_small_RLE.dcm", 0),
         ("emri_small.dcm", "emri_small_jpeg_ls_lossless.dcm", 0),
         ("emri_small.dcm", "emri_small_big_endian.dcm", 0),
         ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm", 0),
         ("SC_rgb.dcm", "SC_rgb_rle.dcm", 0),
-        ("SC_rgb.dcm", "SC_rgb_jpeg_gdcm.dcm", 0),    # JPEG lossless RGB
+        ("SC_rgb.dcm", "SC_rgb_jpeg_gdcm.dcm", 0),  # JPEG lossless RGB
         ("SC_rgb.dcm", "SC_ybr_full_uncompressed.dcm", 8),
         ("SC_rgb.dcm", "SC_ybr_full_422_uncompressed.dcm", 8),
-        ("SC_rgb.dcm", "SC_rgb_jpeg_dcmtk.dcm", 8),   # JPEG baseline YBR_FULL
-        ("SC_rgb.dcm", "SC_rgb_16bit.dcm", 0),        # 16 bits per sample scaled by Bits Stored
+        ("SC_rgb.dcm", "SC_rgb_jpeg_dcmtk.dcm", 8),  # JPEG baseline YBR_FULL
+        ("SC_rgb.dcm", "SC_rgb_16bit.dcm", 0),  # 16 bits per sample scaled by Bits Stored
         ("SC_rgb_16bit.dcm", "SC_rgb_expb_16bit.dcm", 0),
-        ("OBXXXX1A.dcm", "OBXXXX1A_rle.dcm", 0),      # palette colour
+        ("OBXXXX1A.dcm", "OBXXXX1A_rle.dcm", 0),  # palette colour
     ],
 )
 def test_compressed_and_uncompressed_versions_decode_alike(reference: str, other: str, max_diff: int) -> None:
@@ -177,8 +177,15 @@ def test_undecodable_pixels_are_poison_with_a_reason() -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Selection
 # --------------------------------------------------------------------------------------------------------------
-def header(uid: str, series: str, modality: str, position: float | None = None, frames: int = 1,
-           number: int | None = None, pixels: bool = True) -> InstanceHeader:
+def header(
+    uid: str,
+    series: str,
+    modality: str,
+    position: float | None = None,
+    frames: int = 1,
+    number: int | None = None,
+    pixels: bool = True,
+) -> InstanceHeader:
     return InstanceHeader(Path(f"/x/{uid}"), uid, "", series, "1.2.3", modality, pixels, frames, number, position)
 
 
@@ -199,8 +206,10 @@ def test_ct_series_gives_n_slices_ordered_by_position() -> None:
 def test_multi_frame_series_selects_frames_and_projections_are_all_kept() -> None:
     headers = [
         header("9.1", "mr", "MR", frames=10),
-        header("8.1", "cr", "CR"), header("8.2", "cr", "CR"),
-        header("7.1", "sr", "SR", pixels=False), header("6.1", "seg", "SEG"),
+        header("8.1", "cr", "CR"),
+        header("8.2", "cr", "CR"),
+        header("7.1", "sr", "SR", pixels=False),
+        header("6.1", "seg", "SEG"),
     ]
     chosen = select_images(headers, slices_per_series=3, max_images=8)
     refs = {(c.ref.sop_instance_uid, c.ref.frame_number) for c in chosen}
