@@ -283,12 +283,16 @@ class OrthancReceiver(Receiver):
 class DiscardReceiver(Receiver):
     """A pynetdicom SCP like the node's (same AE settings) that answers Success and keeps nothing."""
 
-    name = "discard"
     aet = "DISCARD"
+
+    def __init__(self, workdir: Path, patches: Sequence[str] = ()) -> None:
+        self.name = "-".join(["discard", *patches])
+        self.patches = list(patches)
+        super().__init__(workdir)
 
     def command(self) -> list[str]:
         return [PYTHON, "-m", "bench.bench_intake", "_discard", "--port", str(self.port),
-                "--count-file", str(self.workdir / "count")]
+                "--count-file", str(self.workdir / "count"), "--patches", ",".join(self.patches)]
 
     def count(self) -> int:
         self.stop()  # the server writes its count when it stops
@@ -338,7 +342,123 @@ def _patch_noheader() -> None:
     setattr(scp.Intake, "_store", store)  # noqa: B010
 
 
-PATCHES: dict[str, Callable[[], None]] = {"sqlite-normal": _patch_sqlite_normal, "noheader": _patch_noheader}
+def _patch_fastrecv() -> None:
+    """pynetdicom reads a PDU in 4096-byte ``recv`` calls; read it with ``recv_into`` into one buffer instead."""
+    from pynetdicom import transport
+
+    def recv(self: Any, nr_bytes: int) -> bytearray:
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        nr_read = 0
+        while nr_read < nr_bytes:
+            got = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not got:
+                return buf[:nr_read]
+            nr_read += got
+        return buf
+
+    setattr(transport.AssociationSocket, "recv", recv)  # noqa: B010
+
+
+def _patch_groupcommit() -> None:
+    """Group commit: concurrent C-STOREs share one directory fsync per folder and one SQLite commit per batch.
+
+    Each handler writes, fsyncs and renames its file as before, then waits until a committer thread has synced the
+    directories of the whole batch and committed all its records in one transaction; only then does it answer.
+    """
+    import queue as queue_module
+    from contextlib import contextmanager
+
+    from dicom_node import spool, store
+
+    local = threading.local()
+    pending: queue_module.Queue[tuple[Any, Any, str, threading.Event, list[Any]]] = queue_module.Queue()
+    original_record = store.JobStore.record_instance
+    original_tx = store.JobStore._tx
+
+    @contextmanager
+    def tx(self: Any) -> Any:
+        conn = getattr(local, "conn", None)
+        if conn is not None:
+            yield conn
+            return
+        with original_tx(self) as conn:
+            yield conn
+
+    def write_synced_without_dir(path: Path, data: Any) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # the directory is synced by the committer, before the record commits
+
+    def store_without_dir_sync(self: Any, path: Path, data: Any) -> int:
+        self._ensure_dir(path.parent)
+        if self.sync:
+            write_synced_without_dir(path, data)
+        else:
+            spool.durable_write(path, data, sync=False)
+        return len(data)
+
+    def committer(job_store: Any, root: Path) -> None:
+        while True:
+            batch = [pending.get()]
+            while True:
+                try:
+                    batch.append(pending.get_nowait())
+                except queue_module.Empty:
+                    break
+            try:
+                for folder in {(root / rec.path).parent for _, rec, _, _, _ in batch}:
+                    spool._fsync_dir(folder)
+                with original_tx(job_store) as conn:
+                    local.conn = conn
+                    try:
+                        for _, rec, late, _, out in batch:
+                            out.append(original_record(job_store, rec, late_arrivals=late))
+                    finally:
+                        local.conn = None
+            except Exception as exc:
+                for _, _, _, _, out in batch:
+                    out[:] = [exc]
+            for _, _, _, done, _ in batch:
+                done.set()
+
+    started: dict[int, Path] = {}
+    lock = threading.Lock()
+
+    def record(self: Any, rec: Any, late_arrivals: str = "rerun", now: float | None = None) -> bool:
+        if getattr(local, "conn", None) is not None or now is not None:
+            return bool(original_record(self, rec, late_arrivals=late_arrivals, now=now))
+        with lock:
+            if id(self) not in started:
+                root = Path(self.url.removeprefix("sqlite:///")).parent / "spool"
+                started[id(self)] = root
+                threading.Thread(target=committer, args=(self, root), daemon=True).start()
+        done = threading.Event()
+        out: list[Any] = []
+        pending.put((self, rec, late_arrivals, done, out))
+        done.wait()
+        if out and isinstance(out[0], Exception):
+            raise out[0]
+        return bool(out[0])
+
+    setattr(store.JobStore, "_tx", tx)  # noqa: B010
+    setattr(store.JobStore, "record_instance", record)  # noqa: B010
+    setattr(spool.Spool, "store", store_without_dir_sync)  # noqa: B010
+
+
+PATCHES: dict[str, Callable[[], None]] = {
+    "sqlite-normal": _patch_sqlite_normal,
+    "noheader": _patch_noheader,
+    "fastrecv": _patch_fastrecv,
+    "groupcommit": _patch_groupcommit,
+}
 
 #: name -> (node settings overrides, patches)
 VARIANTS: dict[str, tuple[dict[str, Any], list[str]]] = {
@@ -347,6 +467,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "nosync": ({"fsync": False}, ["sqlite-normal"]),
     "pdu16k": ({"max_pdu": 16384}, []),
     "noheader": ({}, ["noheader"]),
+    "fastrecv": ({}, ["fastrecv"]),
+    "groupcommit": ({}, ["groupcommit"]),
+    "groupcommit-fastrecv": ({}, ["groupcommit", "fastrecv"]),
 }
 
 
@@ -358,7 +481,9 @@ def _serve_node(config: str, patches: list[str]) -> None:
     app(["serve", "--config", config])
 
 
-def _serve_discard(port: int, count_file: Path) -> None:
+def _serve_discard(port: int, count_file: Path, patches: list[str]) -> None:
+    for name in patches:
+        PATCHES[name]()
     from dicom_node.config import NodeSettings
     from dicom_node.scp import build_ae
     from pynetdicom import evt
@@ -391,7 +516,31 @@ class Run:
     seconds: float
     ok: bool
     load: float
+    fsync_ms: float
     problem: str = ""
+
+
+def disk_probe(folder: Path, count: int = 10) -> float:
+    """Median milliseconds to write 512 KB, fsync it and fsync its folder: the disk's state at the time of a run."""
+    data = os.urandom(512 * 1024)
+    times = []
+    for i in range(count):
+        path = folder / f".probe{i}"
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        times.append(time.perf_counter() - t0)
+        path.unlink()
+    return 1000 * statistics.median(times)
 
 
 def send(files: Sequence[Path], senders: int, aet: str, port: int, workdir: Path) -> tuple[float, list[str]]:
@@ -423,11 +572,14 @@ def make_receiver(name: str, workdir: Path) -> Receiver:
         return NodeReceiver(workdir)
     if name.startswith("node-"):
         return NodeReceiver(workdir, name.removeprefix("node-"))
+    if name == "discard-fastrecv":
+        return DiscardReceiver(workdir, ["fastrecv"])
     return {"storescp": StorescpReceiver, "orthanc": OrthancReceiver, "discard": DiscardReceiver}[name](workdir)
 
 
 def one_run(name: str, scenario: str, files: Sequence[Path], root: Path, profile: Path | None = None) -> Run:
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-{scenario}-", dir=root))
+    fsync_ms = disk_probe(workdir)
     receiver = make_receiver(name, workdir)
     receiver.start()
     spy: subprocess.Popen[bytes] | None = None
@@ -449,7 +601,7 @@ def one_run(name: str, scenario: str, files: Sequence[Path], root: Path, profile
             spy.kill()
     if not problems:
         shutil.rmtree(workdir, ignore_errors=True)
-    return Run(name, scenario, seconds, not problems, load, "\n".join(problems))
+    return Run(name, scenario, seconds, not problems, load, fsync_ms, "\n".join(problems))
 
 
 # --- profiling ----------------------------------------------------------------------------------------------------
@@ -613,26 +765,29 @@ class Figures:
 
 def print_report(figures: Figures, receivers: Sequence[str], count: int, total_bytes: int) -> None:
     print(f"\n{count} instances, {total_bytes / 1e6:.1f} MB per run; median of the successful runs")
-    print(f"{'receiver':<20}{'scenario':<9}{'median s':>9}{'inst/s':>9}{'MB/s':>8}{'min..max s':>15}{'load':>7}")
+    print(f"{'receiver':<26}{'scenario':<9}{'median s':>9}{'inst/s':>9}{'MB/s':>8}{'min..max s':>15}{'load':>7}"
+          f"{'fsync ms':>9}")
     for receiver in receivers:
         for scenario in SCENARIOS:
             runs = [r for r in figures.runs if r.receiver == receiver and r.scenario == scenario and r.ok]
             med = figures.median(receiver, scenario)
             if med is None:
-                print(f"{receiver:<20}{scenario:<9}{'failed':>9}")
+                print(f"{receiver:<26}{scenario:<9}{'failed':>9}")
                 continue
             spread = f"{min(r.seconds for r in runs):.2f}..{max(r.seconds for r in runs):.2f}"
             load = statistics.mean(r.load for r in runs)
-            print(f"{receiver:<20}{scenario:<9}{med:>9.2f}{count / med:>9.1f}{total_bytes / 1e6 / med:>8.1f}"
-                  f"{spread:>15}{load:>7.2f}")
+            disk = statistics.median(r.fsync_ms for r in runs)
+            print(f"{receiver:<26}{scenario:<9}{med:>9.2f}{count / med:>9.1f}{total_bytes / 1e6 / med:>8.1f}"
+                  f"{spread:>15}{load:>7.2f}{disk:>9.1f}")
     print("\nratios of throughput (node / baseline; > 1 means the node is faster)")
+    bases = [r for r in receivers if not r.startswith("node")]
     for node in [r for r in receivers if r.startswith("node")]:
-        for base in [r for r in receivers if not r.startswith("node")]:
+        for base in bases if node == "node" else [b for b in bases if b.startswith("discard")] + ["node"]:
             cells = []
             for scenario in SCENARIOS:
                 a, b = figures.median(node, scenario), figures.median(base, scenario)
                 cells.append(f"{scenario} {b / a:5.2f}x" if a and b else f"{scenario}   n/a")
-            print(f"  {node}/{base:<12}" + "   ".join(cells))
+            print(f"  {node + '/' + base:<44}" + "   ".join(cells))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -645,11 +800,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--breakdown", action="store_true", help="also time each handler step in-process")
     parser.add_argument("--json", type=Path, default=None, help="also write every run to this JSON file")
     args = parser.parse_args(argv)
+    if str(REPO) not in sys.path:  # run as a script (make bench): the corpus helper lives in tests/
+        sys.path.insert(0, str(REPO))
 
     receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
     receivers += [f"node-{v.strip()}" for v in args.variants.split(",") if v.strip()]
     for r in receivers:
-        if r not in ("node", "storescp", "orthanc", "discard") and r.removeprefix("node-") not in VARIANTS:
+        if r not in ("node", "storescp", "orthanc", "discard", "discard-fastrecv") and (
+            r.removeprefix("node-") not in VARIANTS
+        ):
             parser.error(f"--receivers/--variants: unknown receiver {r!r}")
     if "orthanc" in receivers and not ORTHANC.exists():
         parser.error(f"--receivers: orthanc needs {ORTHANC} (Debian package orthanc)")
@@ -668,8 +827,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result = one_run(name, scenario, files, root)
                     figures.runs.append(result)
                     status = "ok" if result.ok else "FAILED"
-                    print(f"run {run + 1} {scenario:<6} {name:<20} {result.seconds:7.2f} s "
-                          f"{args.count / result.seconds:7.1f} inst/s  load {result.load:.2f}  {status}", flush=True)
+                    print(f"run {run + 1} {scenario:<6} {name:<26} {result.seconds:7.2f} s "
+                          f"{args.count / result.seconds:7.1f} inst/s  load {result.load:.2f}  "
+                          f"disk {result.fsync_ms:.1f} ms/fsync  {status}", flush=True)
                     if not result.ok:
                         failures += 1
                         print(result.problem, file=sys.stderr)
@@ -716,8 +876,9 @@ def _entry() -> int:
         p = argparse.ArgumentParser()
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--count-file", type=Path, required=True)
+        p.add_argument("--patches", default="")
         a = p.parse_args(sys.argv[2:])
-        _serve_discard(a.port, a.count_file)
+        _serve_discard(a.port, a.count_file, [x for x in a.patches.split(",") if x])
         return 0
     return main()
 
