@@ -287,6 +287,33 @@ class SendReport:
             return result.reason
         return ""
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form, for the job store and ``dicom-node jobs show``."""
+        return {
+            "destination": self.destination,
+            "peer": self.peer,
+            "outcome": self.outcome.value,
+            "reason": self.reason,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "associations": [
+                {"state": a.state.value, "reason": a.reason, "elapsed_s": round(a.elapsed_s, 3)}
+                for a in self.associations
+            ],
+            "files": [
+                {
+                    "path": str(f.path),
+                    "sop_instance_uid": f.sop_instance_uid,
+                    "sop_class_uid": f.sop_class_uid,
+                    "outcome": f.outcome.value,
+                    "status": f.status,
+                    "status_name": f.status_name,
+                    "reason": f.reason,
+                    "transfer_syntax": f.transfer_syntax,
+                }
+                for f in self.files
+            ],
+        }
+
     def summary(self) -> str:
         return (
             f"{self.destination} ({self.peer}): {len(self.delivered)} delivered, "
@@ -338,8 +365,7 @@ def _connect_failure(
     peer = f"{destination.host}:{destination.port}"
     if elapsed >= destination.timeout * 0.9:
         return AssociationState.TIMEOUT, (
-            f"no TCP connection to {peer} within {destination.timeout:g} s "
-            "(host down, firewall, or wrong address)"
+            f"no TCP connection to {peer} within {destination.timeout:g} s (host down, firewall, or wrong address)"
         )
     try:
         with socket.create_connection((address, destination.port), timeout=destination.timeout) as sock:
@@ -353,8 +379,7 @@ def _connect_failure(
                     return AssociationState.TLS_FAILED, f"TLS handshake with {peer} failed: {exc}"
     except ConnectionRefusedError:
         return AssociationState.REFUSED, (
-            f"connection refused by {peer}: nothing listens on that port "
-            "(is the PACS running, is the port right?)"
+            f"connection refused by {peer}: nothing listens on that port (is the PACS running, is the port right?)"
         )
     except TimeoutError:
         return AssociationState.TIMEOUT, f"no TCP connection to {peer} within {destination.timeout:g} s"
@@ -371,9 +396,7 @@ def _connect_failure(
 NEGOTIATION_RETRY_DELAY = 0.2  # seconds before the one retry of an association lost during negotiation
 
 
-def _associate(
-    destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]
-) -> _Attempt:
+def _associate(destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]) -> _Attempt:
     """Request an association; one quick retry when the link drops during negotiation.
 
     A peer that rejects and closes at once can reset the connection before its A-ASSOCIATE-RJ is read (seen
@@ -397,9 +420,7 @@ def _no_delay(event: evt.Event) -> None:
             LOGGER.debug("cannot set TCP_NODELAY: %s", exc)
 
 
-def _associate_once(
-    destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]
-) -> _Attempt:
+def _associate_once(destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]) -> _Attempt:
     started = time.monotonic()
     peer = peer_label(destination)
 
@@ -453,9 +474,7 @@ def _associate_once(
         return failed(state, reason)
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         offered = sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.rejected_contexts})
-        return failed(
-            AssociationState.NO_CONTEXTS, f"{peer} accepts none of the SOP classes offered: {offered}"
-        )
+        return failed(AssociationState.NO_CONTEXTS, f"{peer} accepts none of the SOP classes offered: {offered}")
     if elapsed >= destination.timeout * 0.9:
         return failed(
             AssociationState.TIMEOUT,
@@ -500,9 +519,7 @@ def _read_info(index: int, path: Path) -> _FileInfo | str:
     meta = getattr(ds, "file_meta", None)
     ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
     sop_class = ds.get("SOPClassUID") or (getattr(meta, "MediaStorageSOPClassUID", None) if meta else None)
-    sop_instance = ds.get("SOPInstanceUID") or (
-        getattr(meta, "MediaStorageSOPInstanceUID", None) if meta else None
-    )
+    sop_instance = ds.get("SOPInstanceUID") or (getattr(meta, "MediaStorageSOPInstanceUID", None) if meta else None)
     missing = [
         name
         for name, value in (
@@ -577,9 +594,7 @@ def _no_response(what: str, peer: str, timeout: float, sent: float) -> str:
 def _send_one(
     assoc: Association, info: _FileInfo, accepted: set[tuple[UID, UID]], peer: str, timeout: float
 ) -> FileResult:
-    def result(
-        outcome: Outcome, reason: str, status: int | None = None, syntax: UID | None = None
-    ) -> FileResult:
+    def result(outcome: Outcome, reason: str, status: int | None = None, syntax: UID | None = None) -> FileResult:
         return FileResult(
             info.path,
             info.sop_instance,
@@ -748,9 +763,7 @@ def echo(
             round_trip, total_ms(), code,
         )  # fmt: skip
     else:
-        result = EchoResult(
-            destination.name, peer, True, release.state, "", round_trip, total_ms(), int(status.Status)
-        )
+        result = EchoResult(destination.name, peer, True, release.state, "", round_trip, total_ms(), int(status.Status))
     if result.ok:
         LOGGER.info("C-ECHO %s -> %s ok in %.1f ms", calling, peer, result.round_trip_ms or 0.0)
     else:

@@ -57,6 +57,7 @@ __all__ = [
     "OrthancError",
     "StoreRecorder",
     "free_ports",
+    "orthanc_factory",
     "parse_decision",
     "requires_orthanc",
     "routing_script",
@@ -187,9 +188,7 @@ class Orthanc:
         """``sync_storage``: fsync each stored file (Orthanc's default). Off by default: tests kill processes,
         not the machine, so the page cache keeps everything, and each fsync costs tens of ms on shared disks."""
         if stable_age < 1:
-            raise ValueError(
-                f"stable_age must be a whole number of seconds >= 1 (Orthanc's unit), got {stable_age}"
-            )
+            raise ValueError(f"stable_age must be a whole number of seconds >= 1 (Orthanc's unit), got {stable_age}")
         self.workdir = Path(workdir)
         self.aet = aet
         self.node = node
@@ -202,9 +201,7 @@ class Orthanc:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "storage").mkdir(exist_ok=True)
-        all_modalities: dict[str, list[str | int]] = {
-            name: [a, h, p] for name, (a, h, p) in (modalities or {}).items()
-        }
+        all_modalities: dict[str, list[str | int]] = {name: [a, h, p] for name, (a, h, p) in (modalities or {}).items()}
         lua: list[str] = []
         if node is not None:
             all_modalities[NODE_MODALITY] = [node.aet, node.host, node.port]
@@ -314,9 +311,7 @@ class Orthanc:
 
     def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(
-                self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-            )
+            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
 
@@ -328,9 +323,7 @@ class Orthanc:
 
     # -- REST ----------------------------------------------------------------------------------------------
 
-    def request(
-        self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
-    ) -> bytes:
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> bytes:
         headers = {"Content-Type": content_type} if content_type else {}
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
@@ -356,6 +349,9 @@ class Orthanc:
         if not isinstance(answer, dict) or answer.get("Status") not in ("Success", "AlreadyStored"):
             raise OrthancError(f"Orthanc did not store {path}: {answer}")
         return answer
+
+    def upload_all(self, paths: Sequence[Path]) -> list[dict[str, Any]]:
+        return [self.upload(p) for p in paths]
 
     def studies(self) -> list[str]:
         return list(self.get("/studies"))
@@ -447,6 +443,28 @@ def parse_decision(decision: str) -> dict[str, int]:
     if decision.startswith("error="):
         raise OrthancError(f"the routing rule failed: {decision}")
     return {k: int(v) for k, v in (part.split("=", 1) for part in decision.split())}
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
+    """Fixture: ``orthanc_factory(node=NodeModality(...), stable_age=1)`` starts an Orthanc, killed at teardown.
+
+    Import it into a test module or a conftest.py (``from tests.orthanc import orthanc_factory``) to use it.
+    """
+    if not ORTHANC_BINARY.exists():
+        pytest.skip(f"Orthanc not installed at {ORTHANC_BINARY} (Debian package 'orthanc')")
+    started: list[Orthanc] = []
+
+    def make(**kwargs: Any) -> Orthanc:
+        server = Orthanc(tmp_path / f"orthanc{len(started)}", **kwargs)
+        started.append(server)
+        return server.start()
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.kill()
 
 
 @contextlib.contextmanager

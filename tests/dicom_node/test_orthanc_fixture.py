@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -12,7 +12,14 @@ from dicom_node.scu import AssociationState, Outcome, echo, send_files
 from pydicom.uid import generate_uid
 
 from tests.corpus import corpus_file
-from tests.orthanc import NodeModality, Orthanc, StoreRecorder, parse_decision, requires_orthanc
+from tests.orthanc import (
+    NodeModality,
+    Orthanc,
+    StoreRecorder,
+    orthanc_factory,  # noqa: F401 - a fixture
+    parse_decision,
+    requires_orthanc,
+)
 
 pytestmark = [requires_orthanc, pytest.mark.integration]
 
@@ -52,27 +59,29 @@ def _received_in_study(node: StoreRecorder, study_uid: str) -> list[str]:
     return [str(ds.SOPInstanceUID) for ds in node.received if ds.StudyInstanceUID == study_uid]
 
 
-def test_orthanc_serves_uploads_over_rest_and_keeps_them_across_a_restart(tmp_path: Path) -> None:
-    pacs = Orthanc(tmp_path / "orthanc")
-    with pacs:
-        stored = pacs.upload(corpus_file("RG1_UNCI.dcm"))
-        assert pacs.studies() == [stored["ParentStudy"]]
-        [series] = pacs.study_series(stored["ParentStudy"])
-        [instance] = pacs.instances_of_series(series["ID"])
-        downloaded = pydicom.dcmread(pacs.download_instance(instance["ID"], tmp_path))
-        original = pydicom.dcmread(corpus_file("RG1_UNCI.dcm"))
-        assert downloaded.SOPInstanceUID == original.SOPInstanceUID
-        assert echo(_to_orthanc(pacs), NODE_AET).ok
+def test_orthanc_serves_uploads_over_rest_and_keeps_them_across_a_restart(
+    orthanc_factory: Callable[..., Orthanc],  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    pacs = orthanc_factory()
+    stored = pacs.upload(corpus_file("RG1_UNCI.dcm"))
+    assert pacs.studies() == [stored["ParentStudy"]]
+    [series] = pacs.study_series(stored["ParentStudy"])
+    [instance] = pacs.instances_of_series(series["ID"])
+    downloaded = pydicom.dcmread(pacs.download_instance(instance["ID"], tmp_path))
+    original = pydicom.dcmread(corpus_file("RG1_UNCI.dcm"))
+    assert downloaded.SOPInstanceUID == original.SOPInstanceUID
+    assert echo(_to_orthanc(pacs), NODE_AET).ok
 
-        pacs.stop()  # outage: the port closes, senders see a refused connection
-        refused = send_files(_to_orthanc(pacs), [corpus_file("693_UNCI.dcm")], NODE_AET)
-        assert refused.outcome == Outcome.TRANSIENT
-        assert refused.association is not None and refused.association.state == AssociationState.REFUSED
-
-        pacs.start()  # same ports, same storage
-        assert pacs.studies() == [stored["ParentStudy"]]
-        assert send_files(_to_orthanc(pacs), [corpus_file("693_UNCI.dcm")], NODE_AET).outcome == Outcome.DELIVERED
+    pacs.stop()  # outage: the port closes, senders see a refused connection
     assert not pacs.running
+    refused = send_files(_to_orthanc(pacs), [corpus_file("693_UNCI.dcm")], NODE_AET)
+    assert refused.outcome == Outcome.TRANSIENT
+    assert refused.association is not None and refused.association.state == AssociationState.REFUSED
+
+    pacs.start()  # same ports, same storage
+    assert pacs.studies() == [stored["ParentStudy"]]
+    assert send_files(_to_orthanc(pacs), [corpus_file("693_UNCI.dcm")], NODE_AET).outcome == Outcome.DELIVERED
     assert "Orthanc has started" in pacs.log_path.read_text(errors="replace")
 
 
