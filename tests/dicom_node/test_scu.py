@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -419,6 +420,9 @@ def test_abort_in_the_middle_of_a_batch_leaves_the_rest_transient(results: dict[
     assert [f.outcome for f in report.files] == [Outcome.DELIVERED, Outcome.TRANSIENT, Outcome.TRANSIENT]
     assert "aborted" in report.files[1].reason and report.files[1].status is None
     assert report.outcome == Outcome.TRANSIENT
+    stored = json.loads(json.dumps(report.as_dict()))  # what the job store keeps
+    assert [f["outcome"] for f in stored["files"]] == ["delivered", "transient", "transient"]
+    assert stored["files"][0]["status_name"] == "Success" and stored["outcome"] == "transient"
 
 
 def test_sop_class_the_peer_does_not_accept_is_rejected_and_others_go_through(results: dict[str, Path]) -> None:
