@@ -622,7 +622,7 @@ def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
 
 #: (label, substring of a frame "function (file:line)"); the first matching from the leaf up names a sample.
 CATEGORIES = [
-    ("spool: fsync of file and directory", ("durable_write (dicom_node/spool.py", "_fsync_dir")),
+    ("spool: durable_write (write, fsync, rename, dir fsync)", ("durable_write (dicom_node/spool.py", "_fsync_dir")),
     ("spool: write/rename/mkdir", ("Spool.store", "Spool._ensure_dir", "store (dicom_node/spool.py")),
     ("job store: record_instance (SQLite commit)", ("record_instance",)),
     ("job store: has_instance / is_own_result", ("has_instance", "is_own_result")),
