@@ -16,12 +16,14 @@ With ``model.path`` unset it loads the packaged checkpoint under ``inference/dem
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
+from sr_writer.findings import AlgorithmIdentity, Finding, Language
 
-from inference.adapters.base import ModelAdapter, checkpoint_fingerprint
+from inference.adapters.base import HFHandle, ModelAdapter, checkpoint_fingerprint
 from inference.demo import (
     CHECKPOINT_DIR,
     DISCLAIMER,
@@ -36,9 +38,8 @@ from inference.demo.texts import (
     prompt_text_to_region,
 )
 from inference.geometry import ImageTransform
-from inference.parsing import BoxSpace, parse_ref_boxes, regions_to_findings
-from inference.types import ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
-from sr_writer.findings import AlgorithmIdentity, Finding, Language
+from inference.parsing import BoxSpace, ParsedRegions, parse_ref_boxes, regions_to_findings
+from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
 
 __all__ = ["DemoAdapter"]
 
@@ -93,13 +94,20 @@ class DemoAdapter(ModelAdapter):
         # grounded_report, and region_to_text / vqa answered from the grounded report
         return Prompt(prompt_grounded_report(language))
 
+    # -- transformers backend --
+    def hf_expand_image_tokens(self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int) -> str:
+        """LLaVA: the ``<image>`` placeholder becomes one token per vision patch (the CLS token is dropped)."""
+        vision = handle.model.config.vision_config
+        count = (int(vision.image_size) // int(vision.patch_size)) ** 2
+        return text.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * count, 1)
+
     # -- post-process --
     def parse(self, text: str, item: PreparedInput) -> ParsedAnswer:
         request = item.request
         language = request.language
         parsed = parse_ref_boxes(text)
         kept = tuple(r for r in parsed.regions if r.boxes or r.text.strip(" .。") not in _ABSENT)
-        parsed = type(parsed)(kept, parsed.narrative, parsed.problems)
+        parsed = ParsedRegions(kept, parsed.narrative, parsed.problems)
         findings, problems = regions_to_findings(
             parsed, self.box_space, item.transform, item.image.ref, language, default_label="lesion"
         )

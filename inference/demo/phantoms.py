@@ -21,6 +21,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import dcmread
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -297,7 +298,7 @@ def _draw_ct(
 def _base_dataset(rng: np.random.Generator, sop_class: str, modality: str) -> Dataset:
     seed_uid = int(rng.integers(0, 2**62))
     file_meta = FileMetaDataset()
-    file_meta.MediaStorageSOPClassUID = sop_class
+    file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds = Dataset()
     ds.file_meta = file_meta
     ds.SOPClassUID = sop_class

@@ -23,9 +23,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from sr_writer.findings import Language
 from torch.nn import functional as F
 
 from inference.demo import CHECKPOINT_DIR, DISCLAIMER, MODEL_NAME
@@ -39,7 +41,6 @@ from inference.demo.modeling import (
 )
 from inference.demo.phantoms import iter_phantoms
 from inference.demo.texts import IM_END, IMAGE_TOKEN
-from sr_writer.findings import Language
 
 __all__ = ["TrainSettings", "main", "train"]
 
@@ -52,8 +53,8 @@ TRAIN_SEED = 7
 @dataclass(frozen=True)
 class TrainSettings:
     seed: int = TRAIN_SEED
-    n_train: int = 8000
-    steps: int = 1300
+    n_train: int = 4000
+    steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 2e-3
     warmup: int = 100
@@ -146,10 +147,11 @@ def _dense_targets(examples: Sequence[Example], grid: int) -> tuple[torch.Tensor
 
 
 def _dense_loss(head: torch.nn.Module, tokens: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
-    grid = int(round(math.sqrt(NUM_IMAGE_TOKENS)))
+    grid = round(math.sqrt(NUM_IMAGE_TOKENS))
     covered, kind, boxes = (t.to(tokens.device) for t in _dense_targets(examples, grid))
     out = head(tokens.reshape(len(examples), grid * grid, -1))
-    objectness = F.binary_cross_entropy_with_logits(out[..., 0], covered, pos_weight=torch.tensor(4.0, device=tokens.device))
+    weight = torch.tensor(4.0, device=tokens.device)
+    objectness = F.binary_cross_entropy_with_logits(out[..., 0], covered, pos_weight=weight)
     positive = covered > 0
     if not positive.any():
         return objectness
@@ -177,7 +179,7 @@ def train(settings: TrainSettings, out: Path) -> Path:
 
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    model = build_model(tokenizer, settings.seed)
+    model: Any = build_model(tokenizer, settings.seed)
     device = torch.device(settings.device)
     model.to(device).train()
     soft = _soft_targets(len(tokenizer), coordinate_token_ids(tokenizer), settings.coord_sigma).to(device)
@@ -230,7 +232,7 @@ MODEL_CARD = """# {name}
 {disclaimer_zh}
 
 A demonstration model of the DICOM AI node. Architecture: LLaVA (`LlavaForConditionalGeneration`): a CLIP vision
-tower (128 x 128 input, 8 x 8 patches, 4 layers, width 128), LLaVA's projector and a Llama decoder (3 layers,
+tower (128 x 128 input, 16 x 16 patches, 4 layers, width 128), LLaVA's projector and a Llama decoder (3 layers,
 width 128), with a word-level bilingual tokenizer. {parameters:,} parameters.
 
 Trained by `python -m inference.demo.train` on {n_train} synthetic phantoms (radiograph-like and CT-slice-like
