@@ -196,7 +196,7 @@ def workers(variant: Variant, broker: str, data_dir: Path, stamps: Path, notify:
         if variant.prefetch is not None:
             cmd += ["--prefetch", str(variant.prefetch)]
         for flag in variant.flags:
-            cmd += ["--extra-flag", flag]
+            cmd.append(f"--extra-flag={flag}")
         log_file = (data_dir / f"worker-{queue}.log").open("ab")
         procs.append(subprocess.Popen(cmd, cwd=repo, stdout=log_file, stderr=subprocess.STDOUT,
                                       start_new_session=True))
