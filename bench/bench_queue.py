@@ -243,7 +243,7 @@ def summary(values_ms: list[float]) -> dict[str, float]:
     ordered = sorted(values_ms)
     return {
         "median": statistics.median(ordered),
-        "p90": ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))],
+        "p90": ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))],
         "max": ordered[-1],
     }
 
@@ -447,7 +447,8 @@ def redis_server(workdir: Path) -> Iterator[str]:
 
 
 def load() -> str:
-    return "load average %.2f %.2f %.2f" % os.getloadavg()
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def print_report(results: list[dict[str, Any]], floors: dict[str, dict[str, float]], jobs: int) -> None:
