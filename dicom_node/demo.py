@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dicom_node.config import Settings, load_settings
+from dicom_node.logs import configure_logging
 from dicom_node.receiver import Receiver, free_port
 from dicom_node.store import JobState, JobStore
 
@@ -82,6 +83,7 @@ def run_demo(base: Settings, console: Console, keep_running: bool = False, timeo
     data_dir = (base.node.data_dir / "demo").resolve()
     if data_dir.exists():
         shutil.rmtree(data_dir)
+    configure_logging("WARNING", False, data_dir)  # the audit trail goes to data_dir/audit.log
     study_uid = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
 
     orthanc = None
