@@ -22,10 +22,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
 from inference.demo import CHECKPOINT_DIR
 from inference.demo.evaluate import held_out, load, model_image, predict
 from inference.types import Profile, TaskRequest
-from transformers import AutoConfig, AutoModelForImageTextToText
 
 
 def median_seconds(fn: Callable[[], object], runs: int) -> float:

@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pydicom  # noqa: E402
+
 from inference.adapters.medrega import MedRegAAdapter  # noqa: E402
 from inference.config import ModelSettings  # noqa: E402
 from inference.pixels import load_image  # noqa: E402
@@ -120,6 +121,7 @@ def time_engine(engine: Any, image: ModelImage, repeat: int, tokens: int) -> tup
 
 def bench_generate(repeat: int, tokens: int) -> None:
     import torch
+
     from inference.engine import Engine
     from tests.inference.tiny_models import BUILDERS
 

@@ -484,9 +484,10 @@ def _serve_node(config: str, patches: list[str]) -> None:
 def _serve_discard(port: int, count_file: Path, patches: list[str]) -> None:
     for name in patches:
         PATCHES[name]()
+    from pynetdicom import evt
+
     from dicom_node.config import NodeSettings
     from dicom_node.scp import build_ae
-    from pynetdicom import evt
 
     ae = build_ae(NodeSettings(ae_title=DiscardReceiver.aet, max_pdu=MAX_PDU, max_associations=16))
     lock = threading.Lock()
@@ -689,11 +690,12 @@ def handler_breakdown(files: Sequence[Path], root: Path, threads: int = 1) -> di
     """
     from io import BytesIO
 
+    from pydicom.filereader import read_preamble
+    from pynetdicom.dsutils import decode, encode_file_meta
+
     from dicom_node.scp import _HEADER_KEYWORDS, _native_pixel_bytes_expected
     from dicom_node.spool import Spool
     from dicom_node.store import InstanceRecord, JobStore
-    from pydicom.filereader import read_preamble
-    from pynetdicom.dsutils import decode, encode_file_meta
 
     work = Path(tempfile.mkdtemp(prefix="breakdown-", dir=root))
     spool = Spool(work / "spool", sync=True)

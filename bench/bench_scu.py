@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pydicom
-from dicom_node.config import DestinationSettings
-from dicom_node.scu import Outcome, send_files
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+
+from dicom_node.config import DestinationSettings
+from dicom_node.scu import Outcome, send_files
 from tests.orthanc import ORTHANC_BINARY, Orthanc, StoreRecorder
 
 

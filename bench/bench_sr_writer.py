@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from sr_writer.context import ResultOptions
-from tests.sr_writer.helpers import ellipse_mask, read, synthetic_result, synthetic_series
 
 from sr_writer import (
     BoundingBox,
@@ -40,6 +38,8 @@ from sr_writer import (
     result_uid,
     write_result_objects,
 )
+from sr_writer.context import ResultOptions
+from tests.sr_writer.helpers import ellipse_mask, read, synthetic_result, synthetic_series
 
 N_FINDINGS = 20
 N_MASKS = 5

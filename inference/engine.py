@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from sr_writer.findings import AlgorithmIdentity, BoundingBox, Finding, ImageRef, InferenceResult, Language, Report
 
 from inference.adapters.base import ModelAdapter
 from inference.backends.base import Backend
@@ -36,6 +35,7 @@ from inference.pixels import (
 from inference.regions import region_from_dataset
 from inference.registry import adapter_class, backend_class
 from inference.types import ModelImage, ParsedAnswer, PreparedInput, Profile, RegionInput, TaskRequest
+from sr_writer.findings import AlgorithmIdentity, BoundingBox, Finding, ImageRef, InferenceResult, Language, Report
 
 __all__ = ["Engine", "compose_report"]
 

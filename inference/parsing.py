@@ -25,10 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sr_writer.findings import BoundingBox, Finding, ImageRef, Language
-
 from inference.geometry import ImageTransform
 from inference.types import ParsedAnswer, PreparedInput, Profile
+from sr_writer.findings import BoundingBox, Finding, ImageRef, Language
 
 __all__ = [
     "BoxSpace",

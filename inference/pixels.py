@@ -30,10 +30,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
-from sr_writer.findings import ImageRef
 
 from inference.errors import PoisonInputError
 from inference.types import ModelImage
+from sr_writer.findings import ImageRef
 
 __all__ = [
     "CT_WINDOWS",

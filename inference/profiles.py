@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sr_writer.findings import Language
-
 from inference.types import IMAGE_PLACEHOLDER, Profile
+from sr_writer.findings import Language
 
 __all__ = [
     "DEFAULT_TARGETS",

@@ -11,9 +11,9 @@ import logging
 from collections.abc import Iterator, Sequence
 
 from pydicom.dataset import Dataset
-from sr_writer.findings import BoundingBox, ImageRef
 
 from inference.types import RegionInput
+from sr_writer.findings import BoundingBox, ImageRef
 
 __all__ = ["box_from_graphic", "region_from_dataset"]
 

@@ -11,9 +11,9 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
-from sr_writer.findings import BoundingBox, Finding, ImageRef, Language
 
 from inference.geometry import ImageTransform
+from sr_writer.findings import BoundingBox, Finding, ImageRef, Language
 
 __all__ = [
     "IMAGE_PLACEHOLDER",

@@ -8,11 +8,11 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
+
 from dicom_node.config import Settings, load_settings
 from dicom_node.receiver import free_port
 from dicom_node.service import Dispatcher, Node, RecordingDispatcher
-from pydicom.uid import generate_uid
-
 from tests.corpus import corpus_file
 
 

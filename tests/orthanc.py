@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dicom_node.orthanc import *  # noqa: F403  (the Orthanc helpers, re-exported for the tests)
-from dicom_node.orthanc import ORTHANC_BINARY, Orthanc, free_ports, wait_until
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import Status
+
+from dicom_node.orthanc import *  # noqa: F403  (the Orthanc helpers, re-exported for the tests)
+from dicom_node.orthanc import ORTHANC_BINARY, Orthanc, free_ports, wait_until
 
 LOGGER = logging.getLogger(__name__)
 

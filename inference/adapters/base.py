@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from sr_writer.findings import AlgorithmIdentity
 
 from inference.config import ModelSettings
 from inference.errors import ModelLoadError
 from inference.geometry import ImageTransform
 from inference.profiles import default_max_new_tokens
 from inference.types import ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+from sr_writer.findings import AlgorithmIdentity
 
 __all__ = ["HFHandle", "ModelAdapter", "WeightFiles", "checkpoint_fingerprint", "read_chat_template"]
 

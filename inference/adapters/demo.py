@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from sr_writer.findings import AlgorithmIdentity, Finding, Language
 
 from inference.adapters.base import HFHandle, ModelAdapter, checkpoint_fingerprint
 from inference.demo import (
@@ -40,6 +39,7 @@ from inference.demo.texts import (
 from inference.geometry import ImageTransform
 from inference.parsing import BoxSpace, ParsedRegions, parse_ref_boxes, regions_to_findings
 from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+from sr_writer.findings import AlgorithmIdentity, Finding, Language
 
 __all__ = ["DemoAdapter"]
 

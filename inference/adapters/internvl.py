@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-from sr_writer.findings import Language
 
 from inference.adapters.base import HFHandle, ModelAdapter
 from inference.adapters.medrega import format_ref_box, parse_ref_box_answer
@@ -21,6 +20,7 @@ from inference.parsing import BoxSpace
 from inference.pixels import resample
 from inference.profiles import DEFAULT_TARGETS, modality_noun
 from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+from sr_writer.findings import Language
 
 __all__ = ["InternVLAdapter", "fit_within", "ref_box_prompt"]
 

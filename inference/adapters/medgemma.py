@@ -14,7 +14,6 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
-from sr_writer.findings import Language
 
 from inference.adapters.base import HFHandle, ModelAdapter
 from inference.geometry import ImageTransform
@@ -22,6 +21,7 @@ from inference.parsing import BoxSpace, build_answer, parse_json_boxes
 from inference.pixels import pad, resample
 from inference.profiles import DEFAULT_TARGETS, modality_noun
 from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+from sr_writer.findings import Language
 
 __all__ = ["MedGemmaAdapter", "medgemma_prompt"]
 

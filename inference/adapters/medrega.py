@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from sr_writer.findings import Language
 
 from inference.adapters.base import HF_CHECKPOINT_FILES, HFHandle, ModelAdapter, WeightFiles
 from inference.geometry import ImageTransform
@@ -32,6 +31,7 @@ from inference.parsing import BoxSpace, build_answer, parse_ref_boxes
 from inference.pixels import resample
 from inference.profiles import DEFAULT_TARGETS
 from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+from sr_writer.findings import Language
 
 __all__ = [
     "MEDREGA_BOX_SPACE",

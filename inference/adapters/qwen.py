@@ -19,7 +19,6 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
-from sr_writer.findings import Language
 
 from inference.adapters.base import HFHandle, ModelAdapter
 from inference.geometry import ImageTransform
@@ -27,6 +26,7 @@ from inference.parsing import BoxSpace, build_answer, parse_json_boxes
 from inference.pixels import resample
 from inference.profiles import DEFAULT_TARGETS, modality_noun
 from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+from sr_writer.findings import Language
 
 __all__ = ["Qwen3VLAdapter", "Qwen25VLAdapter", "json_box_prompt", "smart_resize"]
 

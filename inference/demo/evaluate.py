@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sr_writer.findings import BoundingBox, ImageRef, Language
 
 from inference.adapters.base import HFHandle
 from inference.adapters.demo import DemoAdapter
@@ -29,6 +28,7 @@ from inference.demo import CHECKPOINT_DIR
 from inference.demo.data import display_pixels
 from inference.demo.phantoms import Phantom, generate_phantom, read_back
 from inference.types import ModelImage, ParsedAnswer, PreparedInput, Profile, TaskRequest
+from sr_writer.findings import BoundingBox, ImageRef, Language
 
 __all__ = ["EVAL_SEED", "Scores", "evaluate", "held_out", "load", "main", "predict", "score"]
 

@@ -26,6 +26,7 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
 )
+
 from sr_writer.findings import BoundingBox, result_uid
 
 __all__ = [

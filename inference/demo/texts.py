@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sr_writer.findings import BoundingBox
 
 from inference.demo.phantoms import ANATOMY, LESIONS, Phantom, Structure
+from sr_writer.findings import BoundingBox
 
 __all__ = [
     "CHAT_TEMPLATE",

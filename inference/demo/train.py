@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sr_writer.findings import Language
 from torch.nn import functional as F
 
 from inference.demo import CHECKPOINT_DIR, DISCLAIMER, MODEL_NAME
@@ -41,6 +40,7 @@ from inference.demo.modeling import (
 )
 from inference.demo.phantoms import iter_phantoms
 from inference.demo.texts import IM_END, IMAGE_TOKEN
+from sr_writer.findings import Language
 
 __all__ = ["TrainSettings", "main", "train"]
 

@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dicom_node.scp import Status
-from dicom_node.service import Node
-from dicom_node.store import JobState
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRLittleEndian,
@@ -24,6 +21,9 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from dicom_node.scp import Status
+from dicom_node.service import Node
+from dicom_node.store import JobState
 from tests.conftest import make_study
 from tests.corpus import COMPRESSED, CORPUS, corpus_file
 from tests.dicom_node.peers import send_raw

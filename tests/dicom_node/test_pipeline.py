@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import generate_uid
+
 from dicom_node.pipeline import PermanentError, TransientError, WorkerContext, claim_job, run_export, run_inference
 from dicom_node.receiver import Receiver
 from dicom_node.service import Node
 from dicom_node.store import JobState
 from inference.engine import Engine
-from pydicom.encaps import encapsulate
-from pydicom.uid import generate_uid
-
 from tests.conftest import make_study
 from tests.dicom_node.test_intake import storescu, wait_for
 from tests.inference.tiny_models import build_qwen2_5_vl

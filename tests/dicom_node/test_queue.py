@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 import yaml
+
 from dicom_node.config import load_settings
 from dicom_node.receiver import Receiver
 from dicom_node.service import Node
 from dicom_node.store import JobState, JobStore
-
 from tests.conftest import free_port, make_study
 from tests.dicom_node.test_intake import storescu
 from tests.inference.tiny_models import build_qwen2_5_vl

@@ -17,17 +17,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicom_node.config import DestinationSettings
-from dicom_node.scu import (
-    AssociationState,
-    Outcome,
-    StoreStatus,
-    classify_store_status,
-    echo,
-    send_files,
-    status_name,
-    uid_hash,
-)
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
@@ -42,6 +31,17 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
 
+from dicom_node.config import DestinationSettings
+from dicom_node.scu import (
+    AssociationState,
+    Outcome,
+    StoreStatus,
+    classify_store_status,
+    echo,
+    send_files,
+    status_name,
+    uid_hash,
+)
 from tests.corpus import corpus_file
 from tests.orthanc import Orthanc, StoreRecorder, free_ports, requires_orthanc
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from inference.demo.data import display_pixels, make_example, model_pixels
 from inference.demo.phantoms import generate_phantom, iter_phantoms, read_back
 from inference.demo.texts import (
@@ -16,7 +18,6 @@ from inference.demo.texts import (
     relative_box,
 )
 from inference.parsing import BoxSpace, parse_ref_boxes, regions_to_findings
-from PIL import Image
 from sr_writer.findings import ImageRef
 
 
@@ -102,6 +103,7 @@ def test_tokenizer_round_trips_every_training_text_without_unknown_pieces() -> N
 def test_training_inputs_equal_what_the_processor_builds_at_inference() -> None:
     """The training loop builds ids and pixels itself (fast); they must be what AutoProcessor gives."""
     import torch
+
     from inference.demo.modeling import build_processor, build_tokenizer
     from inference.demo.train import _pixel_values, encode_pair
 

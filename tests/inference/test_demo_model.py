@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from inference.demo import CHECKPOINT_DIR, DISCLAIMER, MODEL_NAME
 from inference.demo.phantoms import generate_phantom
 from sr_writer.findings import Language

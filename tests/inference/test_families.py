@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from transformers import LogitsProcessor
+
 from inference.adapters.base import HFHandle, checkpoint_fingerprint
 from inference.config import ModelSettings
 from inference.engine import Engine
@@ -23,8 +25,6 @@ from inference.pixels import load_image
 from inference.registry import adapter_class
 from inference.types import PreparedInput, Profile, TaskRequest
 from sr_writer.findings import BoundingBox, Language
-from transformers import LogitsProcessor
-
 from tests.corpus import corpus_file
 
 HF_FAMILIES = ["qwen2_5_vl", "qwen3_vl", "internvl", "medgemma"]

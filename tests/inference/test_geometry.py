@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+
 from inference.adapters.base import ModelAdapter
 from inference.adapters.internvl import InternVLAdapter
 from inference.adapters.medgemma import MedGemmaAdapter
@@ -17,7 +18,6 @@ from inference.geometry import ImageTransform
 from inference.parsing import BoxSpace
 from inference.types import ModelImage
 from sr_writer.findings import BoundingBox, ImageRef
-
 from tests.corpus import COMPRESSED, CORPUS, corpus_file
 
 ADAPTERS: list[type[ModelAdapter]] = [MedRegAAdapter, InternVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, MedGemmaAdapter]

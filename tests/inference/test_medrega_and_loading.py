@@ -19,6 +19,10 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from pydantic import ValidationError
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
 from inference.adapters.base import HFHandle
 from inference.adapters.medrega import MedRegAAdapter
 from inference.backends.hf import TransformersBackend
@@ -28,11 +32,7 @@ from inference.errors import ModelLoadError, PoisonInputError
 from inference.pixels import load_image
 from inference.regions import region_from_dataset
 from inference.types import Profile, TaskRequest
-from pydantic import ValidationError
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from sr_writer.findings import BoundingBox, Language
-
 from tests.corpus import corpus_file
 from tests.inference.tiny_models import CHATML_TEMPLATE, build_tokenizer
 

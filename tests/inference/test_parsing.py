@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from inference.adapters.base import ModelAdapter
 from inference.adapters.internvl import InternVLAdapter
 from inference.adapters.medgemma import MedGemmaAdapter

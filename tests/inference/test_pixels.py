@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+
 from inference.errors import PoisonInputError
 from inference.pixels import (
     CT_WINDOWS,
@@ -17,8 +19,6 @@ from inference.pixels import (
     read_header,
     select_images,
 )
-from pydicom.data import get_testdata_file
-
 from tests.corpus import COMPRESSED, CORPUS, corpus_file
 
 

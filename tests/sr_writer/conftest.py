@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+
+from sr_writer import ResultUIDs
 from sr_writer.api import build_result_objects
 from sr_writer.context import ResultOptions
 from sr_writer.findings import InferenceResult
-
-from sr_writer import ResultUIDs
 from tests.sr_writer.helpers import STUDIES, Verdict, dciodvfy, have_tool, read, synthetic_result
 
 

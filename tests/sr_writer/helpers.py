@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+
 from sr_writer.findings import (
     AlgorithmIdentity,
     BoundingBox,
@@ -22,7 +23,6 @@ from sr_writer.findings import (
     Report,
     result_uid,
 )
-
 from tests.corpus import corpus_file
 
 ALGORITHM = AlgorithmIdentity(

@@ -8,12 +8,12 @@ from pathlib import Path
 import highdicom as hd
 import pytest
 from pydicom import dcmread
+
+from sr_writer import BoundingBox, Finding, ImageRef, ResultUIDs, build_result_objects, write_result_objects
 from sr_writer.context import ResultOptions
 from sr_writer.gsps import graphic_label
 from sr_writer.render import read_findings
 from sr_writer.text import LO_MAX, MAX_UT_CHARS, ST_MAX, multi_line, single_line
-
-from sr_writer import BoundingBox, Finding, ImageRef, ResultUIDs, build_result_objects, write_result_objects
 from tests.sr_writer.helpers import STUDIES, dciodvfy, have_tool, read, synthetic_result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydicom.sr.codedict import codes
+
 from sr_writer.lexicon import finding_site_for, finding_type_for
 from sr_writer.text import ascii_code_string
 

@@ -6,10 +6,10 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
-from sr_writer.context import ResultOptions
-from sr_writer.seg import box_mask
 
 from sr_writer import BoundingBox, Finding, ImageRef, ResultUIDs, build_result_objects, write_result_objects
+from sr_writer.context import ResultOptions
+from sr_writer.seg import box_mask
 from tests.sr_writer.conftest import BuiltStudy
 from tests.sr_writer.helpers import ALGORITHM, STUDIES, ellipse_mask, read, synthetic_result, synthetic_series
 

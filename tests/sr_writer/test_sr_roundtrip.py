@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.sr.codedict import codes
-from sr_writer.context import ResultOptions
-from sr_writer.render import read_findings, read_sr
 
 from sr_writer import BoundingBox, ResultUIDs, build_result_objects, render_sr
+from sr_writer.context import ResultOptions
+from sr_writer.render import read_findings, read_sr
 from tests.sr_writer.conftest import BuiltStudy
 from tests.sr_writer.helpers import STUDIES, read, synthetic_result
 
