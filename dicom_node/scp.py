@@ -238,7 +238,7 @@ class Intake:
                 f"Pixel Data is truncated: {pixel_length} bytes, the header needs {expected}",
             )
 
-        if self.store.has_instance(sop_uid) or self.store.is_own_result(sop_uid):
+        if self.store.known_instance(sop_uid):
             log.info("instance %s from %s already stored; not processed again", uid_hash(sop_uid), calling)
             self.counters.add(duplicates=1)
             return Status.SUCCESS

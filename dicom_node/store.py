@@ -288,6 +288,14 @@ class JobStore:
                 is not None
             )
 
+    def known_instance(self, sop_instance_uid: str) -> bool:
+        """True when the instance was received before or is one of our own results: one query on the C-STORE path."""
+        q = select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid == sop_instance_uid).union_all(
+            select(results.c.sop_instance_uid).where(results.c.sop_instance_uid == sop_instance_uid)
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(q.limit(1)).first() is not None
+
     def is_own_result(self, sop_instance_uid: str) -> bool:
         """True for an instance the node produced itself (a PACS may route our results back to us)."""
         with self.engine.connect() as conn:
