@@ -1,29 +1,5 @@
-"""Orthanc for the tests: the helpers of dicom_node.orthanc, a pytest fixture, and a recording SCP.
-
-:class:`Orthanc` writes a configuration into a work directory (storage and index of its own, no
-authentication, HTTP restricted to loopback), starts ``/usr/sbin/Orthanc`` in its own process group, and talks
-to its REST API with the standard library only. When a node is given (:class:`NodeModality`), the node is
-registered in ``DicomModalities`` as ``node`` and a Lua ``OnStableStudy`` script auto-routes each study to it,
-as a PACS routing rule would, with two guards that keep results from looping back:
-
-- instances whose ``RemoteAET`` metadata (the calling AE title Orthanc saw on C-STORE) is one of the node's
-  AE titles are never routed: they are the node's own results;
-- instances already routed carry the user metadata ``RoutedToNode`` and are not routed again when the study
-  becomes stable a second time (which it does when the results arrive).
-
-Each decision is written to the study's user metadata ``NodeRouting`` as
-``routed=N from_node=N already_routed=N`` (or ``error=...``), so a test can wait for the decision instead of
-sleeping. :class:`StoreRecorder` is a pynetdicom Storage SCP that stands in for the node (or for a PACS that
-answers with chosen statuses).
-
-Typical use::
-
-    with Orthanc(tmp_path / "orthanc", node=NodeModality("AINODE", "127.0.0.1", node_port)) as pacs:
-        pacs.upload(corpus_file("RG1_UNCI.dcm"))
-        ...
-        pacs.stop()   # outage
-        pacs.start()  # same ports, same storage
-"""
+"""Orthanc for the tests: :mod:`dicom_node.orthanc` re-exported, the ``orthanc_factory`` fixture, the
+``requires_orthanc`` mark, and :class:`StoreRecorder`, a Storage SCP that answers chosen statuses."""
 
 from __future__ import annotations
 
