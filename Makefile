@@ -41,7 +41,7 @@ test: setup lint typecheck
 	$(BIN)/pytest -q
 
 bench: setup
-	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in bench/bench_*.py; do m=$$(basename $$b .py); echo "== $$m"; $(BIN)/python -m bench.$$m || exit 1; done
 
 demo-model: setup
 	$(BIN)/python -m inference.demo.train
