@@ -28,6 +28,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         overrides: dict[str, Any] = {
             "node": {"port": free_port(), "bind": "127.0.0.1", "data_dir": str(data_dir)},
             "study": {"stable_seconds": 1.0, "max_wait_seconds": 60},
+            "queue": {"start_workers": False},  # tests that want workers start them themselves
         }
         for name, values in sections.items():
             if isinstance(values, dict) and isinstance(overrides.get(name), dict):
