@@ -296,41 +296,28 @@ def jobs_show(
             out.print(f"    {r['kind']:<5} {r['sop_instance_uid']}  delivered to {r['delivered_to']}", highlight=False)
 
 
+def _move_job(config: Path | None, job_id: int, to: JobState, expect: list[JobState], verb: str, done: str) -> None:
+    store = _store(_settings(config))
+    if not store.transition(job_id, to, expect=expect, detail=f"{done} by administrator"):
+        job = store.job(job_id)
+        allowed = ", ".join(s.value for s in expect)
+        why = "no such job" if job is None else f"it is {job.state.value}; only {allowed} jobs can be"
+        err.print(f"[red]error:[/red] cannot {verb} job {job_id}: {why}")
+        raise typer.Exit(1)
+
+
 @jobs_app.command("retry")
 def jobs_retry(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
-    """Run a failed or cancelled job again (same run, so the same result UIDs)."""
-    settings = _settings(config)
-    store = _store(settings)
-    ok = store.transition(
-        job_id,
-        JobState.QUEUED,
-        expect=[JobState.FAILED, JobState.CANCELLED, JobState.SKIPPED],
-        detail="retried by administrator",
-    )
-    if not ok:
-        job = store.job(job_id)
-        why = "no such job" if job is None else f"it is {job.state.value}; only failed, cancelled or skipped jobs"
-        err.print(f"[red]error:[/red] cannot retry job {job_id}: {why}")
-        raise typer.Exit(1)
+    """Run a failed or cancelled job again (same run, so the same result UIDs: the PACS overwrites)."""
+    _move_job(config, job_id, JobState.QUEUED, [JobState.FAILED, JobState.CANCELLED], "retry", "retried")
     out.print(f"job {job_id} queued again; the node picks it up within its reconcile period")
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
     """Cancel a job that has not been delivered yet."""
-    settings = _settings(config)
-    store = _store(settings)
-    ok = store.transition(
-        job_id,
-        JobState.CANCELLED,
-        expect=[JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED],
-        detail="cancelled by administrator",
-    )
-    if not ok:
-        job = store.job(job_id)
-        why = "no such job" if job is None else f"it is already {job.state.value}"
-        err.print(f"[red]error:[/red] cannot cancel job {job_id}: {why}")
-        raise typer.Exit(1)
+    unfinished = [JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED]
+    _move_job(config, job_id, JobState.CANCELLED, unfinished, "cancel", "cancelled")
     out.print(f"job {job_id} cancelled")
 
 

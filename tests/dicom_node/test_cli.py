@@ -1,0 +1,52 @@
+"""The administrator's commands on a real job store: config check, jobs list/show/retry/cancel."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from dicom_node.cli import app
+from dicom_node.service import Node
+from dicom_node.store import JobState
+from tests.conftest import make_study
+from tests.dicom_node.test_intake import storescu, wait_for
+
+runner = CliRunner()
+
+
+def test_config_check_names_key_value_and_rule(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"node": {"port": 70000}, "queue": {"broker": "x"}}))
+    result = runner.invoke(app, ["config", "check", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert "node.port" in result.output and "70000" in result.output
+    assert "queue.broker: unknown key" in result.output
+    good = runner.invoke(app, ["config", "check", "--config", "config/node.example.yaml"])
+    assert good.exit_code == 0, good.output
+
+
+def test_jobs_list_show_cancel_retry(running_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = running_node()
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"node": {"data_dir": str(node.settings.node.data_dir)}}))
+    assert storescu(node, make_study(tmp_path / "s", 1)).returncode == 0
+    job_id = wait_for(lambda: node.store.list_jobs())[0].id  # type: ignore[index]
+
+    listed = runner.invoke(app, ["jobs", "list", "--json", "--config", str(config)])
+    assert listed.exit_code == 0 and json.loads(listed.output)[0]["state"] == "queued"
+    refused = runner.invoke(app, ["jobs", "retry", str(job_id), "--config", str(config)])
+    assert refused.exit_code == 1 and "cannot retry job" in refused.output
+    assert runner.invoke(app, ["jobs", "cancel", str(job_id), "--config", str(config)]).exit_code == 0
+    assert node.store.job(job_id).state is JobState.CANCELLED  # type: ignore[union-attr]
+    again = runner.invoke(app, ["jobs", "cancel", str(job_id), "--config", str(config)])
+    assert again.exit_code == 1 and "it is cancelled" in again.output
+    assert runner.invoke(app, ["jobs", "retry", str(job_id), "--config", str(config)]).exit_code == 0
+    assert node.store.job(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
+    shown = runner.invoke(app, ["jobs", "show", str(job_id), "--config", str(config)])
+    assert "retried by administrator" in shown.output and "cancelled by administrator" in shown.output
+    missing = runner.invoke(app, ["jobs", "show", "9999", "--config", str(config)])
+    assert missing.exit_code == 1
