@@ -82,10 +82,8 @@ def _save(model: torch.nn.Module, processor: Any, directory: Path) -> Path:
     return directory
 
 
-def build_qwen2_5_vl(directory: Path) -> Path:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
+def _qwen_tokenizer(directory: Path) -> tuple[Any, dict[str, int]]:
+    """The Qwen-VL families' special tokens and ChatML template, shared by Qwen2.5-VL and Qwen3-VL."""
     specials = [
         "<|endoftext|>",
         "<|im_start|>",
@@ -98,6 +96,14 @@ def build_qwen2_5_vl(directory: Path) -> Path:
     template = CHATML_TEMPLATE.replace("{{ IMAGE }}", "<|vision_start|><|image_pad|><|vision_end|>")
     tokenizer = build_tokenizer(directory, specials, eos="<|im_end|>", pad="<|endoftext|>", template=template)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    return tokenizer, ids
+
+
+def build_qwen2_5_vl(directory: Path) -> Path:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer, ids = _qwen_tokenizer(directory)
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -135,18 +141,7 @@ def build_qwen3_vl(directory: Path) -> Path:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    specials = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-    ]
-    template = CHATML_TEMPLATE.replace("{{ IMAGE }}", "<|vision_start|><|image_pad|><|vision_end|>")
-    tokenizer = build_tokenizer(directory, specials, eos="<|im_end|>", pad="<|endoftext|>", template=template)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    tokenizer, ids = _qwen_tokenizer(directory)
     config = Qwen3VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
