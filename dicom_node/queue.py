@@ -6,8 +6,8 @@
 Tasks carry a job id, never pixels (DESIGN invariant 4). The job store decides what still has to run
 (invariant 3): messages may be lost (Redis flushed) or duplicated (redelivery, reconciler) and nothing breaks.
 
-``queue.broker_url: embedded`` uses kombu's filesystem transport under ``<data_dir>/broker``: the same tasks and
-workers, with no service to install.
+``queue.broker_url: embedded`` uses kombu's filesystem transport under ``<data_dir>/broker`` (with atomic message
+writes: :mod:`dicom_node.embedded_broker`): the same tasks and workers, with no service to install.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_process_init
 
+from dicom_node import embedded_broker
 from dicom_node.config import Settings
 from dicom_node.pipeline import PermanentError, TransientError, WorkerContext, run_export, run_inference
 from dicom_node.store import JobRecord, JobState
@@ -56,7 +57,7 @@ def broker_settings(settings: Settings) -> tuple[str, dict[str, Any]]:
         control = settings.node.data_dir / "broker" / "control"
         for d in (folder, control):
             d.mkdir(parents=True, exist_ok=True)
-        return "filesystem://localhost//", {
+        return f"{embedded_broker.SCHEME}://localhost//", {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "control_folder": str(control),
@@ -76,7 +77,7 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
     broker, transport = broker_settings(settings)
     app = Celery("dicom_node", broker=broker, set_as_current=False)
     q = settings.queue
-    embedded = broker.startswith("filesystem://")
+    embedded = broker.startswith(f"{embedded_broker.SCHEME}://")
     app.conf.update(
         broker_transport_options=transport,
         # The job store holds every state and result; Celery's result backend would be a second truth.
