@@ -76,6 +76,14 @@ class Site:
         finally:
             store.close()
 
+    def node_has(self, sop_instance_uid: str) -> bool:
+        """True once the node has received and recorded this instance."""
+        store = JobStore(self.settings.store_url)
+        try:
+            return store.has_instance(sop_instance_uid)
+        finally:
+            store.close()
+
     def wait_jobs(self, count: int, timeout: float = 180) -> list[Any]:
         deadline = time.monotonic() + timeout
         jobs: list[Any] = []
@@ -156,11 +164,14 @@ def test_pacs_routes_cr_ct_and_mr_and_gets_valid_sr_and_gsps_back(site: Site, tm
 
 def test_pacs_outage_during_export_every_result_arrives_once(site: Site, tmp_path: Path) -> None:
     site.start_node()
+    source = pydicom.dcmread(corpus_file("RG1_UNCI.dcm"), stop_before_pixels=True)
     site.pacs.upload(corpus_file("RG1_UNCI.dcm"))
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not site.jobs():
-        time.sleep(0.1)
-    site.pacs.stop()  # the PACS goes down while the node infers and exports
+    while time.monotonic() < deadline and not site.node_has(source.SOPInstanceUID):
+        time.sleep(0.05)
+    # The PACS fails the moment it has routed the study: the node's job starts only once the study is stable (1 s),
+    # so every export attempt meets a PACS that is down. A clean stop takes seconds, longer than a whole demo job.
+    site.pacs.kill()
     jobs: list[Any] = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -172,8 +183,7 @@ def test_pacs_outage_during_export_every_result_arrives_once(site: Site, tmp_pat
     site.pacs.start()
     job = site.wait_jobs(1, timeout=120)[0]
     assert job.state is JobState.DELIVERED
-    study_uid = pydicom.dcmread(corpus_file("RG1_UNCI.dcm"), stop_before_pixels=True).StudyInstanceUID
-    found = results_in_pacs(site, study_uid, tmp_path / "dl")
+    found = results_in_pacs(site, source.StudyInstanceUID, tmp_path / "dl")
     assert len(found["SR"]) == 1 and len(found.get("PR", [])) == 1
 
 
