@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from threading import Lock
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -33,19 +35,19 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from dicom_node.config import NodeSettings, StudySettings
 from dicom_node.logs import audit, uid_hash
-from dicom_node.spool import InvalidUIDError, Spool, check_uid
+from dicom_node.spool import InvalidUIDError, Spool, Staged, check_uid
 from dicom_node.store import InstanceRecord, JobStore
 
-__all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "Intake", "Status", "start_scp"]
+__all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "Intake", "Status", "start_scp", "tune_association"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class Status:
 
 # A-ASSOCIATE-RJ (result, source, diagnostic): rejected-permanent, service-user, calling AE title not recognised.
 _REJECT_CALLING_NOT_RECOGNISED = (0x01, 0x01, 0x03)
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
 
 _HEADER_KEYWORDS = (
     "StudyInstanceUID",
@@ -154,6 +158,35 @@ class _PolicyACSE(ACSE):
         self.assoc.kill()
 
 
+def _short_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element in explicit VR little endian with a 2-byte length (UL, UI, SH)."""
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def file_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information (PS3.10 7.1) of a received instance.
+
+    The same elements and bytes as pynetdicom's ``Event.file_meta`` written by pydicom, which took 0.2 to 0.5 ms per
+    instance on the C-STORE path; a test holds the two equal.
+    """
+
+    def padded(text: str, pad: bytes) -> bytes:
+        raw = text.encode("ascii")
+        return raw + pad if len(raw) % 2 else raw
+
+    elements = b"".join(
+        (
+            struct.pack("<HH2s2sI", 0x0002, 0x0001, b"OB", b"\0\0", 2) + b"\x00\x01",
+            _short_element(0x0002, b"UI", padded(sop_class_uid, b"\0")),
+            _short_element(0x0003, b"UI", padded(sop_instance_uid, b"\0")),
+            _short_element(0x0010, b"UI", padded(transfer_syntax, b"\0")),
+            _short_element(0x0012, b"UI", padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+            _short_element(0x0013, b"SH", padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    return _PREAMBLE + _short_element(0x0000, b"UL", struct.pack("<I", len(elements))) + elements
+
+
 def _native_pixel_bytes_expected(ds: Dataset) -> int | None:
     """Bytes native (uncompressed) Pixel Data must have, from the header alone; None when not checkable."""
     try:
@@ -213,6 +246,30 @@ class Intake:
             sop_uid = check_uid(raw_sop, "Affected SOP Instance UID")
         except InvalidUIDError as exc:
             return self._refuse(Status.CANNOT_UNDERSTAND, calling, raw_sop, str(exc))
+        if self._min_free and self.spool.free_bytes() < self._min_free:
+            if self.store.known_instance(sop_uid):  # a re-send needs no room
+                self.counters.add(duplicates=1)
+                return Status.SUCCESS
+            why = f"free disk below node.min_free_disk_mb ({self.node.min_free_disk_mb} MB)"
+            return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, why)
+        # The file is the preamble and File Meta, then the data set exactly as received, written from pynetdicom's
+        # buffer. It is staged first, so that the disk writes it while the header is read; it is synced and put
+        # in place only for an instance that is valid and new. (Staging on a second thread instead measured 15%
+        # slower on two cores: the hand-over costs more than it hides.)
+        head = file_head(str(request.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax))
+        with request.DataSet.getbuffer() as body:
+            try:
+                staged = self.spool.stage((head, body), source_ae=calling)
+            except OSError as exc:
+                return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, f"write failed: {exc.strerror}")
+        try:
+            return self._admit(event, calling, sop_uid, staged)
+        finally:
+            staged.discard()  # refused or a re-send; a no-op once committed
+
+    def _admit(self, event: Any, calling: str, sop_uid: str, staged: Staged) -> int:
+        """Check the header, then commit the staged file and record it; returns the status to answer."""
+        request = event.request
         try:
             ds = event.dataset
             header = {kw: ds.get(kw) for kw in _HEADER_KEYWORDS}
@@ -242,20 +299,13 @@ class Intake:
             log.info("instance %s from %s already stored; not processed again", uid_hash(sop_uid), calling)
             self.counters.add(duplicates=1)
             return Status.SUCCESS
-        if self._min_free and self.spool.free_bytes() < self._min_free:
-            return self._refuse(
-                Status.OUT_OF_RESOURCES,
-                calling,
-                sop_uid,
-                f"free disk below node.min_free_disk_mb ({self.node.min_free_disk_mb} MB)",
-            )
 
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
-        data = event.encoded_dataset(include_meta=True)
         try:
-            size = self.spool.store(path, data)
+            staged.commit(path)
         except OSError as exc:
             return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, f"write failed: {exc.strerror}")
+        size = staged.size
 
         def text(kw: str, limit: int) -> str:
             value = header[kw]
@@ -289,6 +339,7 @@ class Intake:
     # --- association events (audit) ----------------------------------------------------------------------------
 
     def on_conn_open(self, event: Any) -> None:
+        tune_association(event.assoc)
         event.assoc.acse = _PolicyACSE(event.assoc, self.policy, self.counters)
 
     def on_accepted(self, event: Any) -> None:
@@ -304,6 +355,35 @@ class Intake:
         r = event.assoc.requestor
         audit("association_aborted", address=r.address, calling_ae=r.ae_title.strip())
         log.warning("association from %s (%s) aborted", r.address, r.ae_title.strip())
+
+
+class _BulkRecvSocket(AssociationSocket):
+    """An association socket that reads a PDU with ``recv_into`` straight into one buffer.
+
+    pynetdicom's own ``recv`` reads in 4096-byte pieces and appends each to the result: for the 128 KiB PDUs the
+    node announces, 32 system calls and copies per PDU, on the association's critical path.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        buffer = bytearray(nr_bytes)
+        read = 0
+        with memoryview(buffer) as view:
+            while read < nr_bytes:
+                got = sock.recv_into(view[read:], nr_bytes - read)
+                if not got:  # connection closed: return what arrived, as pynetdicom does
+                    break
+                read += got
+        if read < nr_bytes:
+            del buffer[read:]
+        return buffer
+
+
+def tune_association(assoc: Association) -> None:
+    """Network tuning for one accepted association (called on EVT_CONN_OPEN, before its threads start)."""
+    sock = assoc.dul.socket
+    if type(sock) is AssociationSocket:
+        sock.__class__ = _BulkRecvSocket
 
 
 def build_ae(node: NodeSettings) -> AE:

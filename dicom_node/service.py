@@ -63,7 +63,11 @@ class Node:
         data_dir = settings.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(data_dir / "spool", sync=settings.node.fsync)
-        self.store = JobStore(settings.store_url)
+        # The spool carries every fact of an intake record (the calling AE as an extended attribute), and
+        # recover_spool() records any file whose record a power loss undid: so intake records need no WAL sync.
+        self.store = JobStore(settings.store_url, intake_rebuildable=self.spool.carries_source)
+        if not self.spool.carries_source:
+            log.info("the spool's file system keeps no extended attributes: intake records are synced one by one")
         if dispatcher is None:
             from dicom_node.queue import CeleryDispatcher, make_celery
 
@@ -171,17 +175,18 @@ class Node:
     # --- recovery ---------------------------------------------------------------------------------------------
 
     def recover_spool(self) -> int:
-        """Record spooled files that a crash left unrecorded (written, synced, but the record never committed).
-
-        Their senders got no Success and may resend them; recording them now means they are processed once either
-        way. Temporary files of interrupted writes are removed.
+        """Record spooled files that have no record: written and synced, but the record never committed (a crash
+        between the two: the sender got no Success and may resend), or committed without a WAL sync and undone by a
+        power loss (the sender got Success). Either way the file is recorded now, with the calling AE it carries,
+        and processed once. Temporary files of interrupted writes are removed.
         """
         recovered = 0
         for tmp in self.spool.root.glob("*/*/.*.tmp"):
             tmp.unlink(missing_ok=True)
+        self.spool.clear_incoming()
+        known = self.store.instance_uids()  # one query, not one per file: a spool can hold millions
         for path in self.spool.root.glob("*/*/*.dcm"):
-            sop_uid = path.stem
-            if self.store.has_instance(sop_uid):
+            if path.stem in known:
                 continue
             try:
                 record = self._record_from_file(path)
@@ -206,7 +211,7 @@ class Node:
             body_part=str(ds.get("BodyPartExamined", "")),
             study_description=str(ds.get("StudyDescription", ""))[:128],
             series_description=str(ds.get("SeriesDescription", ""))[:128],
-            calling_ae="",
+            calling_ae=self.spool.source_ae(path),
             path=self.spool.relative(path),
             size=path.stat().st_size,
         )

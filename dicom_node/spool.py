@@ -3,19 +3,23 @@
 Layout: ``<data_dir>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. UIDs from the network
 are validated before they become path components, so no peer can write outside the spool.
 
-A write is durable before it returns: temporary file in the target directory, ``fsync``, atomic ``rename``,
-``fsync`` of the directory (and of any directory it had to create).
+A write is durable before it returns: temporary file, ``fsync``, atomic ``rename`` into place, ``fsync`` of the
+directory (and of any directory it had to create). Received instances are staged in ``<data_dir>/spool/.incoming``
+(:meth:`Spool.stage`) before their header is read, and moved into place once it names their study and series
+(:meth:`Staged.commit`); the next start removes what a crash left there.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["InvalidUIDError", "Spool", "check_uid", "durable_write"]
+__all__ = ["SOURCE_AE_ATTRIBUTE", "InvalidUIDError", "Spool", "Staged", "check_uid", "durable_write"]
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _UID_LENIENT = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # leading zeros occur in the wild; still safe as a path
@@ -42,32 +46,131 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def durable_write(path: Path, data: bytes | memoryview, *, sync: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically: readers see the old file or the whole new one, never a part.
+def _drop_cached(fd: int) -> None:
+    """Give the synced file's pages back to the kernel right away.
 
-    With ``sync`` the data and the directory entry are on stable storage when this returns.
+    A spooled instance is read again only by a worker, seconds to minutes later; keeping it cached makes every next
+    write take fresh pages from the kernel, which measured about 7x slower than reusing the pages just released
+    (bench/bench_intake.py, variant ``keepcache``). On pages still dirty, Linux starts their writeback instead,
+    without waiting: :meth:`Spool.stage` calls it right after writing for that. Advisory: a kernel without it just
+    keeps the pages.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _write_new(tmp: Path, parts: Sequence[Buffer], attributes: dict[str, bytes] | None = None) -> tuple[int, int]:
+    """Create ``tmp`` and write ``parts`` in order (and its extended ``attributes``); returns the open descriptor and
+    the size. On failure ``tmp`` is removed."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        if sync:
-            os.fsync(fd)
+        size = _write_all(fd, parts)
+        for name, value in (attributes or {}).items():
+            os.setxattr(fd, name, value)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-    os.close(fd)
-    os.replace(tmp, path)
-    if sync:
-        _fsync_dir(path.parent)
+    return fd, size
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
+    size = 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        size += view.nbytes
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+    return size
+
+
+def _parts(data: Buffer | Sequence[Buffer]) -> Sequence[Buffer]:
+    return [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def durable_write(path: Path, data: Buffer | Sequence[Buffer], *, sync: bool = True) -> None:
+    """Write ``data`` (one buffer, or several written in order) to ``path`` atomically: readers see the old file or
+    the whole new one, never a part.
+
+    With ``sync`` the data and the directory entry are on stable storage when this returns.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    staged = Staged(tmp, *_write_new(tmp, _parts(data)), sync=sync)
+    try:
+        staged.commit(path)
+    finally:
+        staged.discard()
+
+
+#: Extended attribute of a spooled file naming the calling AE title it came from (the one fact the file lacks).
+SOURCE_AE_ATTRIBUTE = "user.dicom_node.calling_ae"
+
+
+def _supports_xattr(folder: Path) -> bool:
+    """Whether files in ``folder`` can carry user extended attributes (ext4, XFS, Btrfs do; some mounts do not)."""
+    if not hasattr(os, "setxattr"):
+        return False
+    probe = folder / f".xattr-probe.{os.getpid()}.{threading.get_ident()}"
+    try:
+        probe.touch()
+        os.setxattr(probe, SOURCE_AE_ATTRIBUTE, b"probe")
+        return os.getxattr(probe, SOURCE_AE_ATTRIBUTE) == b"probe"
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+class Staged:
+    """An instance written to a temporary file whose writeback has started: not yet synced, not yet in place."""
+
+    def __init__(
+        self, tmp: Path, fd: int, size: int, *, sync: bool, make_dir: Callable[[Path], None] | None = None
+    ) -> None:
+        self.tmp = tmp
+        self.size = size
+        self._fd: int | None = fd
+        self._sync = sync
+        self._make_dir = make_dir
+
+    def commit(self, path: Path) -> None:
+        """Sync the file and move it to ``path`` durably (file, then directory): after this it survives a crash."""
+        fd = self._fd
+        assert fd is not None, "staged file already committed or discarded"
+        if self._make_dir is not None:
+            self._make_dir(path.parent)
+        if self._sync:
+            os.fsync(fd)
+            _drop_cached(fd)
+        self._fd = None
+        os.close(fd)
+        try:
+            os.replace(self.tmp, path)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+        if self._sync:
+            _fsync_dir(path.parent)
+
+    def discard(self) -> None:
+        """Drop the file unless it was committed; safe to call more than once."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self.tmp.unlink(missing_ok=True)
 
 
 class Spool:
-    """Where received instances live; shared with remote workers as a volume in multi-host set-ups."""
+    """Where received instances live; shared with remote workers as a volume in multi-host set-ups.
+
+    Each file carries the calling AE title it came from as an extended attribute, synced with the file, when the
+    file system supports them (``carries_source``): the spool then holds everything the job store records about an
+    instance, so the store's intake records can be rebuilt from it after a power loss (``Node.recover_spool``).
+    """
 
     def __init__(self, root: Path, *, sync: bool = True) -> None:
         self.root = root
@@ -75,6 +178,11 @@ class Spool:
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
+        self._root_prefix = str(root) + os.sep
+        self.incoming = root / ".incoming"
+        self._ensure_dir(self.incoming)
+        self._serial = itertools.count()
+        self.carries_source = _supports_xattr(root)
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         """The file of one instance; raises :class:`InvalidUIDError` for anything that is not a UID."""
@@ -84,6 +192,11 @@ class Spool:
         return self.root / study / series / f"{sop}.dcm"
 
     def relative(self, path: Path) -> str:
+        # A string prefix for the paths path_for() makes (Path.relative_to took 0.1 ms per instance on the C-STORE
+        # path), relative_to for anything else.
+        text, prefix = str(path), self._root_prefix
+        if text.startswith(prefix):
+            return text[len(prefix) :]
         return str(path.relative_to(self.root))
 
     def resolve(self, relative: str) -> Path:
@@ -108,11 +221,40 @@ class Spool:
                     _fsync_dir(created.parent)
             self._known_dirs.add(directory)
 
-    def store(self, path: Path, data: bytes | memoryview) -> int:
-        """Durably write one instance's bytes; returns the size written."""
-        self._ensure_dir(path.parent)
-        durable_write(path, data, sync=self.sync)
-        return len(data)
+    def stage(self, data: Buffer | Sequence[Buffer], source_ae: str = "") -> Staged:
+        """Write one instance's bytes (one buffer or its parts in order), with the calling AE title it came from, to
+        a temporary file in ``.incoming``, and start writing them to the disk; :meth:`Staged.commit` syncs the file
+        and moves it to its place. Meanwhile the caller can read the header that names that place: the disk works
+        while the CPU does (0.25-0.3 ms of a 514 KB instance's 1.1 ms, measured)."""
+        tmp = self.incoming / f".{os.getpid()}.{threading.get_ident()}.{next(self._serial)}.tmp"
+        attributes = {SOURCE_AE_ATTRIBUTE: source_ae.encode("ascii", "replace")} if self.carries_source else None
+        fd, size = _write_new(tmp, _parts(data), attributes)
+        if self.sync:
+            _drop_cached(fd)  # on dirty pages this starts their writeback without waiting for it
+        return Staged(tmp, fd, size, sync=self.sync, make_dir=self._ensure_dir)
+
+    def store(self, path: Path, data: Buffer | Sequence[Buffer], source_ae: str = "") -> int:
+        """Durably write one instance's bytes to ``path`` (:meth:`stage` then commit); returns the size written."""
+        staged = self.stage(data, source_ae)
+        try:
+            staged.commit(path)
+        finally:
+            staged.discard()
+        return staged.size
+
+    def clear_incoming(self) -> int:
+        """Remove staged files that were never committed (their senders got no Success); returns how many."""
+        stale = list(self.incoming.glob(".*.tmp"))
+        for tmp in stale:
+            tmp.unlink(missing_ok=True)
+        return len(stale)
+
+    def source_ae(self, path: Path) -> str:
+        """The calling AE title a spooled file came from; empty when the file system keeps no attributes."""
+        try:
+            return os.getxattr(path, SOURCE_AE_ATTRIBUTE).decode("ascii", "replace")
+        except (OSError, AttributeError):
+            return ""
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

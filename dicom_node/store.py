@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -253,24 +255,110 @@ def _sqlite_begin_immediate(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+class _Prepared:
+    """A Core statement compiled once for one dialect, to run on the driver's cursor with named values.
+
+    The C-STORE path records one instance per call; compiling and executing through the SQLAlchemy connection
+    costs about three times the SQLite work itself, so the intake statements are compiled once here.
+    """
+
+    def __init__(self, stmt: Any, dialect: Any) -> None:
+        compiled = stmt.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+        self.sql = str(compiled)
+        self._defaults = dict(compiled.params)
+        self._order = list(compiled.positiontup or ()) if dialect.positional else None
+
+    def params(self, **values: Any) -> Any:
+        merged = {**self._defaults, **values}
+        if self._order is None:
+            return merged
+        return tuple(merged[name] for name in self._order)
+
+
+class _RecordSQL:
+    """The statements of :meth:`JobStore.known_instance` and :meth:`JobStore.record_instance`."""
+
+    def __init__(self, dialect: Any) -> None:
+        sop: Any = bindparam("sop")
+        study: Any = bindparam("study")
+        now: Any = bindparam("now")
+
+        def prepared(stmt: Any) -> _Prepared:
+            return _Prepared(stmt, dialect)
+
+        self.seen = prepared(select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid == sop))
+        self.study = prepared(select(studies.c.state, studies.c.runs).where(studies.c.study_uid == study))
+        self.add_study = prepared(
+            insert(studies).values(
+                study_uid=study,
+                state=bindparam("state"),
+                window_started_at=now,
+                last_received_at=now,
+                runs=0,
+                calling_ae=bindparam("calling_ae"),
+            )
+        )
+        self.touch_study = prepared(update(studies).where(studies.c.study_uid == study).values(last_received_at=now))
+        self.reopen_study = prepared(
+            update(studies)
+            .where(studies.c.study_uid == study)
+            .values(state=bindparam("state"), window_started_at=now, last_received_at=now)
+        )
+        self.add_event = prepared(
+            insert(events).values(
+                at=bindparam("at"), study_uid=study, kind=bindparam("kind"), detail=bindparam("detail")
+            )
+        )
+        self.add_instance = prepared(insert(instances).values({c.name: bindparam(c.name) for c in instances.c}))
+        self.known = prepared(
+            select(instances.c.sop_instance_uid)
+            .where(instances.c.sop_instance_uid == sop)
+            .union_all(select(results.c.sop_instance_uid).where(results.c.sop_instance_uid == sop))
+            .limit(1)
+        )
+
+
 class JobStore:
     """All reads and writes of the job store; safe to share between threads of one process."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, intake_rebuildable: bool = False) -> None:
+        """``intake_rebuildable``: the caller's spool holds everything an intake record holds (files synced, with
+        their calling AE), and rebuilds missing records at start-up. SQLite then commits intake records without
+        syncing the WAL: a power loss can undo the last of them, never the files they describe, and the next start
+        records those files again. Every other write stays synced."""
         self.url = url
+        self.intake_engine: Engine
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(
-                url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8, max_overflow=16
-            )
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-            event.listen(self.engine, "begin", _sqlite_begin_immediate)
+            self.engine: Engine = self._sqlite_engine(url, "FULL")
+            self.intake_engine = self._sqlite_engine(url, "NORMAL") if intake_rebuildable else self.engine
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
+            self.intake_engine = self.engine
         metadata.create_all(self.engine)
+        self._sqlite = self.engine.dialect.name == "sqlite"
+        self._record_sql = _RecordSQL(self.engine.dialect)
+        self._intake_lock = threading.Lock()
+
+    @staticmethod
+    def _sqlite_engine(url: str, synchronous: str) -> Engine:
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8, max_overflow=16
+        )
+
+        def pragmas(dbapi_conn: Any, record: Any) -> None:
+            _sqlite_pragmas(dbapi_conn, record)
+            if synchronous != "FULL":
+                dbapi_conn.execute(f"PRAGMA synchronous={synchronous}")
+
+        event.listen(engine, "connect", pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.intake_engine is not self.engine:
+            self.intake_engine.dispose()
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -288,23 +376,24 @@ class JobStore:
                 is not None
             )
 
+    def instance_uids(self) -> set[str]:
+        """Every recorded SOP Instance UID (for the start-up scan of the spool)."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(instances.c.sop_instance_uid)).scalars())
+
     def known_instance(self, sop_instance_uid: str) -> bool:
         """True when the instance was received before or is one of our own results: one query on the C-STORE path."""
-        q = select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid == sop_instance_uid).union_all(
-            select(results.c.sop_instance_uid).where(results.c.sop_instance_uid == sop_instance_uid)
-        )
-        with self.engine.connect() as conn:
-            return conn.execute(q.limit(1)).first() is not None
-
-    def is_own_result(self, sop_instance_uid: str) -> bool:
-        """True for an instance the node produced itself (a PACS may route our results back to us)."""
-        with self.engine.connect() as conn:
-            return (
-                conn.execute(
-                    select(results.c.sop_instance_uid).where(results.c.sop_instance_uid == sop_instance_uid)
-                ).first()
-                is not None
-            )
+        conn = self.intake_engine.raw_connection()
+        try:
+            cur = conn.cursor()
+            known = self._record_sql.known
+            cur.execute(known.sql, known.params(sop=sop_instance_uid))
+            found = cur.fetchone() is not None
+            cur.close()
+            conn.rollback()  # end the read (PostgreSQL opened a transaction for it)
+            return found
+        finally:
+            conn.close()
 
     def record_instance(self, rec: InstanceRecord, late_arrivals: str = "rerun", now: float | None = None) -> bool:
         """Record a stored instance and advance its study's receive window, in one transaction.
@@ -312,56 +401,64 @@ class JobStore:
         Returns False when the SOP Instance UID was already recorded (a re-send: stored once, processed once).
         A study that already ran re-opens for a new run when ``late_arrivals`` is ``rerun``; with ``ignore`` the
         instance is recorded against the finished run and starts nothing.
+
+        This runs on the C-STORE path once per instance, so it uses statements compiled once (:class:`_Prepared`) on
+        the driver's connection; writers of this process take turns on a lock instead of SQLite's busy-wait sleeps.
         """
         now = time.time() if now is None else now
-        with self._tx() as conn:
-            seen = conn.execute(
-                select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid == rec.sop_instance_uid)
-            ).first()
-            if seen is not None:
-                return False
-            study = conn.execute(select(studies).where(studies.c.study_uid == rec.study_uid)).first()
-            if study is None:
-                conn.execute(
-                    insert(studies).values(
-                        study_uid=rec.study_uid,
-                        state=StudyState.RECEIVING.value,
-                        window_started_at=now,
-                        last_received_at=now,
-                        runs=0,
-                        calling_ae=rec.calling_ae,
-                    )
-                )
-                run = 1
-                conn.execute(insert(events).values(at=now, study_uid=rec.study_uid, kind="received", detail=""))
-            else:
-                s = study._mapping
-                if s["state"] == StudyState.RECEIVING.value:
-                    run = s["runs"] + 1
-                    conn.execute(
-                        update(studies).where(studies.c.study_uid == rec.study_uid).values(last_received_at=now)
-                    )
-                elif late_arrivals == "rerun":
-                    run = s["runs"] + 1
-                    conn.execute(
-                        update(studies)
-                        .where(studies.c.study_uid == rec.study_uid)
-                        .values(state=StudyState.RECEIVING.value, window_started_at=now, last_received_at=now)
-                    )
-                    conn.execute(
-                        insert(events).values(
-                            at=now, study_uid=rec.study_uid, kind="received", detail=f"late arrival: run {run}"
-                        )
-                    )
-                else:
-                    run = s["runs"]
-                    conn.execute(
-                        insert(events).values(
-                            at=now, study_uid=rec.study_uid, kind="late_ignored", detail="late arrival ignored"
-                        )
-                    )
-            conn.execute(insert(instances).values(**rec.__dict__, run=run, received_at=now))
+        q = self._record_sql
+        with self._intake_lock:
+            conn = self.intake_engine.raw_connection()
+            try:
+                cur = conn.cursor()
+                if self._sqlite:
+                    cur.execute("BEGIN IMMEDIATE")
+                try:
+                    cur.execute(q.seen.sql, q.seen.params(sop=rec.sop_instance_uid))
+                    if cur.fetchone() is not None:
+                        conn.rollback()
+                        return False
+                    run = self._advance_study(cur, rec, late_arrivals, now)
+                    values = dict(rec.__dict__, run=run, received_at=now)
+                    cur.execute(q.add_instance.sql, q.add_instance.params(**values))
+                    conn.commit()
+                except BaseException:
+                    conn.rollback()
+                    raise
+                finally:
+                    cur.close()
+            finally:
+                conn.close()
         return True
+
+    def _advance_study(self, cur: Any, rec: InstanceRecord, late_arrivals: str, now: float) -> int:
+        """Open or extend the study's receive window for one new instance; returns the run it belongs to."""
+        q = self._record_sql
+        study = rec.study_uid
+        cur.execute(q.study.sql, q.study.params(study=study))
+        row = cur.fetchone()
+        if row is None:
+            cur.execute(
+                q.add_study.sql,
+                q.add_study.params(study=study, state=StudyState.RECEIVING.value, now=now, calling_ae=rec.calling_ae),
+            )
+            cur.execute(q.add_event.sql, q.add_event.params(at=now, study=study, kind="received", detail=""))
+            return 1
+        state, runs = row[0], row[1]
+        if state == StudyState.RECEIVING.value:
+            cur.execute(q.touch_study.sql, q.touch_study.params(study=study, now=now))
+            return int(runs) + 1
+        if late_arrivals == "rerun":
+            run = int(runs) + 1
+            cur.execute(
+                q.reopen_study.sql, q.reopen_study.params(study=study, state=StudyState.RECEIVING.value, now=now)
+            )
+            detail = f"late arrival: run {run}"
+            cur.execute(q.add_event.sql, q.add_event.params(at=now, study=study, kind="received", detail=detail))
+            return run
+        detail = "late arrival ignored"
+        cur.execute(q.add_event.sql, q.add_event.params(at=now, study=study, kind="late_ignored", detail=detail))
+        return int(runs)
 
     # --- assembling ------------------------------------------------------------------------------------------
 
@@ -503,9 +600,7 @@ class JobStore:
             if changed:
                 study = conn.execute(select(jobs.c.study_uid).where(jobs.c.id == job_id)).scalar_one()
                 conn.execute(
-                    insert(events).values(
-                        at=now, study_uid=study, job_id=job_id, kind=to.value, detail=error or detail
-                    )
+                    insert(events).values(at=now, study_uid=study, job_id=job_id, kind=to.value, detail=error or detail)
                 )
         return bool(changed)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,10 +20,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.scp import Status
-from dicom_node.service import Node
+from dicom_node.config import Settings
+from dicom_node.scp import Status, file_head
+from dicom_node.service import Node, RecordingDispatcher
 from dicom_node.store import JobState
 from tests.conftest import make_study
 from tests.corpus import COMPRESSED, CORPUS, corpus_file
@@ -75,6 +78,21 @@ def _send_file(node: Node, path: Path, calling: str = "TESTSCU") -> int:
         assoc.release()
 
 
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),  # even lengths
+        ("1.2.840.10008.5.1.4.1.1.1", "1.2.33", "1.2.840.10008.1.2"),  # odd lengths: padded with NUL
+        ("1.2.840.10008.5.1.4.1.1.4", "1." + "9" * 62, "1.2.840.10008.1.2.4.50"),  # 64 characters
+    ],
+)
+def test_file_head_equals_pydicoms_encoding_of_pynetdicoms_file_meta(
+    sop_class: str, sop_instance: str, syntax: str
+) -> None:
+    meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax)
+    assert file_head(sop_class, sop_instance, syntax) == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+
+
 def test_echo_with_dcmtk(running_node: Callable[..., Node]) -> None:
     node = running_node()
     ok = subprocess.run(["echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)], capture_output=True, text=True)
@@ -97,11 +115,19 @@ def test_calling_ae_and_host_allow_lists_reject_with_a_associate_rj(running_node
     assert allowed.returncode == 0, allowed.stderr
     assert node.intake.counters.rejected_associations == 1
 
-    other = running_node(node={"allowed_hosts": ["10.0.0.0/8"]})
+    # Source networks: the whole of 127/8 is this host, so a peer can come from 127.0.0.2 as well as 127.0.0.1.
+    other = running_node(node={"allowed_hosts": ["127.0.0.2/32"]})
     refused = subprocess.run(
         ["echoscu", "-aec", "AINODE", "127.0.0.1", str(other.port)], capture_output=True, text=True
     )
     assert refused.returncode != 0 and "Rejected" in refused.stderr
+    assert other.intake.counters.rejected_associations == 1
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", other.port, ae_title="AINODE", bind_address=("127.0.0.2", 0))
+    assert assoc.is_established, "a peer from an allowed address is accepted"
+    assert int(assoc.send_c_echo().Status) == Status.SUCCESS
+    assoc.release()
     assert other.intake.counters.rejected_associations == 1
 
 
@@ -137,10 +163,17 @@ def test_study_is_assembled_after_stable_time_and_resends_are_idempotent(
     assert job.study_uid == study_uid and job.state is JobState.QUEUED and job.rule == "all-images"
     assert len(node.store.study_instances(study_uid)) == 5
     assert len(list(node.spool.root.rglob("*.dcm"))) == 5
+    assert not list(node.spool.incoming.iterdir())  # the re-sends' staged copies were dropped
     # Re-sending the same instances after the study ran starts nothing new.
     assert storescu(node, files).returncode == 0
     time.sleep(2.5)
     assert len(node.store.list_jobs()) == 1
+    # One of the node's own results routed back by the PACS: Success, not stored, not processed.
+    own = make_study(tmp_path / "own", 1)
+    own_uid = pydicom.dcmread(own[0]).SOPInstanceUID
+    node.store.record_results(job.id, [(own_uid, "sr", "outbox/own.dcm")])
+    assert storescu(node, own).returncode == 0
+    assert node.intake.counters.duplicates == 8 and not node.store.has_instance(own_uid)
 
 
 def test_late_arrival_starts_a_new_run_or_is_ignored(running_node: Callable[..., Node], tmp_path: Path) -> None:
@@ -182,6 +215,49 @@ def test_rules_match_on_modality_description_and_calling_ae(running_node: Callab
     ]
 
 
+def test_intake_records_undone_by_a_power_loss_are_rebuilt_from_the_spool(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Intake records are committed without a WAL sync when the spool carries their every fact. A power loss can
+    then undo the last records (simulated here by deleting them), never the synced files: the next start records
+    the files again, with the calling AE they carry, and the study runs once under the rule that AE selects."""
+    rules = [{"name": "from-zh", "match": {"calling_ae": ["PACS_ZH"]}, "language": "zh"}, {"name": "other"}]
+    settings = make_settings(study={"stable_seconds": 60}, rules=rules)
+    node = Node(settings, dispatcher=RecordingDispatcher())
+    if not node.spool.carries_source:
+        pytest.skip("the test folder's file system keeps no extended attributes")
+    with node.store.intake_engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL: intake commits skip the WAL sync
+    with node.store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL for every other write
+    node.start()
+    files = make_study(tmp_path / "study", 3)
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    try:
+        assert storescu(node, files, "-aet", "PACS_ZH").returncode == 0
+        assert len(node.store.study_instances(study_uid)) == 3
+        spooled = sorted(node.spool.root.rglob("*.dcm"))
+        assert [node.spool.source_ae(f) for f in spooled] == ["PACS_ZH"] * 3
+    finally:
+        node.stop()
+    with sqlite3.connect(settings.node.data_dir / "jobs.sqlite") as db:  # what a power loss may undo
+        for table in ("instances", "events", "studies"):
+            db.execute(f"DELETE FROM {table} WHERE study_uid = ?", (study_uid,))
+    quick = settings.model_copy(update={"study": settings.study.model_copy(update={"stable_seconds": 0.5})})
+    restarted = Node(quick, dispatcher=RecordingDispatcher())
+    restarted.start()
+    try:
+        records = restarted.store.study_instances(study_uid)
+        assert sorted(r.calling_ae for r in records) == ["PACS_ZH"] * 3
+        jobs = wait_for(lambda: restarted.store.list_jobs())
+        assert isinstance(jobs, list) and len(jobs) == 1
+        assert (jobs[0].rule, jobs[0].language) == ("from-zh", "zh")
+        assert storescu(restarted, files, "-aet", "PACS_ZH").returncode == 0  # a re-send is still a re-send
+        assert restarted.intake.counters.duplicates == 3
+    finally:
+        restarted.stop()
+
+
 def _dataset_bytes(source: Path) -> tuple[pydicom.Dataset, bytes]:
     raw = source.read_bytes()
     ds = pydicom.dcmread(source, stop_before_pixels=True)
@@ -220,8 +296,9 @@ def test_bad_input_gets_a_clear_status_and_the_node_keeps_serving(
     assert [c.abstract_syntax for c in assoc.accepted_contexts] == [Verification]
     assoc.release()
 
-    # Nothing of that reached the spool, and the node still takes good data.
+    # Nothing of that reached the spool (staged copies included), and the node still takes good data.
     assert list(node.spool.root.rglob("*.dcm")) == []
+    assert list(node.spool.incoming.iterdir()) == []
     assert _send_file(node, source) == Status.SUCCESS
     assert node.store.has_instance(pydicom.dcmread(source).SOPInstanceUID)
 
@@ -236,12 +313,51 @@ def test_disk_watermark_and_write_failure_answer_out_of_resources(
 
     node = running_node()
 
-    def failing_store(path: Path, data: bytes) -> int:
+    def failing_stage(data: object, source_ae: str = "") -> object:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(node.spool, "store", failing_store)
+    monkeypatch.setattr(node.spool, "stage", failing_stage)
     assert _send_file(node, files[1]) == Status.OUT_OF_RESOURCES
     assert not node.store.has_instance(pydicom.dcmread(files[1]).SOPInstanceUID)
+    monkeypatch.undo()
+    assert _send_file(node, files[1]) == Status.SUCCESS  # the peer resends once the disk has room
+    assert node.store.has_instance(pydicom.dcmread(files[1]).SOPInstanceUID)
+    assert not list(node.spool.root.rglob("*.tmp"))  # no temporary file is left behind
+
+
+def test_a_full_disk_answers_out_of_resources_and_accepts_the_resend_once_there_is_room(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """A real ENOSPC: the spool is a 1 MiB tmpfs that holds one 514 KB instance. The watermark is off, so the write
+    itself fails; the peer gets A700, nothing is recorded, no temporary file is left, and the same instances are
+    accepted once the file system has room."""
+    settings = make_settings(node={"min_free_disk_mb": 0})
+    spool_dir = settings.node.data_dir / "spool"
+    spool_dir.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(spool_dir)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        node = Node(settings, dispatcher=RecordingDispatcher())
+        node.start()
+        try:
+            files = make_study(tmp_path / "study", 3)
+            statuses = [_send_file(node, f) for f in files]
+            assert statuses[0] == Status.SUCCESS
+            refused = [f for f, status in zip(files, statuses, strict=True) if status != Status.SUCCESS]
+            assert refused and all(s == Status.OUT_OF_RESOURCES for s in statuses[1:] if s != Status.SUCCESS)
+            for f in refused:
+                assert not node.store.has_instance(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            assert not list(spool_dir.rglob("*.tmp"))
+            assert node.intake.counters.failed == len(refused)
+
+            subprocess.run(["mount", "-o", "remount,size=8m", str(spool_dir)], check=True)  # the admin makes room
+            assert [_send_file(node, f) for f in refused] == [Status.SUCCESS] * len(refused)
+            assert len(list(spool_dir.rglob("*.dcm"))) == 3
+        finally:
+            node.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(spool_dir)], check=False)
 
 
 def test_pynetdicom_dataset_send_and_max_associations(running_node: Callable[..., Node], tmp_path: Path) -> None:

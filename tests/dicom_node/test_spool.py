@@ -1,0 +1,44 @@
+"""The spool's staged writes: what is left on disk after a commit, a discard, and a commit that fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.spool import Spool
+
+
+def test_a_committed_instance_is_in_place_with_its_source_and_nothing_is_left_staged(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    staged = spool.stage((b"head", memoryview(b"body")), source_ae="PACS")
+    assert list(spool.incoming.iterdir()) == [staged.tmp]
+    target = spool.path_for("1.2", "1.2.3", "1.2.3.4")
+    staged.commit(target)
+    staged.discard()  # after a commit: nothing to drop
+    assert target.read_bytes() == b"headbody" and staged.size == 8
+    assert spool.relative(target) == "1.2/1.2.3/1.2.3.4.dcm"
+    if spool.carries_source:
+        assert spool.source_ae(target) == "PACS"
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_a_discarded_or_failed_commit_leaves_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.stage(b"refused").discard()
+    assert list(spool.incoming.iterdir()) == []
+
+    blocker = spool.root / "1.2"
+    blocker.write_bytes(b"a file where the study folder should be")
+    staged = spool.stage(b"data")
+    with pytest.raises(OSError):
+        staged.commit(spool.path_for("1.2", "1.2.3", "1.2.3.5"))
+    staged.discard()
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_start_up_clears_what_a_crash_left_staged(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.stage(b"written, never acknowledged")  # the process dies here
+    assert Spool(tmp_path / "spool").clear_incoming() == 1
+    assert list(spool.incoming.iterdir()) == []
