@@ -12,12 +12,15 @@ The time is the wall clock from the start of the senders to the exit of the last
 Receivers:
 
 * ``node``: this node, ``python -m dicom_node.cli serve`` in a subprocess, with fsync ON and the SQLite job store
-  (the durable path: temp file, fsync, rename, directory fsync, record committed with synchronous=FULL);
+  (the durable path: temp file, fsync, rename, directory fsync, then the record committed; the calling AE rides
+  with the file as an extended attribute, so the intake record's commit skips the WAL sync: see
+  ``JobStore(intake_rebuildable=...)``; variant ``synced-records`` syncs it as well);
 * ``storescp``: dcmtk's ``storescp`` writing files (no fsync; ``--fork`` so that concurrent associations run in
   parallel as they do in the node);
 * ``orthanc``: Orthanc with its defaults for storage (``SyncStorageArea`` true: fsync) and a SQLite index;
-* ``discard``: a pynetdicom SCP built like the node's (same contexts, PDU size, time-outs) whose C-STORE handler
-  answers Success without decoding or writing anything: the upper bound of pynetdicom itself.
+* ``discard``: a pynetdicom SCP built like the node's (same contexts, PDU size, time-outs, and the node's
+  association tuning) whose C-STORE handler answers Success without decoding or writing anything: the upper bound
+  of the node's network stack. ``discard-stockrecv`` is the same without the tuning (pynetdicom as shipped).
 
 All receivers announce the same maximum PDU (131072 bytes, dcmtk's largest), so ``storescu`` sends PDUs of
 the same size to each. The median of ``--runs`` runs is reported, with instances/s, MB/s and the ratios of the
@@ -25,9 +28,12 @@ node to each baseline. The script exits non-zero only when something failed to t
 code other than 0, or a receiver that does not hold every instance), never on a timing.
 
 Experiments (``--variants``) run the node again with one change each, for attributing its time; they are not
-product settings: ``nofsync`` (node.fsync false), ``sqlite-normal`` (PRAGMA synchronous=NORMAL), ``nosync``
-(both), ``pdu16k`` (node.max_pdu 16384), ``noheader`` (no C-STORE header decode: the handler reads the UIDs from
-the request only). ``--profile DIR`` samples the node with py-spy during one extra run of each scenario and prints
+product settings: ``nofsync`` (node.fsync false), ``sqlite-normal`` (PRAGMA synchronous=NORMAL on every
+connection), ``nosync`` (both), ``synced-records`` (intake records synced too, as on a spool without extended
+attributes), ``stockrecv`` (pynetdicom's own 4096-byte socket reads), ``keepcache`` (no ``POSIX_FADV_DONTNEED``:
+spooled files stay in the page cache, and their writeback is not started before the header is read), ``pdu16k``
+(node.max_pdu 16384), ``noheader`` (no C-STORE header decode: the handler reads the UIDs from the request only).
+``--profile DIR`` samples the node with py-spy during one extra run of each scenario and prints
 where its time goes.
 
 Run: ``.venv/bin/python -m bench.bench_intake [--runs 3] [--variants nofsync,sqlite-normal] [--profile DIR]``.
@@ -334,7 +340,7 @@ def _patch_noheader() -> None:
         ds.SOPInstanceUID = event.request.AffectedSOPInstanceUID
         ds.SOPClassUID = event.request.AffectedSOPClassUID
         fake = SimpleNamespace(
-            request=event.request, context=event.context, dataset=ds, encoded_dataset=event.encoded_dataset,
+            request=event.request, context=event.context, dataset=ds,
             assoc=event.assoc,
         )
         return int(original(self, fake, calling))
@@ -342,122 +348,33 @@ def _patch_noheader() -> None:
     setattr(scp.Intake, "_store", store)  # noqa: B010
 
 
-def _patch_fastrecv() -> None:
-    """pynetdicom reads a PDU in 4096-byte ``recv`` calls; read it with ``recv_into`` into one buffer instead."""
-    from pynetdicom import transport
+def _patch_stockrecv() -> None:
+    """The node without its association tuning: pynetdicom's own socket reads (4096 bytes per ``recv``)."""
+    from dicom_node import scp
 
-    def recv(self: Any, nr_bytes: int) -> bytearray:
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        nr_read = 0
-        while nr_read < nr_bytes:
-            got = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
-            if not got:
-                return buf[:nr_read]
-            nr_read += got
-        return buf
-
-    setattr(transport.AssociationSocket, "recv", recv)  # noqa: B010
+    setattr(scp, "tune_association", lambda assoc: None)  # noqa: B010
 
 
-def _patch_groupcommit() -> None:
-    """Group commit: concurrent C-STOREs share one directory fsync per folder and one SQLite commit per batch.
+def _patch_synced_records() -> None:
+    """Every intake record's commit waits for a WAL sync, as on a spool without extended attributes."""
+    from dicom_node import spool
 
-    Each handler writes, fsyncs and renames its file as before, then waits until a committer thread has synced the
-    directories of the whole batch and committed all its records in one transaction; only then does it answer.
-    """
-    import queue as queue_module
-    from contextlib import contextmanager
+    setattr(spool, "_supports_xattr", lambda folder: False)  # noqa: B010
 
-    from dicom_node import spool, store
 
-    local = threading.local()
-    pending: queue_module.Queue[tuple[Any, Any, str, threading.Event, list[Any]]] = queue_module.Queue()
-    original_record = store.JobStore.record_instance
-    original_tx = store.JobStore._tx
+def _patch_keepcache() -> None:
+    """No ``POSIX_FADV_DONTNEED``: no early writeback while the header is read, and the pages stay cached."""
+    from dicom_node import spool
 
-    @contextmanager
-    def tx(self: Any) -> Any:
-        conn = getattr(local, "conn", None)
-        if conn is not None:
-            yield conn
-            return
-        with original_tx(self) as conn:
-            yield conn
-
-    def write_synced_without_dir(path: Path, data: Any) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)  # the directory is synced by the committer, before the record commits
-
-    def store_without_dir_sync(self: Any, path: Path, data: Any) -> int:
-        self._ensure_dir(path.parent)
-        if self.sync:
-            write_synced_without_dir(path, data)
-        else:
-            spool.durable_write(path, data, sync=False)
-        return len(data)
-
-    def committer(job_store: Any, root: Path) -> None:
-        while True:
-            batch = [pending.get()]
-            while True:
-                try:
-                    batch.append(pending.get_nowait())
-                except queue_module.Empty:
-                    break
-            try:
-                for folder in {(root / rec.path).parent for _, rec, _, _, _ in batch}:
-                    spool._fsync_dir(folder)
-                with original_tx(job_store) as conn:
-                    local.conn = conn
-                    try:
-                        for _, rec, late, _, out in batch:
-                            out.append(original_record(job_store, rec, late_arrivals=late))
-                    finally:
-                        local.conn = None
-            except Exception as exc:
-                for _, _, _, _, out in batch:
-                    out[:] = [exc]
-            for _, _, _, done, _ in batch:
-                done.set()
-
-    started: dict[int, Path] = {}
-    lock = threading.Lock()
-
-    def record(self: Any, rec: Any, late_arrivals: str = "rerun", now: float | None = None) -> bool:
-        if getattr(local, "conn", None) is not None or now is not None:
-            return bool(original_record(self, rec, late_arrivals=late_arrivals, now=now))
-        with lock:
-            if id(self) not in started:
-                root = Path(self.url.removeprefix("sqlite:///")).parent / "spool"
-                started[id(self)] = root
-                threading.Thread(target=committer, args=(self, root), daemon=True).start()
-        done = threading.Event()
-        out: list[Any] = []
-        pending.put((self, rec, late_arrivals, done, out))
-        done.wait()
-        if out and isinstance(out[0], Exception):
-            raise out[0]
-        return bool(out[0])
-
-    setattr(store.JobStore, "_tx", tx)  # noqa: B010
-    setattr(store.JobStore, "record_instance", record)  # noqa: B010
-    setattr(spool.Spool, "store", store_without_dir_sync)  # noqa: B010
+    setattr(spool, "_drop_cached", lambda fd: None)  # noqa: B010
 
 
 PATCHES: dict[str, Callable[[], None]] = {
     "sqlite-normal": _patch_sqlite_normal,
     "noheader": _patch_noheader,
-    "fastrecv": _patch_fastrecv,
-    "groupcommit": _patch_groupcommit,
+    "stockrecv": _patch_stockrecv,
+    "keepcache": _patch_keepcache,
+    "synced-records": _patch_synced_records,
 }
 
 #: name -> (node settings overrides, patches)
@@ -467,9 +384,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "nosync": ({"fsync": False}, ["sqlite-normal"]),
     "pdu16k": ({"max_pdu": 16384}, []),
     "noheader": ({}, ["noheader"]),
-    "fastrecv": ({}, ["fastrecv"]),
-    "groupcommit": ({}, ["groupcommit"]),
-    "groupcommit-fastrecv": ({}, ["groupcommit", "fastrecv"]),
+    "stockrecv": ({}, ["stockrecv"]),
+    "keepcache": ({}, ["keepcache"]),
+    "synced-records": ({}, ["synced-records"]),
 }
 
 
@@ -487,7 +404,7 @@ def _serve_discard(port: int, count_file: Path, patches: list[str]) -> None:
     from pynetdicom import evt
 
     from dicom_node.config import NodeSettings
-    from dicom_node.scp import build_ae
+    from dicom_node.scp import build_ae, tune_association
 
     ae = build_ae(NodeSettings(ae_title=DiscardReceiver.aet, max_pdu=MAX_PDU, max_associations=16))
     lock = threading.Lock()
@@ -500,7 +417,11 @@ def _serve_discard(port: int, count_file: Path, patches: list[str]) -> None:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, on_store),
+        (evt.EVT_CONN_OPEN, lambda event: tune_association(event.assoc)),  # the node's network tuning
+    ]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     stop.wait()
     assert server is not None
     server.shutdown()
@@ -573,8 +494,8 @@ def make_receiver(name: str, workdir: Path) -> Receiver:
         return NodeReceiver(workdir)
     if name.startswith("node-"):
         return NodeReceiver(workdir, name.removeprefix("node-"))
-    if name == "discard-fastrecv":
-        return DiscardReceiver(workdir, ["fastrecv"])
+    if name == "discard-stockrecv":
+        return DiscardReceiver(workdir, ["stockrecv"])
     return {"storescp": StorescpReceiver, "orthanc": OrthancReceiver, "discard": DiscardReceiver}[name](workdir)
 
 
@@ -626,8 +547,8 @@ CATEGORIES = [
     ("spool: durable_write (write, fsync, rename, dir fsync)", ("durable_write (dicom_node/spool.py", "_fsync_dir")),
     ("spool: write/rename/mkdir", ("Spool.store", "Spool._ensure_dir", "store (dicom_node/spool.py")),
     ("job store: record_instance (SQLite commit)", ("record_instance",)),
-    ("job store: has_instance / is_own_result", ("has_instance", "is_own_result")),
-    ("handler: encoded_dataset (file bytes)", ("encoded_dataset",)),
+    ("job store: known_instance", ("known_instance",)),
+    ("handler: file meta", ("file_head", "_short_element")),
     ("handler: header decode (event.dataset, pydicom)", ("dataset (pynetdicom/events.py", "_native_pixel_bytes")),
     ("handler: other", ("_store (dicom_node/scp.py", "on_c_store")),
     ("DIMSE: message decode/assembly", ("dimse_messages.py", "dimse.py")),
@@ -674,8 +595,8 @@ def top_leaves(raw: Path, n: int = 12) -> list[tuple[str, float]]:
 
 STEPS = (
     "header decode (event.dataset + checks)",
-    "has_instance + is_own_result",
-    "encoded_dataset (file bytes)",
+    "known_instance (re-send or own result)",
+    "file meta (preamble + File Meta)",
     "spool.store (write, fsync, rename, dir fsync)",
     "record_instance (SQLite, synchronous=FULL)",
 )
@@ -691,9 +612,9 @@ def handler_breakdown(files: Sequence[Path], root: Path, threads: int = 1) -> di
     from io import BytesIO
 
     from pydicom.filereader import read_preamble
-    from pynetdicom.dsutils import decode, encode_file_meta
+    from pynetdicom.dsutils import decode
 
-    from dicom_node.scp import _HEADER_KEYWORDS, _native_pixel_bytes_expected
+    from dicom_node.scp import _HEADER_KEYWORDS, _native_pixel_bytes_expected, file_head
     from dicom_node.spool import Spool
     from dicom_node.store import InstanceRecord, JobStore
 
@@ -718,9 +639,9 @@ def handler_breakdown(files: Sequence[Path], root: Path, threads: int = 1) -> di
         assert expected is not None and len(ds.PixelData) >= expected
         t1 = time.perf_counter()
         sop = str(header["SOPInstanceUID"])
-        assert not store.has_instance(sop) and not store.is_own_result(sop)
+        assert not store.known_instance(sop)
         t2 = time.perf_counter()
-        data = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), body))
+        data = (file_head(str(meta.MediaStorageSOPClassUID), sop, str(meta.TransferSyntaxUID)), body)
         t3 = time.perf_counter()
         target = spool.path_for(str(header["StudyInstanceUID"]), str(header["SeriesInstanceUID"]), sop)
         size = spool.store(target, data)
@@ -808,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
     receivers += [f"node-{v.strip()}" for v in args.variants.split(",") if v.strip()]
     for r in receivers:
-        if r not in ("node", "storescp", "orthanc", "discard", "discard-fastrecv") and (
+        if r not in ("node", "storescp", "orthanc", "discard", "discard-stockrecv") and (
             r.removeprefix("node-") not in VARIANTS
         ):
             parser.error(f"--receivers/--variants: unknown receiver {r!r}")
