@@ -326,26 +326,19 @@ def _patch_sqlite_normal() -> None:
 
 def _patch_noheader() -> None:
     """The C-STORE handler reads no data set header: UIDs come from the request (study and series fixed)."""
-    from types import SimpleNamespace
-
     from dicom_node import scp
+    from dicom_node.header import Header
 
-    original = scp.Intake._store
+    study = generate_uid(entropy_srcs=["bench-intake", "study"])
+    series = generate_uid(entropy_srcs=["bench-intake", "series"])
+    original = scp.Intake._admit
 
-    def store(self: Any, event: Any, calling: str) -> int:
-        study = generate_uid(entropy_srcs=["bench-intake", "study"])
-        series = generate_uid(entropy_srcs=["bench-intake", "series"])
-        ds = pydicom.Dataset()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = event.request.AffectedSOPInstanceUID
-        ds.SOPClassUID = event.request.AffectedSOPClassUID
-        fake = SimpleNamespace(
-            request=event.request, context=event.context, dataset=ds,
-            assoc=event.assoc,
-        )
-        return int(original(self, fake, calling))
+    def admit(self: Any, event: Any, calling: str, sop_uid: str, staged: Any, body: Any) -> int:
+        values = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": sop_uid}
+        setattr(scp, "read_header", lambda data, syntax: Header(values, None))  # noqa: B010
+        return int(original(self, event, calling, sop_uid, staged, body))
 
-    setattr(scp.Intake, "_store", store)  # noqa: B010
+    setattr(scp.Intake, "_admit", admit)  # noqa: B010
 
 
 def _patch_stockrecv() -> None:
@@ -549,7 +542,7 @@ CATEGORIES = [
     ("job store: record_instance (SQLite commit)", ("record_instance",)),
     ("job store: known_instance", ("known_instance",)),
     ("handler: file meta", ("file_head", "_short_element")),
-    ("handler: header decode (event.dataset, pydicom)", ("dataset (pynetdicom/events.py", "_native_pixel_bytes")),
+    ("handler: header read", ("dicom_node/header.py",)),
     ("handler: other", ("_store (dicom_node/scp.py", "on_c_store")),
     ("DIMSE: message decode/assembly", ("dimse_messages.py", "dimse.py")),
     ("DUL/PDU: socket read and PDU decode", ("dul.py", "pdu.py", "transport.py", "pdu_primitives.py")),
@@ -594,7 +587,7 @@ def top_leaves(raw: Path, n: int = 12) -> list[tuple[str, float]]:
 
 
 STEPS = (
-    "header decode (event.dataset + checks)",
+    "header read (read_header + checks)",
     "known_instance (re-send or own result)",
     "file meta (preamble + File Meta)",
     "spool.store (write, fsync, rename, dir fsync)",
@@ -612,9 +605,9 @@ def handler_breakdown(files: Sequence[Path], root: Path, threads: int = 1) -> di
     from io import BytesIO
 
     from pydicom.filereader import read_preamble
-    from pynetdicom.dsutils import decode
 
-    from dicom_node.scp import _HEADER_KEYWORDS, _native_pixel_bytes_expected, file_head
+    from dicom_node.header import read_header
+    from dicom_node.scp import file_head
     from dicom_node.spool import Spool
     from dicom_node.store import InstanceRecord, JobStore
 
@@ -633,22 +626,21 @@ def handler_breakdown(files: Sequence[Path], root: Path, threads: int = 1) -> di
 
     def one(meta: Any, body: bytes) -> None:
         t0 = time.perf_counter()
-        ds = decode(BytesIO(body), False, True, False)
-        header = {kw: ds.get(kw) for kw in _HEADER_KEYWORDS}
-        expected = _native_pixel_bytes_expected(ds)
-        assert expected is not None and len(ds.PixelData) >= expected
+        header = read_header(body, str(meta.TransferSyntaxUID))
+        expected = header.native_pixel_bytes()
+        assert expected is not None and header.pixel_length is not None and header.pixel_length >= expected
         t1 = time.perf_counter()
-        sop = str(header["SOPInstanceUID"])
+        sop = str(header.get("SOPInstanceUID"))
         assert not store.known_instance(sop)
         t2 = time.perf_counter()
         data = (file_head(str(meta.MediaStorageSOPClassUID), sop, str(meta.TransferSyntaxUID)), body)
         t3 = time.perf_counter()
-        target = spool.path_for(str(header["StudyInstanceUID"]), str(header["SeriesInstanceUID"]), sop)
+        target = spool.path_for(str(header.get("StudyInstanceUID")), str(header.get("SeriesInstanceUID")), sop)
         size = spool.store(target, data)
         t4 = time.perf_counter()
         store.record_instance(InstanceRecord(
-            sop_instance_uid=sop, study_uid=str(header["StudyInstanceUID"]),
-            series_uid=str(header["SeriesInstanceUID"]), sop_class_uid=str(header["SOPClassUID"]),
+            sop_instance_uid=sop, study_uid=str(header.get("StudyInstanceUID")),
+            series_uid=str(header.get("SeriesInstanceUID")), sop_class_uid=str(header.get("SOPClassUID")),
             transfer_syntax=str(meta.TransferSyntaxUID), modality="CT", body_part="", study_description="",
             series_description="", calling_ae="BENCHSCU", path=spool.relative(target), size=size,
         ))

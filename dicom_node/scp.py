@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from threading import Lock
 from typing import Any, cast
 
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -43,6 +42,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from dicom_node.config import NodeSettings, StudySettings
+from dicom_node.header import read_header
 from dicom_node.logs import audit, uid_hash
 from dicom_node.spool import InvalidUIDError, Spool, Staged, check_uid
 from dicom_node.store import InstanceRecord, JobStore
@@ -82,18 +82,6 @@ class Status:
 _REJECT_CALLING_NOT_RECOGNISED = (0x01, 0x01, 0x03)
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
-
-_HEADER_KEYWORDS = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "Modality",
-    "BodyPartExamined",
-    "StudyDescription",
-    "SeriesDescription",
-)
-
 
 @dataclass
 class IntakeCounters:
@@ -187,18 +175,6 @@ def file_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -
     return _PREAMBLE + _short_element(0x0000, b"UL", struct.pack("<I", len(elements))) + elements
 
 
-def _native_pixel_bytes_expected(ds: Dataset) -> int | None:
-    """Bytes native (uncompressed) Pixel Data must have, from the header alone; None when not checkable."""
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        spp = int(ds.get("SamplesPerPixel", 1))
-        bits = int(ds.BitsAllocated)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return (rows * cols * spp * frames * bits + 7) // 8
-
-
 class Intake:
     """The C-STORE/C-ECHO handlers' state: spool, job store, settings, counters."""
 
@@ -262,37 +238,36 @@ class Intake:
                 staged = self.spool.stage((head, body), source_ae=calling)
             except OSError as exc:
                 return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, f"write failed: {exc.strerror}")
-        try:
-            return self._admit(event, calling, sop_uid, staged)
-        finally:
-            staged.discard()  # refused or a re-send; a no-op once committed
+            try:
+                return self._admit(event, calling, sop_uid, staged, body)
+            finally:
+                staged.discard()  # refused or a re-send; a no-op once committed
 
-    def _admit(self, event: Any, calling: str, sop_uid: str, staged: Staged) -> int:
+    def _admit(self, event: Any, calling: str, sop_uid: str, staged: Staged, body: memoryview) -> int:
         """Check the header, then commit the staged file and record it; returns the status to answer."""
         request = event.request
+        syntax = event.context.transfer_syntax
         try:
-            ds = event.dataset
-            header = {kw: ds.get(kw) for kw in _HEADER_KEYWORDS}
-            expected = None if event.context.transfer_syntax.is_compressed else _native_pixel_bytes_expected(ds)
-            pixel_length = len(ds.PixelData) if expected is not None and "PixelData" in ds else None
-        except Exception as exc:  # pydicom raises many kinds on malformed or truncated data sets
+            header = read_header(body, str(syntax))
+        except Exception as exc:  # HeaderError, or pydicom's many kinds for the rare syntaxes it reads
             return self._refuse(Status.CANNOT_UNDERSTAND, calling, sop_uid, f"data set cannot be decoded: {exc}")
         try:
-            study_uid = check_uid(header["StudyInstanceUID"], "Study Instance UID")
-            series_uid = check_uid(header["SeriesInstanceUID"], "Series Instance UID")
-            if str(header["SOPInstanceUID"] or "").strip() != sop_uid:
+            study_uid = check_uid(header.get("StudyInstanceUID"), "Study Instance UID")
+            series_uid = check_uid(header.get("SeriesInstanceUID"), "Series Instance UID")
+            if str(header.get("SOPInstanceUID") or "").strip() != sop_uid:
                 raise InvalidUIDError("SOP Instance UID in the data set differs from the C-STORE request's")
         except InvalidUIDError as exc:
             return self._refuse(Status.CANNOT_UNDERSTAND, calling, sop_uid, str(exc))
         sop_class = str(request.AffectedSOPClassUID)
-        if header["SOPClassUID"] is not None and str(header["SOPClassUID"]).strip() != sop_class:
+        if header.get("SOPClassUID") is not None and str(header.get("SOPClassUID")).strip() != sop_class:
             return self._refuse(Status.DATASET_MISMATCH, calling, sop_uid, "SOP Class UID differs from the request's")
-        if pixel_length is not None and expected is not None and pixel_length < expected:
+        expected = None if syntax.is_compressed else header.native_pixel_bytes()
+        if header.pixel_length is not None and expected is not None and header.pixel_length < expected:
             return self._refuse(
                 Status.DATASET_MISMATCH,
                 calling,
                 sop_uid,
-                f"Pixel Data is truncated: {pixel_length} bytes, the header needs {expected}",
+                f"Pixel Data is truncated: {header.pixel_length} bytes, the header needs {expected}",
             )
 
         if self.store.known_instance(sop_uid):
@@ -308,7 +283,7 @@ class Intake:
         size = staged.size
 
         def text(kw: str, limit: int) -> str:
-            value = header[kw]
+            value = header.get(kw)
             return "" if value is None else str(value).strip()[:limit]
 
         record = InstanceRecord(
@@ -316,7 +291,7 @@ class Intake:
             study_uid=study_uid,
             series_uid=series_uid,
             sop_class_uid=sop_class,
-            transfer_syntax=str(event.context.transfer_syntax),
+            transfer_syntax=str(syntax),
             modality=text("Modality", 16),
             body_part=text("BodyPartExamined", 64),
             study_description=text("StudyDescription", 128),

@@ -1,0 +1,210 @@
+"""Read the few attributes the C-STORE handler needs from a received data set, without decoding the rest.
+
+The handler needs the study, series and instance UIDs, the SOP Class, what routing rules match on (Modality, Body
+Part Examined, the study and series descriptions) and, for native pixel data, the image size and the length of the
+Pixel Data actually received. Decoding the whole data set with pydicom took 0.35 to 0.6 ms per CT instance on
+the C-STORE path, most of it for elements the node never looks at and a copy of the pixel data. This reader walks
+the top-level elements of a little-endian data set by their lengths, decodes only the wanted ones and stops at
+Pixel Data (0.035 ms for the same instance). It never trusts a length: each is checked against the buffer, and
+what it cannot walk raises :class:`HeaderError`.
+
+Big-endian and deflated data sets, which peers rarely send, are read with pydicom instead, and so is a data set the
+walk fails on (:func:`read_header` does both), so that the node accepts what it accepted before.
+``tests/dicom_node/test_header.py`` holds the two readers equal on every image of pydicom's and pydicom-data's test
+files.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom.charset import decode_bytes, default_encoding
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom.dsutils import decode
+
+__all__ = ["Header", "HeaderError", "read_header"]
+
+log = logging.getLogger(__name__)
+
+
+class HeaderError(ValueError):
+    """The data set cannot be walked: a length runs past its end, or a sequence is never closed."""
+
+
+#: Wanted top-level attributes: tag -> (keyword, kind). ``text`` values are decoded with the data set's character
+#: set; ``uid``/``code`` are ASCII; ``us`` is an unsigned short; ``is`` an integer string.
+_WANTED: dict[int, tuple[str, str]] = {
+    0x00080005: ("SpecificCharacterSet", "code"),
+    0x00080016: ("SOPClassUID", "uid"),
+    0x00080018: ("SOPInstanceUID", "uid"),
+    0x00080060: ("Modality", "code"),
+    0x00081030: ("StudyDescription", "text"),
+    0x0008103E: ("SeriesDescription", "text"),
+    0x00180015: ("BodyPartExamined", "code"),
+    0x0020000D: ("StudyInstanceUID", "uid"),
+    0x0020000E: ("SeriesInstanceUID", "uid"),
+    0x00280002: ("SamplesPerPixel", "us"),
+    0x00280008: ("NumberOfFrames", "is"),
+    0x00280010: ("Rows", "us"),
+    0x00280011: ("Columns", "us"),
+    0x00280100: ("BitsAllocated", "us"),
+}
+_PIXEL_DATA = 0x7FE00010
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+# Explicit VRs with a reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+_TAG_VR_SHORT = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length
+_TAG_LONG = struct.Struct("<HHI")  # group, element, 4-byte length (implicit VR, or item/delimiter tags)
+_LENGTH = struct.Struct("<I")
+_US = struct.Struct("<H")
+
+
+@dataclass
+class Header:
+    """What the C-STORE handler reads from a data set; absent attributes are None."""
+
+    values: dict[str, Any]
+    #: Bytes of Pixel Data received (None when the data set has none, or it is encapsulated).
+    pixel_length: int | None
+
+    def get(self, keyword: str) -> Any:
+        return self.values.get(keyword)
+
+    def native_pixel_bytes(self) -> int | None:
+        """Bytes that native (uncompressed) Pixel Data must have, from the header alone; None when not checkable."""
+        v = self.values
+        try:
+            rows, cols, bits = int(v["Rows"]), int(v["Columns"]), int(v["BitsAllocated"])
+            spp = int(v.get("SamplesPerPixel") or 1)
+            frames = int(v.get("NumberOfFrames") or 1)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return (rows * cols * spp * frames * bits + 7) // 8
+
+
+def read_header(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Header:
+    """The handler's attributes from the encoded data set ``data`` in ``transfer_syntax``.
+
+    Raises a pydicom error (or any other) when even pydicom cannot read it; absent attributes are None, for the
+    caller to refuse.
+    """
+    syntax = UID(transfer_syntax)
+    if syntax.is_deflated or not syntax.is_little_endian:
+        return _read_with_pydicom(data, syntax)
+    try:
+        with memoryview(data) as view:
+            return _walk(view.cast("B"), implicit=syntax.is_implicit_VR)
+    except HeaderError as exc:
+        # Not walkable as announced: a data set in another VR encoding than its transfer syntax, or truncated.
+        # pydicom reads such data leniently, as the node always did; what it cannot read still fails.
+        log.info("data set not walkable (%s); reading it with pydicom", exc)
+        return _read_with_pydicom(data, syntax)
+
+
+def _walk(buf: memoryview, *, implicit: bool) -> Header:
+    raw: dict[int, bytes] = {}
+    end = len(buf)
+    pos = 0
+    pixel_length: int | None = None
+    while pos < end:
+        tag, vr, length, pos = _element_header(buf, pos, end, implicit)
+        if tag == _PIXEL_DATA:
+            if length != _UNDEFINED:  # native: the bytes that arrived (a peer may send fewer than it declares)
+                pixel_length = min(length, end - pos)
+            break
+        if length == _UNDEFINED:
+            pos = _skip_undefined(buf, pos, end, implicit or vr == b"UN")
+            continue
+        if pos + length > end:
+            raise HeaderError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end of the data set")
+        if tag in _WANTED:
+            raw[tag] = bytes(buf[pos : pos + length])
+        pos += length
+    return Header(_decode(raw), pixel_length)
+
+
+def _element_header(buf: memoryview, pos: int, end: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+    """(tag, VR or None, value length, offset of the value) of the element at ``pos``."""
+    if pos + 8 > end:
+        raise HeaderError("data set ends inside an element header")
+    if implicit:
+        group, element, length = _TAG_LONG.unpack_from(buf, pos)
+        return (group << 16) | element, None, length, pos + 8
+    group, element, vr, length = _TAG_VR_SHORT.unpack_from(buf, pos)
+    tag = (group << 16) | element
+    if group == 0xFFFE:  # item and delimiter tags carry no VR, in every transfer syntax
+        return tag, None, _LENGTH.unpack_from(buf, pos + 4)[0], pos + 8
+    if vr in _LONG_VRS:
+        if pos + 12 > end:
+            raise HeaderError("data set ends inside an element header")
+        return tag, vr, _LENGTH.unpack_from(buf, pos + 8)[0], pos + 12
+    return tag, vr, length, pos + 8
+
+
+def _skip_undefined(buf: memoryview, pos: int, end: int, implicit: bool) -> int:
+    """Offset after the value of undefined length whose items start at ``pos``: a sequence, or encapsulated data.
+
+    ``implicit``: the items' elements are in implicit VR (an implicit-VR data set, or inside a UN value).
+    """
+    while True:
+        if pos + 8 > end:
+            raise HeaderError("a sequence of undefined length is never closed")
+        group, element, length = _TAG_LONG.unpack_from(buf, pos)
+        tag = (group << 16) | element
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise HeaderError(f"expected an item in a sequence, found ({group:04X},{element:04X})")
+        if length != _UNDEFINED:
+            if pos + length > end:
+                raise HeaderError("a sequence item runs past the end of the data set")
+            pos += length
+            continue
+        while True:  # an item of undefined length: its elements, up to an item delimiter
+            tag, vr, length, pos = _element_header(buf, pos, end, implicit)
+            if tag == _ITEM_END:
+                break
+            if length == _UNDEFINED:
+                pos = _skip_undefined(buf, pos, end, implicit or vr == b"UN")
+            elif pos + length > end:
+                raise HeaderError("an element inside a sequence runs past the end of the data set")
+            else:
+                pos += length
+
+
+def _decode(raw: Mapping[int, bytes]) -> dict[str, Any]:
+    charset = raw.get(0x00080005)
+    encodings = [default_encoding]
+    if charset:
+        encodings = [c.strip() for c in charset.decode("ascii", "replace").split("\\")] or encodings
+    values: dict[str, Any] = {}
+    for tag, value in raw.items():
+        keyword, kind = _WANTED[tag]
+        if kind == "us":
+            values[keyword] = _US.unpack_from(value)[0] if len(value) >= 2 else None
+        elif kind == "uid":
+            values[keyword] = value.decode("ascii", "replace").rstrip("\x00 ").strip()
+        elif kind == "text" and not value.isascii():
+            values[keyword] = decode_bytes(value, encodings, set()).strip()
+        else:
+            values[keyword] = value.decode("ascii", "replace").strip()
+    return values
+
+
+def _read_with_pydicom(data: bytes | bytearray | memoryview, syntax: UID) -> Header:
+    ds: Dataset = decode(BytesIO(bytes(data)), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    values = {kw: ds.get(kw) for kw, _ in _WANTED.values() if kw in ds}
+    for keyword, value in values.items():
+        if isinstance(value, str):
+            values[keyword] = value.strip()
+    pixel = ds.get("PixelData") if not syntax.is_compressed else None
+    return Header(values, None if pixel is None else len(pixel))
