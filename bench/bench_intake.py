@@ -188,6 +188,10 @@ class Receiver:
         """Instances the receiver holds after the run."""
         raise NotImplementedError
 
+    def handler_ms(self) -> float | None:
+        """Milliseconds per instance its C-STORE handler took, where the receiver reports it."""
+        return None
+
 
 class NodeReceiver(Receiver):
     """This node, as ``dicom-node serve`` runs it, with a variant's configuration overrides and patches."""
@@ -201,8 +205,9 @@ class NodeReceiver(Receiver):
         self.data_dir = workdir / "data"
         node: dict[str, Any] = {
             "ae_title": self.aet, "port": self.port, "bind": "127.0.0.1", "data_dir": str(self.data_dir),
-            "max_associations": 16, "max_pdu": MAX_PDU, "fsync": True,
+            "max_associations": 16, "max_pdu": MAX_PDU, "fsync": True, "metrics_port": free_port(),
         }
+        self.metrics_port = node["metrics_port"]
         patches = VARIANTS[variant][1] if variant else []
         node.update(VARIANTS[variant][0] if variant else {})
         config = {
@@ -224,6 +229,20 @@ class NodeReceiver(Receiver):
             return [PYTHON, "-m", "bench.bench_intake", "_node", "--config", str(self.config),
                     "--patches", ",".join(self.patches)]
         return [PYTHON, "-m", "dicom_node.cli", "serve", "--config", str(self.config)]
+
+    def handler_ms(self) -> float | None:
+        """From the node's own metric ``dicom_node_cstore_handler_seconds`` (sum and count)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return None
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("dicom_node_cstore_handler_seconds_sum", "dicom_node_cstore_handler_seconds_count"):
+                values[name.rsplit("_", 1)[1]] = float(value)
+        return 1000 * values["sum"] / values["count"] if values.get("count") else None
 
     def count(self) -> int:
         files = sum(1 for _ in (self.data_dir / "spool").glob("*/*/*.dcm"))
@@ -433,6 +452,7 @@ class Run:
     load: float
     fsync_ms: float
     problem: str = ""
+    handler_ms: float | None = None
 
 
 def disk_probe(folder: Path, count: int = 10) -> float:
@@ -507,6 +527,7 @@ def one_run(name: str, scenario: str, files: Sequence[Path], root: Path, profile
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
+        handler_ms = receiver.handler_ms()
         held = receiver.count()
         if held != len(files):
             problems.append(f"{name} holds {held} instances, {len(files)} were sent:\n{tail(receiver.log, 10)}")
@@ -516,7 +537,7 @@ def one_run(name: str, scenario: str, files: Sequence[Path], root: Path, profile
             spy.kill()
     if not problems:
         shutil.rmtree(workdir, ignore_errors=True)
-    return Run(name, scenario, seconds, not problems, load, fsync_ms, "\n".join(problems))
+    return Run(name, scenario, seconds, not problems, load, fsync_ms, "\n".join(problems), handler_ms)
 
 
 # --- profiling ----------------------------------------------------------------------------------------------------
@@ -681,7 +702,7 @@ class Figures:
 def print_report(figures: Figures, receivers: Sequence[str], count: int, total_bytes: int) -> None:
     print(f"\n{count} instances, {total_bytes / 1e6:.1f} MB per run; median of the successful runs")
     print(f"{'receiver':<26}{'scenario':<9}{'median s':>9}{'inst/s':>9}{'MB/s':>8}{'min..max s':>15}{'load':>7}"
-          f"{'fsync ms':>9}")
+          f"{'fsync ms':>9}{'handler ms':>11}")
     for receiver in receivers:
         for scenario in SCENARIOS:
             runs = [r for r in figures.runs if r.receiver == receiver and r.scenario == scenario and r.ok]
@@ -692,8 +713,10 @@ def print_report(figures: Figures, receivers: Sequence[str], count: int, total_b
             spread = f"{min(r.seconds for r in runs):.2f}..{max(r.seconds for r in runs):.2f}"
             load = statistics.mean(r.load for r in runs)
             disk = statistics.median(r.fsync_ms for r in runs)
+            handler = [r.handler_ms for r in runs if r.handler_ms is not None]
+            shown = f"{statistics.median(handler):>11.2f}" if handler else f"{'-':>11}"
             print(f"{receiver:<26}{scenario:<9}{med:>9.2f}{count / med:>9.1f}{total_bytes / 1e6 / med:>8.1f}"
-                  f"{spread:>15}{load:>7.2f}{disk:>9.1f}")
+                  f"{spread:>15}{load:>7.2f}{disk:>9.1f}{shown}")
     print("\nratios of throughput (node / baseline; > 1 means the node is faster)")
     bases = [r for r in receivers if not r.startswith("node")]
     for node in [r for r in receivers if r.startswith("node")]:
@@ -742,9 +765,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result = one_run(name, scenario, files, root)
                     figures.runs.append(result)
                     status = "ok" if result.ok else "FAILED"
+                    handler = "" if result.handler_ms is None else f"handler {result.handler_ms:.2f} ms/inst  "
                     print(f"run {run + 1} {scenario:<6} {name:<26} {result.seconds:7.2f} s "
                           f"{args.count / result.seconds:7.1f} inst/s  load {result.load:.2f}  "
-                          f"disk {result.fsync_ms:.1f} ms/fsync  {status}", flush=True)
+                          f"disk {result.fsync_ms:.1f} ms/fsync  {handler}{status}", flush=True)
                     if not result.ok:
                         failures += 1
                         print(result.problem, file=sys.stderr)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from dicom_node.store import JobState
@@ -28,13 +28,18 @@ class NodeCollector(Collector):
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | SummaryMetricFamily]:
         c = self.node.intake.counters
         received = CounterMetricFamily("dicom_node_instances", "C-STORE requests by outcome", labels=["outcome"])
         for outcome, value in (("stored", c.stored), ("duplicate", c.duplicates), ("failed", c.failed)):
             received.add_metric([outcome], value)
         yield received
         yield CounterMetricFamily("dicom_node_received_bytes", "bytes of instances stored", value=c.bytes)
+        yield SummaryMetricFamily(
+            "dicom_node_cstore_handler_seconds",
+            "time the C-STORE handler took: validate, write, sync and record (the disk's share of a transfer)",
+            count_value=c.handled, sum_value=c.handler_seconds,
+        )
         assoc = CounterMetricFamily("dicom_node_associations", "associations by outcome", labels=["outcome"])
         assoc.add_metric(["accepted"], c.associations)
         assoc.add_metric(["rejected"], c.rejected_associations)

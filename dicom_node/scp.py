@@ -93,9 +93,12 @@ class IntakeCounters:
     associations: int = 0
     rejected_associations: int = 0
     bytes: int = 0
+    #: C-STORE requests handled and the seconds their handler took in all (validate, write, sync, record).
+    handled: int = 0
+    handler_seconds: float = 0.0
     lock: Lock = field(default_factory=Lock, repr=False)
 
-    def add(self, **deltas: int) -> None:
+    def add(self, **deltas: float) -> None:
         with self.lock:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
@@ -202,6 +205,7 @@ class Intake:
 
     def on_c_store(self, event: Any) -> int:
         """Validate, write durably, record; answer Success only when all three are done."""
+        started = time.perf_counter()
         calling = event.assoc.requestor.ae_title.strip()
         try:
             return self._store(event, calling)
@@ -209,6 +213,8 @@ class Intake:
             log.exception("C-STORE from %s failed unexpectedly", calling)
             self.counters.add(failed=1)
             return Status.OUT_OF_RESOURCES
+        finally:
+            self.counters.add(handled=1, handler_seconds=time.perf_counter() - started)
 
     def _refuse(self, status: int, calling: str, sop_uid: str, why: str) -> int:
         log.warning("C-STORE from %s refused (0x%04X) for instance %s: %s", calling, status, uid_hash(sop_uid), why)

@@ -391,3 +391,6 @@ def test_metrics_show_what_the_scp_did(running_node: Callable[..., Node], tmp_pa
     assert 'dicom_node_instances_total{outcome="stored"} 2.0' in text
     assert 'dicom_node_instances_total{outcome="duplicate"} 1.0' in text
     assert "dicom_node_studies_receiving" in text
+    assert "dicom_node_cstore_handler_seconds_count 3.0" in text
+    handler_sum = next(line for line in text.splitlines() if line.startswith("dicom_node_cstore_handler_seconds_sum"))
+    assert 0 < float(handler_sum.split()[1]) < 60
