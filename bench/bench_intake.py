@@ -32,7 +32,8 @@ product settings: ``nofsync`` (node.fsync false), ``sqlite-normal`` (PRAGMA sync
 connection), ``nosync`` (both), ``synced-records`` (intake records synced too, as on a spool without extended
 attributes), ``stockrecv`` (pynetdicom's own 4096-byte socket reads), ``keepcache`` (no ``POSIX_FADV_DONTNEED``:
 spooled files stay in the page cache, and their writeback is not started before the header is read), ``pdu16k``
-(node.max_pdu 16384), ``noheader`` (no C-STORE header decode: the handler reads the UIDs from the request only).
+(node.max_pdu 16384), ``noheader`` (no C-STORE header read: the handler takes the UIDs from the request only),
+``inmemory`` (no data set written to the spool while it arrives), ``spoolall`` (every data set written so).
 ``--profile DIR`` samples the node with py-spy during one extra run of each scenario and prints
 where its time goes.
 
@@ -381,7 +382,23 @@ def _patch_keepcache() -> None:
     setattr(spool, "_drop_cached", lambda fd: None)  # noqa: B010
 
 
+def _patch_inmemory() -> None:
+    """Every data set held in memory until its last byte, as pynetdicom does by default (no spooling on arrival)."""
+    from dicom_node import scp
+
+    setattr(scp._SpooledDataSet, "SPOOL_ABOVE", sys.maxsize)  # noqa: B010
+
+
+def _patch_spoolall() -> None:
+    """Every C-STORE data set written to the spool as it arrives, whatever its size."""
+    from dicom_node import scp
+
+    setattr(scp._SpooledDataSet, "SPOOL_ABOVE", 0)  # noqa: B010
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "inmemory": _patch_inmemory,
+    "spoolall": _patch_spoolall,
     "sqlite-normal": _patch_sqlite_normal,
     "noheader": _patch_noheader,
     "stockrecv": _patch_stockrecv,
@@ -399,6 +416,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "stockrecv": ({}, ["stockrecv"]),
     "keepcache": ({}, ["keepcache"]),
     "synced-records": ({}, ["synced-records"]),
+    "inmemory": ({}, ["inmemory"]),
+    "spoolall": ({}, ["spoolall"]),
 }
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -20,12 +22,15 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.config import Settings
-from dicom_node.scp import Status, file_head
+from dicom_node.scp import Status, _SpooledDataSet, file_head
 from dicom_node.service import Node, RecordingDispatcher
+from dicom_node.spool import StagingFile
 from dicom_node.store import JobState
 from tests.conftest import make_study
 from tests.corpus import COMPRESSED, CORPUS, corpus_file
@@ -131,8 +136,20 @@ def test_calling_ae_and_host_allow_lists_reject_with_a_associate_rj(running_node
     assert other.intake.counters.rejected_associations == 1
 
 
+@pytest.fixture(params=["as-shipped", "in-memory", "spooled-on-arrival"])
+def receive_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Small data sets are held in memory until complete, large ones written to the spool as they arrive
+    (``as-shipped``); the other two modes send every data set one way."""
+    threshold = {"in-memory": sys.maxsize, "spooled-on-arrival": 1024}.get(request.param)
+    if threshold is not None:
+        monkeypatch.setattr(_SpooledDataSet, "SPOOL_ABOVE", threshold)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("name", [*CORPUS, *COMPRESSED])
-def test_every_corpus_image_is_stored_byte_for_byte(running_node: Callable[..., Node], name: str) -> None:
+def test_every_corpus_image_is_stored_byte_for_byte(
+    running_node: Callable[..., Node], name: str, receive_mode: str
+) -> None:
     node = running_node()
     source = corpus_file(name)
     original = pydicom.dcmread(source)
@@ -146,6 +163,21 @@ def test_every_corpus_image_is_stored_byte_for_byte(running_node: Callable[..., 
     # storescu drops Data Set Trailing Padding (FFFC,FFFC) when it sends; everything else arrives.
     assert [e.tag for e in stored] == [e.tag for e in original if e.tag != 0xFFFCFFFC]
     assert node.store.has_instance(original.SOPInstanceUID)
+
+
+@pytest.mark.parametrize("name", ["693_UNCI.dcm", "emri_small_RLE.dcm", "RG1_J2KR.dcm"])
+def test_the_spooled_file_is_the_file_meta_then_the_data_set_as_sent(
+    running_node: Callable[..., Node], name: str, receive_mode: str
+) -> None:
+    node = running_node()
+    source = corpus_file(name)
+    header, sent = _dataset_bytes(source)
+    ts = header.file_meta.TransferSyntaxUID
+    assert send_raw(node.port, header.SOPClassUID, header.SOPInstanceUID, ts, sent) == Status.SUCCESS
+    spooled = node.spool.path_for(header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID)
+    meta = file_head(header.SOPClassUID, header.SOPInstanceUID, header.file_meta.TransferSyntaxUID)
+    assert spooled.read_bytes() == meta + sent
+    assert list(node.spool.incoming.iterdir()) == []
 
 
 def test_study_is_assembled_after_stable_time_and_resends_are_idempotent(
@@ -266,7 +298,7 @@ def _dataset_bytes(source: Path) -> tuple[pydicom.Dataset, bytes]:
 
 
 def test_bad_input_gets_a_clear_status_and_the_node_keeps_serving(
-    running_node: Callable[..., Node], tmp_path: Path
+    running_node: Callable[..., Node], tmp_path: Path, receive_mode: str
 ) -> None:
     node = running_node()
     source = make_study(tmp_path / "src", 1)[0]
@@ -303,6 +335,42 @@ def test_bad_input_gets_a_clear_status_and_the_node_keeps_serving(
     assert node.store.has_instance(pydicom.dcmread(source).SOPInstanceUID)
 
 
+def test_a_transfer_cut_off_midway_leaves_no_file_and_no_record(
+    running_node: Callable[..., Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large data set is written to the spool while it arrives; a peer that aborts in the middle of it got no
+    Success, so the partial file is removed at once (not only at the next start) and nothing is recorded."""
+    monkeypatch.setattr(_SpooledDataSet, "SPOOL_ABOVE", 64 * 1024)
+    node = running_node()
+    source = make_study(tmp_path / "src", 1)[0]
+    header, body = _dataset_bytes(source)
+    ae = AE(ae_title="CUTOFF")
+    ae.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
+    assert assoc.is_established
+    req = C_STORE()
+    req.MessageID, req.Priority = 1, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
+    req.DataSet = BytesIO(body)
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    fragments = list(message.encode_msg(assoc.accepted_contexts[0].context_id, 16384))
+    for pdata in fragments[: len(fragments) // 2]:  # the command and half of the data set
+        assoc.dul.send_pdu(pdata)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not list(node.spool.incoming.iterdir()):
+        time.sleep(0.01)
+    assert list(node.spool.incoming.iterdir()), "the data set is written to the spool while it arrives"
+    assoc.abort()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and list(node.spool.incoming.iterdir()):
+        time.sleep(0.05)
+    assert list(node.spool.incoming.iterdir()) == []
+    assert not node.store.has_instance(header.SOPInstanceUID)
+    assert _send_file(node, source) == Status.SUCCESS, "the peer sends it again, whole"
+    assert node.store.has_instance(header.SOPInstanceUID)
+
+
 def test_disk_watermark_and_write_failure_answer_out_of_resources(
     running_node: Callable[..., Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -310,13 +378,15 @@ def test_disk_watermark_and_write_failure_answer_out_of_resources(
     full = running_node(node={"min_free_disk_mb": 1024 * 1024 * 1024})  # an exabyte: never free
     assert _send_file(full, files[0]) == Status.OUT_OF_RESOURCES
     assert not full.store.has_instance(pydicom.dcmread(files[0]).SOPInstanceUID)
+    assert not list(full.spool.root.rglob("*.tmp")), "the refused instance's staged file is gone"
 
     node = running_node()
 
-    def failing_stage(data: object, source_ae: str = "") -> object:
+    def failing_write(self: object, data: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(node.spool, "stage", failing_stage)
+    # The network thread writes each fragment to the spool as it arrives: the disk fills up during the transfer.
+    monkeypatch.setattr(StagingFile, "write", failing_write)
     assert _send_file(node, files[1]) == Status.OUT_OF_RESOURCES
     assert not node.store.has_instance(pydicom.dcmread(files[1]).SOPInstanceUID)
     monkeypatch.undo()

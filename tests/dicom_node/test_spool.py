@@ -42,3 +42,29 @@ def test_start_up_clears_what_a_crash_left_staged(tmp_path: Path) -> None:
     spool.stage(b"written, never acknowledged")  # the process dies here
     assert Spool(tmp_path / "spool").clear_incoming() == 1
     assert list(spool.incoming.iterdir()) == []
+
+
+def test_a_staging_file_takes_pieces_as_they_arrive_and_refuses_writes_once_dropped(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    staging = spool.open_staging("PACS")
+    pieces = [b"head", bytes(300 * 1024), memoryview(b"tail")]  # past the writeback step, then a short piece
+    for piece in pieces:
+        staging.write(piece)
+    staged = staging.finish()
+    with staged.mapped() as mapped:
+        assert mapped[:4] == b"head" and mapped[-4:] == b"tail" and len(mapped) == staged.size
+    target = spool.path_for("1.2", "1.2.3", "1.2.3.5")
+    staged.commit(target)
+    assert target.read_bytes() == b"".join(bytes(p) for p in pieces)
+    with pytest.raises(OSError, match="already finished"):
+        staging.write(b"late")  # a fragment after the hand-over never reaches the committed file
+
+    aborted = spool.open_staging("PACS")
+    aborted.write(b"half of a transfer")
+    aborted.discard()
+    aborted.discard()
+    with pytest.raises(OSError):
+        aborted.write(b"the rest")
+    with pytest.raises(OSError):
+        aborted.finish()
+    assert list(spool.incoming.iterdir()) == []
