@@ -55,6 +55,8 @@ _WANTED: dict[int, tuple[str, str]] = {
     0x00280011: ("Columns", "us"),
     0x00280100: ("BitsAllocated", "us"),
 }
+#: Without these the walk did not find the data set's identity: pydicom gets a second look.
+_IDENTIFYING = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _PIXEL_DATA = 0x7FE00010
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
@@ -101,7 +103,10 @@ def read_header(data: bytes | bytearray | memoryview, transfer_syntax: str) -> H
         return _read_with_pydicom(data, syntax)
     try:
         with memoryview(data) as view:
-            return _walk(view.cast("B"), implicit=syntax.is_implicit_VR)
+            header = _walk(view.cast("B"), implicit=syntax.is_implicit_VR)
+        if any(header.get(kw) is None for kw in _IDENTIFYING):
+            raise HeaderError("no Study, Series or SOP Instance UID at the top level")
+        return header
     except HeaderError as exc:
         # Not walkable as announced: a data set in another VR encoding than its transfer syntax, or truncated.
         # pydicom reads such data leniently, as the node always did; what it cannot read still fails.
@@ -142,6 +147,8 @@ def _element_header(buf: memoryview, pos: int, end: int, implicit: bool) -> tupl
     tag = (group << 16) | element
     if group == 0xFFFE:  # item and delimiter tags carry no VR, in every transfer syntax
         return tag, None, _LENGTH.unpack_from(buf, pos + 4)[0], pos + 8
+    if not (vr.isalpha() and vr.isupper()):  # implicit VR data under an explicit transfer syntax, or garbage
+        raise HeaderError(f"element ({group:04X},{element:04X}) has no explicit VR")
     if vr in _LONG_VRS:
         if pos + 12 > end:
             raise HeaderError("data set ends inside an element header")

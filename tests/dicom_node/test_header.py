@@ -185,3 +185,15 @@ def test_big_endian_is_read_by_pydicom() -> None:
     header = read_header(encoded(ds, ExplicitVRBigEndian), ExplicitVRBigEndian)
     assert header.get("SOPInstanceUID") == ds.SOPInstanceUID
     assert header.pixel_length == 32 and header.native_pixel_bytes() == 32
+
+
+def test_implicit_vr_data_under_an_explicit_syntax_is_read_by_pydicom() -> None:
+    """Some peers send implicit VR data on an explicit VR context: the walk notices and pydicom reads it."""
+    ds = sample(BodyPartExamined="CHEST")
+    body = encoded(ds, ImplicitVRLittleEndian)
+    with pytest.raises(HeaderError, match="no explicit VR"):
+        _walk(memoryview(body), implicit=False)
+    header = read_header(body, ExplicitVRLittleEndian)
+    assert header.get("SOPInstanceUID") == ds.SOPInstanceUID
+    assert header.get("StudyInstanceUID") == ds.StudyInstanceUID
+    assert header.get("BodyPartExamined") == "CHEST"
