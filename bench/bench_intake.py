@@ -379,7 +379,7 @@ def _patch_keepcache() -> None:
     """No ``POSIX_FADV_DONTNEED``: no early writeback while the header is read, and the pages stay cached."""
     from dicom_node import spool
 
-    setattr(spool, "_drop_cached", lambda fd: None)  # noqa: B010
+    setattr(spool, "_drop_cached", lambda fd, offset=0, length=0: None)  # noqa: B010
 
 
 def _patch_inmemory() -> None:

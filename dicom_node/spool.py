@@ -56,21 +56,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _drop_cached(fd: int) -> None:
-    """Give the synced file's pages back to the kernel right away.
+def _drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Give a file's pages (``length`` 0: to its end) back to the kernel; on pages still dirty, start their writeback
+    without waiting for it.
 
-    A spooled instance is read again only by a worker, seconds to minutes later; keeping it cached makes every next
-    write take fresh pages from the kernel, which measured about 7x slower than reusing the pages just released
-    (bench/bench_intake.py, variant ``keepcache``). On pages still dirty, Linux starts their writeback instead,
-    without waiting: :meth:`Spool.stage` calls it right after writing for that. Advisory: a kernel without it just
-    keeps the pages.
+    After the sync it frees the pages: a spooled instance is read again only by a worker, seconds to minutes later,
+    and keeping it cached makes every next write take fresh pages from the kernel, which measured about 7x slower
+    than reusing the pages just released (bench/bench_intake.py, variant ``keepcache``). Right after a write it starts
+    the disk's work early (:class:`StagingFile`). Advisory: a kernel without it just keeps the pages.
     """
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a range of a file's dirty pages to the disk, without waiting (see :func:`_drop_cached`)."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
@@ -186,10 +180,10 @@ class Staged:
 
 
 class StagingFile:
-    """An instance's temporary file in ``.incoming``, written piece by piece as its data arrives from the network.
+    """An instance's temporary file in ``.incoming``, written piece by piece: from a whole buffer
+    (:meth:`Spool.stage`), or from the network as a large data set arrives, which keeps it out of memory.
 
-    Writing as the data arrives overlaps the copy into the page cache, and the disk's writeback, with the transfer
-    itself; the C-STORE handler then only syncs the file. It also keeps large instances out of memory.
+    The disk's writeback is started as the pieces come in; :meth:`finish` hands the file over as :class:`Staged`.
     """
 
     #: Writeback of what was written is started every this many bytes, so that the disk works during the transfer.
@@ -215,7 +209,7 @@ class StagingFile:
             self.size += _write_all(self._fd, (data,))
             self._unsynced += len(data)
             if self._spool.sync and self._unsynced >= self.WRITEBACK_EVERY:
-                _start_writeback(self._fd, self.size - self._unsynced, self._unsynced)
+                _drop_cached(self._fd, self.size - self._unsynced, self._unsynced)
                 self._unsynced = 0
 
     def finish(self) -> Staged:
@@ -225,7 +219,7 @@ class StagingFile:
             if fd is None:
                 raise OSError(errno.EBADF, "staging file already finished or discarded", str(self.tmp))
             if self._spool.sync and self._unsynced:
-                _start_writeback(fd, self.size - self._unsynced, self._unsynced)
+                _drop_cached(fd, self.size - self._unsynced, self._unsynced)
             return Staged(self.tmp, fd, self.size, sync=self._spool.sync, make_dir=self._spool._ensure_dir)
 
     def discard(self) -> None:
