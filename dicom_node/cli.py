@@ -11,11 +11,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.logs import configure_logging
-from dicom_node.store import JobState, JobStore
+from dicom_node.store import JobState, JobStore, StoreUnavailable
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
@@ -36,12 +37,16 @@ def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 
 def _store(settings: Settings) -> JobStore:
-    return JobStore(settings.store_url)
+    try:
+        return JobStore(settings.store_url)
+    except StoreUnavailable as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _when(ts: float) -> str:
@@ -55,7 +60,11 @@ def serve(config: ConfigOption = None) -> None:
 
     settings = _settings(config)
     configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
-    node = Node(settings, config_path=config.resolve() if config else None)
+    try:
+        node = Node(settings, config_path=config.resolve() if config else None)
+    except StoreUnavailable as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     try:
         node.start()
     except OSError as exc:

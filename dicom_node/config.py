@@ -153,6 +153,30 @@ class StoreSettings(_Section):
 
     url: SecretStr | None = Field(None, description="SQLAlchemy URL; None: sqlite under node.data_dir")
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr | None) -> SecretStr | None:
+        """A ``sqlite:///`` or ``postgresql://`` URL whose driver is installed; bare ``postgresql://`` gets psycopg."""
+        if value is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value.get_secret_value())
+        except ArgumentError:
+            raise ValueError("not a database URL; expected sqlite:///PATH or postgresql://...") from None
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("the job store runs on sqlite or postgresql")
+        try:
+            url.get_dialect().import_dbapi()
+        except ImportError as exc:
+            hint = " (pip install 'dicom-ai-node[postgresql]')" if url.get_backend_name() == "postgresql" else ""
+            raise ValueError(f"its database driver is not installed: {exc}{hint}") from None
+        return SecretStr(url.render_as_string(hide_password=False))
+
 
 class DestinationSettings(_Section):
     """A DICOM peer that receives our results (C-STORE), usually the PACS that sent the study."""
@@ -273,12 +297,16 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the key, the bad value and what is allowed."""
 
 
+_URL_PASSWORD = re.compile(r"(//[^:/@\s]*:)[^@\s]*@")
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         value = err.get("input")
         shown = repr(value) if not isinstance(value, Mapping) else "{...}"
+        shown = _URL_PASSWORD.sub(r"\1***@", shown)  # a database or broker URL's password stays out of logs
         if len(shown) > 80:
             shown = shown[:77] + "..."
         msg = err["msg"].removeprefix("Value error, ")

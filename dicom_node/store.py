@@ -2,7 +2,9 @@
 
 The store, not the broker, is the source of truth (DESIGN invariant 3). SQLite runs in WAL mode with
 ``synchronous=FULL`` so that a committed record survives a crash or power loss; every process of the node (the SCP,
-workers on this host) opens its own engine on the same file.
+workers on this host) opens its own engine on the same file. SQLite serialises writers (``BEGIN IMMEDIATE``);
+PostgreSQL runs transactions side by side, so each read-then-write locks the row it changes (``FOR UPDATE``) and
+an intake record that collides with another writer's new row is tried again.
 
 Tables (SQLAlchemy Core, so that PostgreSQL works by URL):
 
@@ -49,17 +51,27 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError
 
 __all__ = [
     "InstanceRecord",
     "JobRecord",
     "JobState",
     "JobStore",
+    "StoreUnavailable",
     "StudyState",
 ]
 
 log = logging.getLogger(__name__)
+
+
+_RECORD_ATTEMPTS = 4  # an intake record that met another writer's row is tried again (see record_instance)
+_SCHEMA_LOCK = 0x44494E4F  # PostgreSQL advisory lock key of the schema set-up (any fixed number)
+
+
+class StoreUnavailable(RuntimeError):
+    """The job store's database cannot be reached or opened; the message names it (no password) and the reason."""
 
 
 class StudyState(str, enum.Enum):
@@ -287,7 +299,11 @@ class _RecordSQL:
             return _Prepared(stmt, dialect)
 
         self.seen = prepared(select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid == sop))
-        self.study = prepared(select(studies.c.state, studies.c.runs).where(studies.c.study_uid == study))
+        # FOR UPDATE: PostgreSQL's transactions run side by side, and the study row is what an assembler closing the
+        # window and a writer extending it must take turns on (SQLite's BEGIN IMMEDIATE already serialises them).
+        self.study = prepared(
+            select(studies.c.state, studies.c.runs).where(studies.c.study_uid == study).with_for_update()
+        )
         self.add_study = prepared(
             insert(studies).values(
                 study_uid=study,
@@ -335,10 +351,28 @@ class JobStore:
         else:
             self.engine = create_engine(url, pool_pre_ping=True)
             self.intake_engine = self.engine
-        metadata.create_all(self.engine)
         self._sqlite = self.engine.dialect.name == "sqlite"
+        self._create_tables()
         self._record_sql = _RecordSQL(self.engine.dialect)
+        self._integrity_error: type[Exception] = self.engine.dialect.loaded_dbapi.IntegrityError
         self._intake_lock = threading.Lock()
+
+    def _create_tables(self) -> None:
+        """Create missing tables; :class:`StoreUnavailable` with the database's own reason when it cannot be reached.
+
+        On PostgreSQL the node and its workers may start at the same moment, and concurrent ``CREATE TABLE``s of the
+        same name collide in the catalogue; an advisory lock held for the transaction makes them take turns.
+        """
+        try:
+            with self.engine.begin() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+                metadata.create_all(conn)
+        except DBAPIError as exc:
+            self.close()
+            where = make_url(self.url).render_as_string(hide_password=True)
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+            raise StoreUnavailable(f"job store {where} cannot be opened: {reason}") from exc
 
     @staticmethod
     def _sqlite_engine(url: str, synchronous: str) -> Engine:
@@ -406,29 +440,42 @@ class JobStore:
         the driver's connection; writers of this process take turns on a lock instead of SQLite's busy-wait sleeps.
         """
         now = time.time() if now is None else now
-        q = self._record_sql
         with self._intake_lock:
-            conn = self.intake_engine.raw_connection()
-            try:
-                cur = conn.cursor()
-                if self._sqlite:
-                    cur.execute("BEGIN IMMEDIATE")
+            attempt = 1
+            while True:
                 try:
-                    cur.execute(q.seen.sql, q.seen.params(sop=rec.sop_instance_uid))
-                    if cur.fetchone() is not None:
-                        conn.rollback()
-                        return False
-                    run = self._advance_study(cur, rec, late_arrivals, now)
-                    values = dict(rec.__dict__, run=run, received_at=now)
-                    cur.execute(q.add_instance.sql, q.add_instance.params(**values))
-                    conn.commit()
-                except BaseException:
+                    return self._record_once(rec, late_arrivals, now)
+                except self._integrity_error:
+                    # Another process (a second SCP on the same PostgreSQL store) inserted the same study or
+                    # instance between our read and our write. Its row is committed now, so the next pass sees it;
+                    # each pass can meet at most one more such writer (first the study's row, then the instance's).
+                    if attempt == _RECORD_ATTEMPTS:
+                        raise
+                    attempt += 1
+
+    def _record_once(self, rec: InstanceRecord, late_arrivals: str, now: float) -> bool:
+        q = self._record_sql
+        conn = self.intake_engine.raw_connection()
+        try:
+            cur = conn.cursor()
+            if self._sqlite:
+                cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.execute(q.seen.sql, q.seen.params(sop=rec.sop_instance_uid))
+                if cur.fetchone() is not None:
                     conn.rollback()
-                    raise
-                finally:
-                    cur.close()
+                    return False
+                run = self._advance_study(cur, rec, late_arrivals, now)
+                values = dict(rec.__dict__, run=run, received_at=now)
+                cur.execute(q.add_instance.sql, q.add_instance.params(**values))
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
             finally:
-                conn.close()
+                cur.close()
+        finally:
+            conn.close()
         return True
 
     def _advance_study(self, cur: Any, rec: InstanceRecord, late_arrivals: str, now: float) -> int:
@@ -504,7 +551,7 @@ class JobStore:
         """
         now = time.time() if now is None else now
         with self._tx() as conn:
-            s = conn.execute(select(studies).where(studies.c.study_uid == study_uid)).first()
+            s = conn.execute(select(studies).where(studies.c.study_uid == study_uid).with_for_update()).first()
             if s is None or s._mapping["state"] != StudyState.RECEIVING.value:
                 return None
             run = s._mapping["runs"] + 1
@@ -659,7 +706,7 @@ class JobStore:
     def mark_delivered(self, sop_instance_uid: str, destination: str) -> None:
         with self._tx() as conn:
             row = conn.execute(
-                select(results.c.delivered_to).where(results.c.sop_instance_uid == sop_instance_uid)
+                select(results.c.delivered_to).where(results.c.sop_instance_uid == sop_instance_uid).with_for_update()
             ).first()
             if row is None:
                 return

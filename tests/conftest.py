@@ -14,6 +14,7 @@ from dicom_node.config import Settings, load_settings
 from dicom_node.receiver import free_port
 from dicom_node.service import Dispatcher, Node, RecordingDispatcher
 from tests.corpus import corpus_file
+from tests.postgres import PostgresServer, postgres_bin
 
 
 @pytest.fixture
@@ -38,6 +39,41 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         return load_settings(None, overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole run (skipped where PostgreSQL is not installed; ``make test`` installs it)."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql)")
+    server = PostgresServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of an empty PostgreSQL database of this test's own."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A job store URL of each supported backend: SQLite in tmp_path, and an empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_section(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Configuration sections that put a node's job store on each backend: none (SQLite under data_dir), or a
+    ``store.url`` of an empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return {}
+    return {"store": {"url": request.getfixturevalue("postgres_url")}}
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 from typer.testing import CliRunner
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from dicom_node.cli import app
 from dicom_node.service import Node
 from dicom_node.store import JobState
-from tests.conftest import make_study
+from tests.conftest import free_port, make_study
 from tests.dicom_node.test_intake import storescu, wait_for
 
 runner = CliRunner()
@@ -29,10 +30,28 @@ def test_config_check_names_key_value_and_rule(tmp_path: Path) -> None:
     assert good.exit_code == 0, good.output
 
 
-def test_jobs_list_show_cancel_retry(running_node: Callable[..., Node], tmp_path: Path) -> None:
-    node = running_node()
+def test_store_url_errors_name_the_url_without_its_password(tmp_path: Path) -> None:
     config = tmp_path / "node.yaml"
-    config.write_text(yaml.safe_dump({"node": {"data_dir": str(node.settings.node.data_dir)}}))
+    config.write_text(yaml.safe_dump({"store": {"url": "mysql://node:s3cret@db.example/jobs"}}))
+    refused = runner.invoke(app, ["config", "check", "--config", str(config)])
+    said = " ".join(refused.output.split())  # the console wraps long lines
+    assert refused.exit_code == 2
+    assert "store.url: the job store runs on sqlite or postgresql" in said
+    assert "node:***@db.example" in said and "s3cret" not in said
+
+    config.write_text(yaml.safe_dump({"store": {"url": f"postgresql://node:s3cret@127.0.0.1:{free_port()}/jobs"}}))
+    assert runner.invoke(app, ["config", "check", "--config", str(config)]).exit_code == 0
+    down = runner.invoke(app, ["jobs", "list", "--config", str(config)])
+    said = " ".join(down.output.split())
+    assert down.exit_code == 1 and "cannot be opened" in said and "s3cret" not in said
+
+
+def test_jobs_list_show_cancel_retry(
+    running_node: Callable[..., Node], tmp_path: Path, store_section: dict[str, Any]
+) -> None:
+    node = running_node(**store_section)
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"node": {"data_dir": str(node.settings.node.data_dir)}, **store_section}))
     assert storescu(node, make_study(tmp_path / "s", 1)).returncode == 0
     job_id = wait_for(lambda: node.store.list_jobs())[0].id  # type: ignore[index]
 

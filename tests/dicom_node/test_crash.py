@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -66,7 +67,7 @@ def send_until_killed(port: int, files: list[Path], acknowledged: list[str], sto
             return
 
 
-def test_sigkill_mid_study_loses_nothing_and_processes_once(tmp_path: Path) -> None:
+def test_sigkill_mid_study_loses_nothing_and_processes_once(tmp_path: Path, store_section: dict[str, Any]) -> None:
     port = free_port()
     data_dir = tmp_path / "var"
     config = tmp_path / "node.yaml"
@@ -76,6 +77,7 @@ def test_sigkill_mid_study_loses_nothing_and_processes_once(tmp_path: Path) -> N
                 "node": {"port": port, "bind": "127.0.0.1", "data_dir": str(data_dir)},
                 "study": {"stable_seconds": 2, "max_wait_seconds": 600},
                 "queue": {"start_workers": False},
+                **store_section,
             }
         )
     )

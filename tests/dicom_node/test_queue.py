@@ -238,8 +238,9 @@ def test_poison_study_fails_once_with_reason(
 
 
 def test_embedded_broker_runs_a_study_end_to_end_without_redis(
-    tmp_path: Path, tiny_model: Path, receiver: Receiver
+    tmp_path: Path, tiny_model: Path, receiver: Receiver, store_section: dict[str, Any]
 ) -> None:
+    """The node with its own workers (separate processes) on each job store backend."""
     port = free_port()
     config = tmp_path / "node.yaml"
     config.write_text(
@@ -249,6 +250,7 @@ def test_embedded_broker_runs_a_study_end_to_end_without_redis(
                 "study": {"stable_seconds": 1},
                 "model": model(tiny_model),
                 "destinations": [receiver.destination()],
+                **store_section,
             }
         )
     )

@@ -1,0 +1,201 @@
+"""The job store on both backends (SQLite, and a real PostgreSQL server): the rules the node relies on when several
+threads or processes write at once. PostgreSQL runs transactions side by side where SQLite serialises them, so each
+race here is one that only row locks or a retry keep right there."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from dicom_node.store import InstanceRecord, JobState, JobStore, StoreUnavailable, StudyState
+from tests.conftest import free_port
+
+
+def record(study: str, n: int) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=f"{study}.{n}",
+        study_uid=study,
+        series_uid=f"{study}.0",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        modality="CT",
+        body_part="CHEST",
+        study_description="CT chest",
+        series_description="axial",
+        calling_ae="MODALITY",
+        path=f"{study}/{n}.dcm",
+        size=1000 + n,
+    )
+
+
+def race(stores: list[JobStore], work: Callable[[JobStore, int], Any]) -> list[Any]:
+    """Run ``work(store, i)`` on one thread per store, all released at the same moment; their results in order."""
+    results: list[Any] = [None] * len(stores)
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(stores))
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = work(stores[i], i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return results
+
+
+@pytest.fixture
+def stores(store_url: str) -> Any:
+    """Four stores on one database, each with its own engine, as four processes of the node would have."""
+    opened = [JobStore(store_url) for _ in range(4)]
+    yield opened
+    for s in opened:
+        s.close()
+
+
+def test_record_is_idempotent_and_a_late_arrival_opens_a_new_run(store_url: str) -> None:
+    store = JobStore(store_url)
+    try:
+        assert store.record_instance(record("1.2.3", 1))
+        assert not store.record_instance(record("1.2.3", 1)), "a re-send is recorded once"
+        assert store.known_instance("1.2.3.1") and not store.known_instance("1.2.3.9")
+        job = store.complete_study("1.2.3", rule="r", profile="grounded_report")
+        assert job is not None and store.complete_study("1.2.3", rule="r") is None
+
+        assert store.record_instance(record("1.2.3", 2), late_arrivals="rerun")
+        assert store.studies_ready(0, 3600, now=1e12) == ["1.2.3"]
+        second = store.complete_study("1.2.3", rule="r")
+        assert second is not None and store.job(second).run == 2  # type: ignore[union-attr]
+
+        assert store.record_instance(record("1.2.3", 3), late_arrivals="ignore")
+        assert store.studies_ready(0, 3600, now=1e12) == []
+        assert runs_of(store, "1.2.3") == {"1.2.3.1": 1, "1.2.3.2": 2, "1.2.3.3": 2}
+        kinds = [e["kind"] for e in store.job_events(second)]
+        assert kinds.count("late_ignored") == 1
+    finally:
+        store.close()
+
+
+def test_writers_of_one_study_each_record_every_instance_once(stores: list[JobStore]) -> None:
+    """Four writers (a node with several SCP processes on one database) receive the same 30 instances in different
+    orders: each instance is recorded by exactly one of them, and the study exists once."""
+    uids = list(range(30))
+
+    def write(store: JobStore, i: int) -> int:
+        order = uids[:]
+        random.Random(i).shuffle(order)
+        return sum(store.record_instance(record("1.2.4", n)) for n in order)
+
+    recorded = race(stores, write)
+    assert sum(recorded) == 30, recorded
+    assert len(stores[0].study_instances("1.2.4")) == 30
+    assert stores[0].counts()["studies_receiving"] == 1
+
+
+def test_one_assembler_closes_a_study(stores: list[JobStore]) -> None:
+    for n in range(5):
+        stores[0].record_instance(record("1.2.5", n))
+    created = race(stores, lambda store, _i: store.complete_study("1.2.5", rule="r"))
+    assert len([j for j in created if j is not None]) == 1, created
+    assert len(stores[0].list_jobs()) == 1
+
+
+def test_an_instance_recorded_while_its_study_closes_is_in_the_closed_run_or_the_next(
+    stores: list[JobStore],
+) -> None:
+    """Instances arrive while an assembler closes the window. Once ``complete_study`` has returned, the run it
+    closed holds a fixed set of instances (the worker reads them from then on); later ones re-open the study."""
+    for rounds in range(15):
+        study = f"1.2.6.{rounds}"
+        stores[0].record_instance(record(study, 0))
+
+        def step(store: JobStore, i: int, study: str = study) -> Any:
+            if i > 0:
+                return store.record_instance(record(study, i), late_arrivals="rerun")
+            job_id = store.complete_study(study, rule="r")
+            assert job_id is not None
+            run = store.job(job_id).run  # type: ignore[union-attr]
+            return run, {uid for uid, r in runs_of(store, study).items() if r == run}
+
+        closed_run, seen_when_closed = race(stores, step)[0]
+        now = {uid for uid, r in runs_of(stores[0], study).items() if r == closed_run}
+        assert now == seen_when_closed, f"round {rounds}: {sorted(now - seen_when_closed)} joined a closed run"
+
+
+def runs_of(store: JobStore, study: str) -> dict[str, int]:
+    """SOP Instance UID -> the run it was recorded against."""
+    from sqlalchemy import select
+
+    from dicom_node.store import instances
+
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(instances.c.sop_instance_uid, instances.c.run).where(instances.c.study_uid == study)
+        ).all()
+    return {uid: run for uid, run in rows}
+
+
+def test_only_one_worker_claims_a_queued_job(stores: list[JobStore]) -> None:
+    stores[0].record_instance(record("1.2.7", 0))
+    job_id = stores[0].complete_study("1.2.7", rule="r")
+    assert job_id is not None
+    won = race(
+        stores,
+        lambda store, i: store.transition(job_id, JobState.RUNNING, expect=[JobState.QUEUED], owner=f"w{i}"),
+    )
+    assert won.count(True) == 1, won
+    job = stores[0].job(job_id)
+    assert job is not None and job.owner == f"w{won.index(True)}"
+
+
+def test_deliveries_to_two_destinations_are_both_kept(stores: list[JobStore]) -> None:
+    """Two export workers send the same objects to two destinations at once; neither overwrites the other's mark."""
+    stores[0].record_instance(record("1.2.8", 0))
+    job_id = stores[0].complete_study("1.2.8", rule="r")
+    assert job_id is not None
+    objects = [(f"1.2.8.9.{n}", "SR", f"out/{n}.dcm") for n in range(40)]
+    stores[0].record_results(job_id, objects)
+
+    def deliver(store: JobStore, i: int) -> None:
+        for uid, _kind, _path in objects:
+            store.mark_delivered(uid, f"pacs{i}")
+
+    race(stores, deliver)
+    marks = {o["sop_instance_uid"]: o["delivered_to"] for o in stores[0].job_results(job_id)}
+    assert all(m == ["pacs0", "pacs1", "pacs2", "pacs3"] for m in marks.values()), marks
+
+
+def test_studies_and_events_round_trip(store_url: str) -> None:
+    store = JobStore(store_url)
+    try:
+        store.record_instance(record("1.2.9", 0), now=100.0)
+        assert store.studies_ready(30, 3600, now=120.0) == []
+        assert store.studies_ready(30, 3600, now=131.0) == ["1.2.9"]
+        job_id = store.complete_study("1.2.9", rule=None, skip_reason="no rule matched: MR", now=140.0)
+        assert job_id is not None
+        job = store.job(job_id)
+        assert job is not None and job.state is JobState.SKIPPED and job.error == "no rule matched: MR"
+        assert [j.id for j in store.list_jobs(["skipped"])] == [job_id]
+        assert store.counts()["jobs_skipped"] == 1
+        assert StudyState.RECEIVING.value not in {e["kind"] for e in store.job_events(job_id)}
+    finally:
+        store.close()
+
+
+def test_an_unreachable_database_is_named_without_its_password() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(StoreUnavailable) as caught:
+        JobStore(f"postgresql+psycopg://node:s3cret@127.0.0.1:{port}/jobs")
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}/jobs" in message and "cannot be opened" in message
+    assert "s3cret" not in message and "refused" in message.lower()
