@@ -33,7 +33,8 @@ connection), ``nosync`` (both), ``synced-records`` (intake records synced too, a
 attributes), ``stockrecv`` (pynetdicom's own 4096-byte socket reads), ``keepcache`` (no ``POSIX_FADV_DONTNEED``:
 spooled files stay in the page cache, and their writeback is not started before the header is read), ``pdu16k``
 (node.max_pdu 16384), ``noheader`` (no C-STORE header read: the handler takes the UIDs from the request only),
-``inmemory`` (no data set written to the spool while it arrives), ``spoolall`` (every data set written so).
+``inmemory`` (no data set written to the spool while it arrives), ``spoolall`` (every data set written so),
+``postgresql`` (the job store on a local PostgreSQL server that the bench starts, instead of SQLite).
 ``--profile DIR`` samples the node with py-spy during one extra run of each scenario and prints
 where its time goes.
 
@@ -220,6 +221,9 @@ class NodeReceiver(Receiver):
             "rules": [{"name": "all-images"}],
             "logging": {"level": "WARNING"},
         }
+        self.store_url = _postgres_url() if variant == "postgresql" else None
+        if self.store_url is not None:
+            config["store"] = {"url": self.store_url}
         self.config = workdir / "node.yaml"
         workdir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
@@ -247,8 +251,15 @@ class NodeReceiver(Receiver):
 
     def count(self) -> int:
         files = sum(1 for _ in (self.data_dir / "spool").glob("*/*/*.dcm"))
-        with contextlib.closing(sqlite3.connect(self.data_dir / "jobs.sqlite")) as db:
-            recorded = int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
+        if self.store_url is not None:
+            from dicom_node.store import JobStore
+
+            store = JobStore(self.store_url)
+            recorded = store.counts()["instances"]
+            store.close()
+        else:
+            with contextlib.closing(sqlite3.connect(self.data_dir / "jobs.sqlite")) as db:
+                recorded = int(db.execute("SELECT count(*) FROM instances").fetchone()[0])
         return min(files, recorded)
 
 
@@ -418,7 +429,22 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "synced-records": ({}, ["synced-records"]),
     "inmemory": ({}, ["inmemory"]),
     "spoolall": ({}, ["spoolall"]),
+    "postgresql": ({}, []),  # the job store on a local PostgreSQL server (started by the bench) instead of SQLite
 }
+_POSTGRES: list[Any] = []  # the bench's PostgreSQL server, started at the first run of variant postgresql
+
+
+def _postgres_url() -> str:
+    """An empty database on the bench's own PostgreSQL server (Debian's postgresql, as ``make test`` installs)."""
+    if not _POSTGRES:
+        from tests.postgres import PostgresServer, postgres_bin
+
+        bindir = postgres_bin()
+        if bindir is None:
+            raise SystemExit("variant postgresql needs PostgreSQL (Debian package postgresql)")
+        _POSTGRES.append(PostgresServer(bindir).start())
+    url: str = _POSTGRES[0].new_database()
+    return url
 
 
 def _serve_node(config: str, patches: list[str]) -> None:
@@ -816,6 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.json.write_text(json.dumps([r.__dict__ for r in figures.runs], indent=1), encoding="utf-8")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        for server in _POSTGRES:
+            server.stop()
     if failures:
         print(f"{failures} run(s) failed to transfer every instance", file=sys.stderr)
         return 1
