@@ -132,6 +132,9 @@ class QueueSettings(_Section):
     export_time_limit: float = Field(600, gt=0, description="hard limit of one export task, seconds")
     max_redeliveries: int = Field(3, ge=1, description="a job redelivered more often than this is failed")
     max_retries: int = Field(8, ge=0, description="retries of transient failures before a job fails")
+    worker_start_seconds: float = Field(
+        900, gt=0, description="how long a worker process may take to load and warm up its model before it is restarted"
+    )
     start_workers: bool | None = Field(
         None, description="`serve` starts and supervises an inference and an export worker; None: only when embedded"
     )

@@ -107,6 +107,9 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
         worker_hijack_root_logger=False,
         # A few publishing connections suffice: the node publishes from its assembler and reconciler only.
         broker_pool_limit=4,
+        # A pool process that replaces a dead one (killed for memory, say) loads the model before it reports up;
+        # Celery's default of 4 s killed every replacement of a model that loads slower, and the queue stalled.
+        worker_proc_alive_timeout=q.worker_start_seconds,
     )
     if embedded:
         # An idle worker sleeps this long between looks at the folder: it is the embedded broker's latency floor

@@ -179,6 +179,17 @@ def test_two_inference_workers_share_the_queue(
     assert sent == set(receiver.received) and all(n == 1 for n in receiver.received.values())
 
 
+def test_a_replacement_worker_process_may_take_worker_start_seconds_to_load_its_model(tmp_path: Path) -> None:
+    """Celery kills a pool process that has not reported up within worker_proc_alive_timeout (default 4 s); the
+    replacement of a killed inference process loads the model first, so the node sets it from the configuration.
+    With the default, the test below stalled whenever the tiny model's load took longer than 4 s."""
+    from dicom_node.queue import make_celery
+
+    settings = load_settings(None, {"queue": {"worker_start_seconds": 1234}, "node": {"data_dir": str(tmp_path)}})
+    assert make_celery(settings).conf.worker_proc_alive_timeout == 1234
+    assert load_settings(None, {"node": {"data_dir": str(tmp_path)}}).queue.worker_start_seconds >= 600
+
+
 def test_worker_killed_mid_task_job_is_redelivered_and_completes_once(
     deploy: Callable[..., Deployment], redis: RedisServer, tiny_model: Path, receiver: Receiver, tmp_path: Path
 ) -> None:
