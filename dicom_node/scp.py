@@ -49,7 +49,7 @@ from dicom_node.config import NodeSettings, StudySettings
 from dicom_node.header import read_header
 from dicom_node.logs import audit, uid_hash
 from dicom_node.spool import InvalidUIDError, Spool, Staged, StagingFile, check_uid
-from dicom_node.store import InstanceRecord, JobStore
+from dicom_node.store import InstanceRecord, JobStore, describe_error
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "Intake", "Status", "start_scp", "tune_association"]
 
@@ -290,7 +290,12 @@ class Intake:
                 f"Pixel Data is truncated: {header.pixel_length} bytes, the header needs {expected}",
             )
 
-        if self.store.known_instance(sop_uid):
+        try:
+            known = self.store.known_instance(sop_uid)
+        except Exception as exc:  # the database is down or refuses: no Success without a record
+            why = f"job store unavailable: {describe_error(exc)}"
+            return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, why)
+        if known:
             log.info("instance %s from %s already stored; not processed again", uid_hash(sop_uid), calling)
             self.counters.add(duplicates=1)
             return Status.SUCCESS
@@ -323,7 +328,8 @@ class Intake:
         try:
             self.store.record_instance(record, late_arrivals=self.study.late_arrivals)
         except Exception as exc:  # the file is safe on disk; the peer must resend, the start-up scan records it
-            log.error("instance %s written but not recorded: %s", uid_hash(sop_uid), exc)
+            why = describe_error(exc)
+            log.error("instance %s written but not recorded in the job store: %s", uid_hash(sop_uid), why)
             self.counters.add(failed=1)
             return Status.OUT_OF_RESOURCES
         self.counters.add(stored=1, bytes=size)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +30,7 @@ from dicom_node.pipeline import owner_gone
 from dicom_node.rules import select_rule
 from dicom_node.scp import Intake, start_scp
 from dicom_node.spool import InvalidUIDError, Spool, check_uid
-from dicom_node.store import InstanceRecord, JobRecord, JobState, JobStore
+from dicom_node.store import InstanceRecord, JobRecord, JobState, JobStore, describe_error
 
 __all__ = ["Dispatcher", "Node", "RecordingDispatcher", "WorkerSupervisor"]
 
@@ -119,18 +120,32 @@ class Node:
     # --- assembly ---------------------------------------------------------------------------------------------
 
     def _assembler_loop(self, period: float) -> None:
-        while not self._stop.wait(period):
-            try:
-                self.assemble_ready()
-            except Exception:  # process boundary: log once, try again next period
-                log.exception("study assembly failed; retrying")
+        self._repeat("study assembly", self.assemble_ready, period)
 
     def _reconciler_loop(self, period: float) -> None:
+        self._repeat("reconciliation", self.reconcile, period)
+
+    def _repeat(self, what: str, step: Callable[[], object], period: float) -> None:
+        """Run ``step`` every ``period`` seconds until stopped. A failure (the job store down, say) is logged with its
+        traceback once, then as one line a minute while it lasts, and its end is logged: the log stays readable
+        through an outage, and the loop never dies."""
+        failing_since: float | None = None
+        last_said = 0.0
         while not self._stop.wait(period):
             try:
-                self.reconcile()
-            except Exception:  # process boundary: log once, try again next period
-                log.exception("reconciliation failed; retrying")
+                step()
+            except Exception as exc:  # process boundary: keep going, the next period tries again
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = last_said = now
+                    log.exception("%s failed; retrying every %.1f s", what, period)
+                elif now - last_said >= 60:
+                    last_said = now
+                    log.error("%s still failing after %.0f s: %s", what, now - failing_since, describe_error(exc))
+                continue
+            if failing_since is not None:
+                log.warning("%s works again after %.0f s", what, time.monotonic() - failing_since)
+                failing_since = None
 
     def assemble_ready(self, now: float | None = None) -> list[int]:
         """Complete every study that has been stable long enough; returns the ids of the jobs created."""

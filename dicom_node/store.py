@@ -61,6 +61,7 @@ __all__ = [
     "JobStore",
     "StoreUnavailable",
     "StudyState",
+    "describe_error",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,13 @@ _SCHEMA_LOCK = 0x44494E4F  # PostgreSQL advisory lock key of the schema set-up (
 
 class StoreUnavailable(RuntimeError):
     """The job store's database cannot be reached or opened; the message names it (no password) and the reason."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a log: the database's own first line of an error, without SQLAlchemy's background links."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
 
 
 class StudyState(str, enum.Enum):
@@ -371,8 +379,7 @@ class JobStore:
         except DBAPIError as exc:
             self.close()
             where = make_url(self.url).render_as_string(hide_password=True)
-            reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
-            raise StoreUnavailable(f"job store {where} cannot be opened: {reason}") from exc
+            raise StoreUnavailable(f"job store {where} cannot be opened: {describe_error(exc)}") from exc
 
     @staticmethod
     def _sqlite_engine(url: str, synchronous: str) -> Engine:

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dicom_node.store import InstanceRecord, JobState, JobStore, StoreUnavailable, StudyState
-from tests.conftest import free_port
+from tests.conftest import free_port, make_study
+from tests.dicom_node.test_intake import storescu, wait_for
+from tests.postgres import PostgresServer, postgres_bin
 
 
 def record(study: str, n: int) -> InstanceRecord:
@@ -199,3 +203,32 @@ def test_an_unreachable_database_is_named_without_its_password() -> None:
     message = str(caught.value)
     assert f"127.0.0.1:{port}/jobs" in message and "cannot be opened" in message
     assert "s3cret" not in message and "refused" in message.lower()
+
+
+@pytest.mark.integration
+def test_node_on_postgresql_answers_failure_while_the_database_is_down_then_resumes(
+    running_node: Callable[..., Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Invariant 1 with the store on another server: no Success while an instance cannot be recorded; once the
+    database is back the re-sent instance is accepted, and the study runs once."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql)")
+    server = PostgresServer(bindir).start()
+    try:
+        node = running_node(store={"url": server.new_database()})
+        first, second = make_study(tmp_path / "s", 2)
+        assert storescu(node, [first]).returncode == 0
+        server.stop_server()
+        refused = storescu(node, [second], "-v")
+        said = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and "Refused: OutOfResources" in said, said
+        assert "job store unavailable: connection failed" in caplog.text
+        time.sleep(1.5)  # the assembler meets the outage too
+        server.start_server()
+        assert storescu(node, [second]).returncode == 0
+        jobs = wait_for(lambda: node.store.list_jobs(), timeout=30)
+        assert len(jobs) == 1 and len(node.store.study_instances(jobs[0].study_uid)) == 2  # type: ignore[index]
+        assert "study assembly failed" in caplog.text and "study assembly works again" in caplog.text
+    finally:
+        server.stop()
