@@ -498,6 +498,29 @@ class Run:
     fsync_ms: float
     problem: str = ""
     handler_ms: float | None = None
+    cpu_receiver_ms: float | None = None  # CPU time of the receiver's process tree per instance
+    cpu_machine_ms: float | None = None  # busy CPU time of the whole machine (both cores, kernel too) per instance
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the machine has been busy (all cores; user, system and interrupts, not steal), from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4] + fields[7]  # idle, iowait, steal (time the host gave to others)
+    return (sum(fields[:8]) - idle) / _TICK
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its reaped children (utime, stime, cutime, cstime), from /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / _TICK
 
 
 def disk_probe(folder: Path, count: int = 10) -> float:
@@ -568,7 +591,11 @@ def one_run(name: str, scenario: str, files: Sequence[Path], root: Path, profile
             assert receiver.proc is not None
             spy = start_profiler(receiver.proc.pid, profile)
         load = os.getloadavg()[0]
+        assert receiver.proc is not None
+        cpu_before = process_cpu_seconds(receiver.proc.pid), machine_busy_seconds()
         seconds, problems = send(files, SCENARIOS[scenario], receiver.aet, receiver.port, workdir)
+        cpu_receiver = 1000 * (process_cpu_seconds(receiver.proc.pid) - cpu_before[0]) / len(files)
+        cpu_machine = 1000 * (machine_busy_seconds() - cpu_before[1]) / len(files)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
@@ -582,7 +609,8 @@ def one_run(name: str, scenario: str, files: Sequence[Path], root: Path, profile
             spy.kill()
     if not problems:
         shutil.rmtree(workdir, ignore_errors=True)
-    return Run(name, scenario, seconds, not problems, load, fsync_ms, "\n".join(problems), handler_ms)
+    return Run(name, scenario, seconds, not problems, load, fsync_ms, "\n".join(problems), handler_ms,
+               cpu_receiver, cpu_machine)
 
 
 # --- profiling ----------------------------------------------------------------------------------------------------
@@ -747,7 +775,7 @@ class Figures:
 def print_report(figures: Figures, receivers: Sequence[str], count: int, total_bytes: int) -> None:
     print(f"\n{count} instances, {total_bytes / 1e6:.1f} MB per run; median of the successful runs")
     print(f"{'receiver':<26}{'scenario':<9}{'median s':>9}{'inst/s':>9}{'MB/s':>8}{'min..max s':>15}{'load':>7}"
-          f"{'fsync ms':>9}{'handler ms':>11}")
+          f"{'fsync ms':>9}{'handler ms':>11}{'cpu ms rcv/all':>16}")
     for receiver in receivers:
         for scenario in SCENARIOS:
             runs = [r for r in figures.runs if r.receiver == receiver and r.scenario == scenario and r.ok]
@@ -760,8 +788,10 @@ def print_report(figures: Figures, receivers: Sequence[str], count: int, total_b
             disk = statistics.median(r.fsync_ms for r in runs)
             handler = [r.handler_ms for r in runs if r.handler_ms is not None]
             shown = f"{statistics.median(handler):>11.2f}" if handler else f"{'-':>11}"
+            cpu = [(r.cpu_receiver_ms, r.cpu_machine_ms) for r in runs if r.cpu_machine_ms is not None]
+            cpu_shown = f"{statistics.median(c[0] for c in cpu):.2f}/{statistics.median(c[1] for c in cpu):.2f}"
             print(f"{receiver:<26}{scenario:<9}{med:>9.2f}{count / med:>9.1f}{total_bytes / 1e6 / med:>8.1f}"
-                  f"{spread:>15}{load:>7.2f}{disk:>9.1f}{shown}")
+                  f"{spread:>15}{load:>7.2f}{disk:>9.1f}{shown}{cpu_shown:>16}")
     print("\nratios of throughput (node / baseline; > 1 means the node is faster)")
     bases = [r for r in receivers if not r.startswith("node")]
     for node in [r for r in receivers if r.startswith("node")]:
@@ -811,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     figures.runs.append(result)
                     status = "ok" if result.ok else "FAILED"
                     handler = "" if result.handler_ms is None else f"handler {result.handler_ms:.2f} ms/inst  "
+                    handler += f"cpu {result.cpu_receiver_ms:.2f}/{result.cpu_machine_ms:.2f} ms/inst  "
                     print(f"run {run + 1} {scenario:<6} {name:<26} {result.seconds:7.2f} s "
                           f"{args.count / result.seconds:7.1f} inst/s  load {result.load:.2f}  "
                           f"disk {result.fsync_ms:.1f} ms/fsync  {handler}{status}", flush=True)
