@@ -190,12 +190,15 @@ def render(file: Annotated[Path, typer.Argument(help="A DICOM SR file (for examp
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
     """Validate a configuration file; prints what is wrong (key, value, rule) or a summary."""
+    from sqlalchemy.engine import make_url
+
     settings = _settings(config)
     out.print(f"[green]ok[/green]: {config or 'embedded defaults'}")
     out.print(
         f"  node {settings.node.ae_title} on {settings.node.bind}:{settings.node.port}, data in "
         f"{settings.node.data_dir}\n  broker {settings.queue.broker_url}; model {settings.model.family}"
         f" ({settings.model.path or 'packaged'}) on {settings.model.device}\n"
+        f"  job store {make_url(settings.store_url).render_as_string(hide_password=True)}\n"
         f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
         highlight=False,
     )

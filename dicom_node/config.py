@@ -9,6 +9,7 @@ The tree is loaded once (:func:`load_settings`) and passed down explicitly; noth
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -315,8 +316,15 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against config/node.example.yaml)"
-        lines.append(f"  {key}: {msg} (got {shown})")
+        lines.append(f"  {key}: {msg} (got {shown}{_from_environment(err['loc'])})")
     return "\n".join(lines)
+
+
+def _from_environment(loc: tuple[int | str, ...]) -> str:
+    """``", from DICOM_NODE__SECTION__KEY"`` when that environment variable set the value at ``loc``."""
+    wanted = ENV_PREFIX + "__".join(str(p).upper() for p in loc[:2])
+    named = [name for name in os.environ if name.upper() == wanted]
+    return f", from {named[0]}" if named and len(loc) >= 2 else ""
 
 
 def _read_yaml(source: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -40,10 +41,19 @@ def test_store_url_errors_name_the_url_without_its_password(tmp_path: Path) -> N
     assert "node:***@db.example" in said and "s3cret" not in said
 
     config.write_text(yaml.safe_dump({"store": {"url": f"postgresql://node:s3cret@127.0.0.1:{free_port()}/jobs"}}))
-    assert runner.invoke(app, ["config", "check", "--config", str(config)]).exit_code == 0
+    checked = runner.invoke(app, ["config", "check", "--config", str(config)])
+    assert checked.exit_code == 0 and "job store postgresql+psycopg://node:***@127.0.0.1:" in checked.output
+    assert "s3cret" not in checked.output
     down = runner.invoke(app, ["jobs", "list", "--config", str(config)])
     said = " ".join(down.output.split())
     assert down.exit_code == 1 and "cannot be opened" in said and "s3cret" not in said
+
+
+def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOM_NODE__NODE__PORT", "70000")
+    refused = runner.invoke(app, ["config", "check"])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "node.port:" in said and "'70000', from DICOM_NODE__NODE__PORT)" in said
 
 
 def test_jobs_list_show_cancel_retry(
