@@ -14,7 +14,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from dicom_node.store import JobState
+from dicom_node.store import JobState, describe_error
 
 if TYPE_CHECKING:
     from dicom_node.service import Node
@@ -44,7 +44,18 @@ class NodeCollector(Collector):
         assoc.add_metric(["accepted"], c.associations)
         assoc.add_metric(["rejected"], c.rejected_associations)
         yield assoc
-        counts = self.node.store.counts()
+        yield GaugeMetricFamily(
+            "dicom_node_spool_free_bytes", "free space where the spool lives", value=self.node.spool.free_bytes()
+        )
+        # The job store may be a server that is down: its gauges are then left out and the scrape still answers,
+        # with the intake's counters, which matter most during an outage.
+        try:
+            counts = self.node.store.counts()
+        except Exception as exc:  # any database error: say so in the metric and the log, keep serving
+            log.warning("metrics: job store unavailable: %s", describe_error(exc))
+            yield GaugeMetricFamily("dicom_node_job_store_up", "1 when the job store answered this scrape", value=0)
+            return
+        yield GaugeMetricFamily("dicom_node_job_store_up", "1 when the job store answered this scrape", value=1)
         jobs = GaugeMetricFamily("dicom_node_jobs", "jobs in the job store by state", labels=["state"])
         for state in JobState:
             jobs.add_metric([state.value], counts.get(f"jobs_{state.value}", 0))
@@ -52,9 +63,6 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "dicom_node_studies_receiving", "studies still within their receive window",
             value=counts.get("studies_receiving", 0),
-        )
-        yield GaugeMetricFamily(
-            "dicom_node_spool_free_bytes", "free space where the spool lives", value=self.node.spool.free_bytes()
         )
 
 

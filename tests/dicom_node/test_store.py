@@ -216,19 +216,32 @@ def test_node_on_postgresql_answers_failure_while_the_database_is_down_then_resu
         pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql)")
     server = PostgresServer(bindir).start()
     try:
-        node = running_node(store={"url": server.new_database()})
+        metrics = free_port()
+        node = running_node(store={"url": server.new_database()}, node={"metrics_port": metrics})
         first, second = make_study(tmp_path / "s", 2)
         assert storescu(node, [first]).returncode == 0
+        assert "dicom_node_job_store_up 1.0" in scrape(metrics)
         server.stop_server()
         refused = storescu(node, [second], "-v")
         said = refused.stdout + refused.stderr
         assert refused.returncode != 0 and "Refused: OutOfResources" in said, said
         assert "job store unavailable: connection failed" in caplog.text
+        during = scrape(metrics)  # the scrape still answers, with what the SCP did
+        assert "dicom_node_job_store_up 0.0" in during
+        assert 'dicom_node_instances_total{outcome="failed"} 1.0' in during
         time.sleep(1.5)  # the assembler meets the outage too
         server.start_server()
         assert storescu(node, [second]).returncode == 0
         jobs = wait_for(lambda: node.store.list_jobs(), timeout=30)
         assert len(jobs) == 1 and len(node.store.study_instances(jobs[0].study_uid)) == 2  # type: ignore[index]
         assert "study assembly failed" in caplog.text and "study assembly works again" in caplog.text
+        assert "dicom_node_job_store_up 1.0" in scrape(metrics)
     finally:
         server.stop()
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return str(answer.read().decode())
