@@ -298,6 +298,10 @@ class Intake:
         if known:
             log.info("instance %s from %s already stored; not processed again", uid_hash(sop_uid), calling)
             self.counters.add(duplicates=1)
+            try:
+                self.store.extend_window(study_uid)
+            except Exception as exc:  # stored already: the answer is Success whatever the timer does
+                log.warning("study %s: stable timer not extended: %s", uid_hash(study_uid), describe_error(exc))
             return Status.SUCCESS
 
         path = self.spool.path_for(study_uid, series_uid, sop_uid)

@@ -90,6 +90,9 @@ class Node:
 
     def start(self) -> None:
         self.recover_spool()
+        receiving = self.store.restart_receive_windows()
+        if receiving:
+            log.info("%d study(ies) were still receiving: their stable timers start again now", receiving)
         self.reconcile(startup=True)
         self._server = start_scp(self.intake)
         if self.settings.node.metrics_port:

@@ -529,6 +529,34 @@ class JobStore:
         cur.execute(q.add_event.sql, q.add_event.params(at=now, study=study, kind="late_ignored", detail=detail))
         return int(runs)
 
+    def extend_window(self, study_uid: str, now: float | None = None) -> bool:
+        """A re-sent instance of a study still receiving: the sender is at work on it, so its stable timer starts
+        again (a PACS that re-sends a study after a failure sends the instances already stored first). True when
+        the study was receiving."""
+        now = time.time() if now is None else now
+        with self._intake_lock, self.intake_engine.begin() as conn:
+            changed = conn.execute(
+                update(studies)
+                .where(and_(studies.c.study_uid == study_uid, studies.c.state == StudyState.RECEIVING.value))
+                .values(last_received_at=func.max(studies.c.last_received_at, now)
+                        if self._sqlite else func.greatest(studies.c.last_received_at, now))
+            ).rowcount
+        return bool(changed)
+
+    def restart_receive_windows(self, now: float | None = None) -> int:
+        """At start-up: every study still receiving gets a fresh stable timer, because the silence while the node
+        was down says nothing about whether its sender had finished (it could not send). ``max_wait_seconds`` still
+        counts from the first instance. Returns how many studies were receiving."""
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            return int(
+                conn.execute(
+                    update(studies)
+                    .where(and_(studies.c.state == StudyState.RECEIVING.value, studies.c.last_received_at < now))
+                    .values(last_received_at=now)
+                ).rowcount
+            )
+
     # --- assembling ------------------------------------------------------------------------------------------
 
     def studies_ready(self, stable_seconds: float, max_wait_seconds: float, now: float | None = None) -> list[str]:

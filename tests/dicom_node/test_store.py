@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
+from sqlalchemy import select, update
 
 from dicom_node.store import InstanceRecord, JobState, JobStore, StoreUnavailable, StudyState
 from tests.conftest import free_port, make_study
@@ -138,8 +140,6 @@ def test_an_instance_recorded_while_its_study_closes_is_in_the_closed_run_or_the
 
 def runs_of(store: JobStore, study: str) -> dict[str, int]:
     """SOP Instance UID -> the run it was recorded against."""
-    from sqlalchemy import select
-
     from dicom_node.store import instances
 
     with store.engine.connect() as conn:
@@ -245,3 +245,75 @@ def scrape(port: int) -> str:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
         return str(answer.read().decode())
+
+
+def test_a_resend_or_a_restart_starts_a_receiving_study_s_stable_timer_again(store_url: str) -> None:
+    store = JobStore(store_url)
+    try:
+        store.record_instance(record("1.3.1", 0), now=100.0)
+        assert store.extend_window("1.3.1", now=150.0)  # a re-sent instance
+        assert not store.extend_window("1.3.9", now=150.0)  # no such study
+        store.extend_window("1.3.1", now=120.0)  # an older clock never moves the timer back
+        assert store.studies_ready(30, 3600, now=179.0) == []
+        assert store.studies_ready(30, 3600, now=181.0) == ["1.3.1"]
+
+        assert store.restart_receive_windows(now=500.0) == 1  # the node starts again
+        assert store.studies_ready(30, 3600, now=529.0) == []
+        assert store.studies_ready(30, 3600, now=531.0) == ["1.3.1"]
+        assert store.studies_ready(30, 300, now=510.0) == ["1.3.1"], "max_wait still counts from the first instance"
+
+        assert store.complete_study("1.3.1", rule="r") is not None
+        assert not store.extend_window("1.3.1", now=600.0), "a re-send does not re-open a study that ran"
+        assert store.restart_receive_windows(now=700.0) == 0
+        assert store.studies_ready(0, 3600, now=800.0) == []
+    finally:
+        store.close()
+
+
+def test_node_restarts_the_stable_timer_of_studies_it_was_receiving_and_resends_extend_it(
+    make_settings: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A node that stopped mid-study does not complete the study at start-up on the strength of its own downtime,
+    and a PACS re-sending the instances already stored keeps the study open: both ran the study twice (a partial
+    run, then a late-arrival run) when the re-send reached the new instances after stable_seconds."""
+    from dicom_node.service import Node, RecordingDispatcher
+    from dicom_node.store import studies
+
+    settings = make_settings(study={"stable_seconds": 30})
+    first, second = make_study(tmp_path / "s", 2)
+    study_uid = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+
+    def last_received(store: JobStore) -> float:
+        with store.engine.connect() as conn:
+            return float(
+                conn.execute(
+                    select(studies.c.last_received_at).where(studies.c.study_uid == study_uid)
+                ).scalar_one()
+            )
+
+    node = Node(settings, dispatcher=RecordingDispatcher())
+    node.start()
+    try:
+        assert storescu(node, [first]).returncode == 0
+        stored_at = last_received(node.store)
+        time.sleep(0.05)
+        assert storescu(node, [first]).returncode == 0  # a re-send
+        assert last_received(node.store) > stored_at
+    finally:
+        node.stop()
+
+    # The node was down for a while (as far as the store can tell: its last instance is old).
+    store = JobStore(settings.store_url)
+    with store.engine.begin() as conn:
+        conn.execute(update(studies).values(last_received_at=time.time() - 3600))
+    store.close()
+    started = time.time()
+    node = Node(settings, dispatcher=RecordingDispatcher())
+    node.start()
+    try:
+        assert last_received(node.store) >= started
+        assert node.assemble_ready() == [] and node.store.list_jobs() == []
+        assert storescu(node, [second]).returncode == 0
+        assert len(node.store.study_instances(study_uid)) == 2
+    finally:
+        node.stop()
