@@ -206,8 +206,9 @@ class StagingFile:
         with self._lock:
             if self._fd is None:
                 raise OSError(errno.EBADF, "staging file already finished or discarded", str(self.tmp))
-            self.size += _write_all(self._fd, (data,))
-            self._unsynced += len(data)
+            written = _write_all(self._fd, (data,))
+            self.size += written
+            self._unsynced += written
             if self._spool.sync and self._unsynced >= self.WRITEBACK_EVERY:
                 _drop_cached(self._fd, self.size - self._unsynced, self._unsynced)
                 self._unsynced = 0

@@ -350,6 +350,13 @@ class _RecordSQL:
         )
 
 
+def _restart_timers(conn: Connection, now: float | None, *where: Any) -> int:
+    """Set the stable timer of the receiving studies matching ``where`` to ``now`` (never back); how many moved."""
+    now = time.time() if now is None else now
+    receiving = (studies.c.state == StudyState.RECEIVING.value, studies.c.last_received_at < now)
+    return int(conn.execute(update(studies).where(*receiving, *where).values(last_received_at=now)).rowcount)
+
+
 class JobStore:
     """All reads and writes of the job store; safe to share between threads of one process."""
 
@@ -532,30 +539,16 @@ class JobStore:
     def extend_window(self, study_uid: str, now: float | None = None) -> bool:
         """A re-sent instance of a study still receiving: the sender is at work on it, so its stable timer starts
         again (a PACS that re-sends a study after a failure sends the instances already stored first). True when
-        the study was receiving."""
-        now = time.time() if now is None else now
+        the timer moved."""
         with self._intake_lock, self.intake_engine.begin() as conn:
-            changed = conn.execute(
-                update(studies)
-                .where(and_(studies.c.study_uid == study_uid, studies.c.state == StudyState.RECEIVING.value))
-                .values(last_received_at=func.max(studies.c.last_received_at, now)
-                        if self._sqlite else func.greatest(studies.c.last_received_at, now))
-            ).rowcount
-        return bool(changed)
+            return _restart_timers(conn, now, studies.c.study_uid == study_uid) > 0
 
     def restart_receive_windows(self, now: float | None = None) -> int:
         """At start-up: every study still receiving gets a fresh stable timer, because the silence while the node
         was down says nothing about whether its sender had finished (it could not send). ``max_wait_seconds`` still
-        counts from the first instance. Returns how many studies were receiving."""
-        now = time.time() if now is None else now
+        counts from the first instance. Returns how many timers moved."""
         with self._tx() as conn:
-            return int(
-                conn.execute(
-                    update(studies)
-                    .where(and_(studies.c.state == StudyState.RECEIVING.value, studies.c.last_received_at < now))
-                    .values(last_received_at=now)
-                ).rowcount
-            )
+            return _restart_timers(conn, now)
 
     # --- assembling ------------------------------------------------------------------------------------------
 
