@@ -20,7 +20,8 @@ Receivers:
 * ``orthanc``: Orthanc with its defaults for storage (``SyncStorageArea`` true: fsync) and a SQLite index;
 * ``discard``: a pynetdicom SCP built like the node's (same contexts, PDU size, time-outs, and the node's
   association tuning) whose C-STORE handler answers Success without decoding or writing anything: the upper bound
-  of the node's network stack. ``discard-stockrecv`` is the same without the tuning (pynetdicom as shipped).
+  of the node's network stack. ``discard-stockrecv`` is the same without the tuning (pynetdicom as shipped),
+  ``discard-pollreactor`` without the event-driven waits of the association threads only.
 
 All receivers announce the same maximum PDU (131072 bytes, dcmtk's largest), so ``storescu`` sends PDUs of
 the same size to each. The median of ``--runs`` runs is reported, with instances/s, MB/s and the ratios of the
@@ -30,7 +31,9 @@ code other than 0, or a receiver that does not hold every instance), never on a 
 Experiments (``--variants``) run the node again with one change each, for attributing its time; they are not
 product settings: ``nofsync`` (node.fsync false), ``sqlite-normal`` (PRAGMA synchronous=NORMAL on every
 connection), ``nosync`` (both), ``synced-records`` (intake records synced too, as on a spool without extended
-attributes), ``stockrecv`` (pynetdicom's own 4096-byte socket reads), ``keepcache`` (no ``POSIX_FADV_DONTNEED``:
+attributes), ``stockrecv`` (pynetdicom's own 4096-byte socket reads and polling reactors), ``pollreactor``
+(pynetdicom's polling reactors: the association threads sleep 1 ms between looks), ``noquickack`` (no
+TCP_QUICKACK after each read: the kernel's delayed acknowledgements), ``keepcache`` (no ``POSIX_FADV_DONTNEED``:
 spooled files stay in the page cache, and their writeback is not started before the header is read), ``pdu16k``
 (node.max_pdu 16384), ``noheader`` (no C-STORE header read: the handler takes the UIDs from the request only),
 ``inmemory`` (no data set written to the spool while it arrives), ``spoolall`` (every data set written so),
@@ -373,10 +376,25 @@ def _patch_noheader() -> None:
 
 
 def _patch_stockrecv() -> None:
-    """The node without its association tuning: pynetdicom's own socket reads (4096 bytes per ``recv``)."""
+    """The node without its association tuning: pynetdicom's own socket reads (4096 bytes per ``recv``) and its
+    polling reactor threads."""
     from dicom_node import scp
 
     setattr(scp, "tune_association", lambda assoc: None)  # noqa: B010
+
+
+def _patch_pollreactor() -> None:
+    """pynetdicom's polling reactor threads (1 ms sleeps) instead of the node's event-driven waits."""
+    from dicom_node import scp
+
+    setattr(scp, "make_event_driven", lambda assoc: None)  # noqa: B010
+
+
+def _patch_noquickack() -> None:
+    """Delayed TCP acknowledgements, as the kernel has them (no TCP_QUICKACK after each read)."""
+    from dicom_node import scp
+
+    setattr(scp, "_QUICKACK", None)  # noqa: B010
 
 
 def _patch_synced_records() -> None:
@@ -413,6 +431,8 @@ PATCHES: dict[str, Callable[[], None]] = {
     "sqlite-normal": _patch_sqlite_normal,
     "noheader": _patch_noheader,
     "stockrecv": _patch_stockrecv,
+    "pollreactor": _patch_pollreactor,
+    "noquickack": _patch_noquickack,
     "keepcache": _patch_keepcache,
     "synced-records": _patch_synced_records,
 }
@@ -425,6 +445,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "pdu16k": ({"max_pdu": 16384}, []),
     "noheader": ({}, ["noheader"]),
     "stockrecv": ({}, ["stockrecv"]),
+    "pollreactor": ({}, ["pollreactor"]),
+    "noquickack": ({}, ["noquickack"]),
     "keepcache": ({}, ["keepcache"]),
     "synced-records": ({}, ["synced-records"]),
     "inmemory": ({}, ["inmemory"]),
@@ -575,8 +597,8 @@ def make_receiver(name: str, workdir: Path) -> Receiver:
         return NodeReceiver(workdir)
     if name.startswith("node-"):
         return NodeReceiver(workdir, name.removeprefix("node-"))
-    if name == "discard-stockrecv":
-        return DiscardReceiver(workdir, ["stockrecv"])
+    if name.startswith("discard-"):
+        return DiscardReceiver(workdir, [name.removeprefix("discard-")])
     return {"storescp": StorescpReceiver, "orthanc": OrthancReceiver, "discard": DiscardReceiver}[name](workdir)
 
 
@@ -819,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
     receivers += [f"node-{v.strip()}" for v in args.variants.split(",") if v.strip()]
     for r in receivers:
-        if r not in ("node", "storescp", "orthanc", "discard", "discard-stockrecv") and (
+        if r not in ("node", "storescp", "orthanc", "discard") and r.removeprefix("discard-") not in PATCHES and (
             r.removeprefix("node-") not in VARIANTS
         ):
             parser.error(f"--receivers/--variants: unknown receiver {r!r}")

@@ -48,6 +48,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from dicom_node.config import NodeSettings, StudySettings
 from dicom_node.header import read_header
 from dicom_node.logs import audit, uid_hash
+from dicom_node.reactor import make_event_driven
 from dicom_node.spool import InvalidUIDError, Spool, Staged, StagingFile, check_uid
 from dicom_node.store import InstanceRecord, JobStore, describe_error
 
@@ -472,11 +473,23 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
             message.data_set.discard()
 
 
+#: Linux's TCP_QUICKACK (None elsewhere): acknowledge received data at once instead of after up to 40 ms.
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
 class _BulkRecvSocket(AssociationSocket):
-    """An association socket that reads a PDU with ``recv_into`` straight into one buffer.
+    """An association socket that reads a PDU with ``recv_into`` straight into one buffer, and acknowledges it at
+    once.
 
     pynetdicom's own ``recv`` reads in 4096-byte pieces and appends each to the result: for the 128 KiB PDUs the
     node announces, 32 system calls and copies per PDU, on the association's critical path.
+
+    A sender with Nagle's algorithm on (dcmtk's ``storescu`` by default, and the PACS built on dcmtk) holds the
+    short last segment of a PDU until its earlier segments are acknowledged, while Linux may delay that
+    acknowledgement by 40 ms. Whether the two meet depends on when the receiver reads: with the reactor waking as
+    soon as data arrives (:mod:`dicom_node.reactor`) they met on one C-STORE in 40 to 60, each a 40 ms stall (300
+    CT instances over one association: 1.5 to 1.9 s instead of 0.8 to 0.9 s). Re-arming quick acknowledgements
+    after each read (the kernel drops back to delayed ones by itself) removes the stalls.
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
@@ -491,6 +504,9 @@ class _BulkRecvSocket(AssociationSocket):
                 read += got
         if read < nr_bytes:
             del buffer[read:]
+        if _QUICKACK is not None:
+            with contextlib.suppress(OSError):  # the connection is gone: the next read reports it
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         return buffer
 
 
@@ -505,6 +521,7 @@ def tune_association(assoc: Association) -> None:
     sock = assoc.dul.socket
     if type(sock) is AssociationSocket:
         sock.__class__ = _BulkRecvSocket
+    make_event_driven(assoc)
 
 
 def build_ae(node: NodeSettings) -> AE:
