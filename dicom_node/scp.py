@@ -226,6 +226,13 @@ class Intake:
         self.counters.add(failed=1)
         return status
 
+    def _known(self, sop_uid: str) -> bool | str:
+        """Whether the instance is stored already, or why the job store could not say (then no Success)."""
+        try:
+            return self.store.known_instance(sop_uid)
+        except Exception as exc:  # the database is down or refuses: no Success without a record
+            return f"job store unavailable: {describe_error(exc)}"
+
     def _store(self, event: Any, calling: str) -> int:
         request = event.request
         data_set = request.DataSet
@@ -240,7 +247,10 @@ class Intake:
             except InvalidUIDError as exc:
                 return self._refuse(Status.CANNOT_UNDERSTAND, calling, raw_sop, str(exc))
             if self._min_free and self.spool.free_bytes() < self._min_free:
-                if self.store.known_instance(sop_uid):  # a re-send needs no room
+                known = self._known(sop_uid)
+                if isinstance(known, str):
+                    return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, known)
+                if known:  # a re-send needs no room
                     self.counters.add(duplicates=1)
                     return Status.SUCCESS
                 why = f"free disk below node.min_free_disk_mb ({self.node.min_free_disk_mb} MB)"
@@ -291,11 +301,9 @@ class Intake:
                 f"Pixel Data is truncated: {header.pixel_length} bytes, the header needs {expected}",
             )
 
-        try:
-            known = self.store.known_instance(sop_uid)
-        except Exception as exc:  # the database is down or refuses: no Success without a record
-            why = f"job store unavailable: {describe_error(exc)}"
-            return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, why)
+        known = self._known(sop_uid)
+        if isinstance(known, str):
+            return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, known)
         if known:
             log.info("instance %s from %s already stored; not processed again", uid_hash(sop_uid), calling)
             self.counters.add(duplicates=1)

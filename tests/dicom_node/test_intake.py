@@ -26,6 +26,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy.exc import OperationalError
 
 from dicom_node.config import Settings
 from dicom_node.scp import Status, _SpooledDataSet, file_head
@@ -372,13 +373,24 @@ def test_a_transfer_cut_off_midway_leaves_no_file_and_no_record(
 
 
 def test_disk_watermark_and_write_failure_answer_out_of_resources(
-    running_node: Callable[..., Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    running_node: Callable[..., Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     files = make_study(tmp_path / "s", 2)
     full = running_node(node={"min_free_disk_mb": 1024 * 1024 * 1024})  # an exabyte: never free
     assert _send_file(full, files[0]) == Status.OUT_OF_RESOURCES
     assert not full.store.has_instance(pydicom.dcmread(files[0]).SOPInstanceUID)
     assert not list(full.spool.root.rglob("*.tmp")), "the refused instance's staged file is gone"
+
+    # Below the watermark a re-send is still answered from the job store; with the store down, a clear refusal.
+    def store_down(sop_uid: str) -> bool:
+        raise OperationalError("SELECT 1", {}, Exception("unable to open database file"))
+
+    monkeypatch.setattr(full.store, "known_instance", store_down)
+    caplog.clear()
+    assert _send_file(full, files[0]) == Status.OUT_OF_RESOURCES
+    assert "job store unavailable: unable to open database file" in caplog.text
+    assert "failed unexpectedly" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    monkeypatch.undo()
 
     node = running_node()
 
