@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +24,7 @@ import pydicom
 from dicom_node.config import Settings
 from dicom_node.logs import audit, uid_hash
 from dicom_node.spool import Spool, durable_write
-from dicom_node.store import JobRecord, JobState, JobStore
+from dicom_node.store import JobRecord, JobState, JobStore, is_unreachable
 
 if TYPE_CHECKING:
     from inference.engine import Engine
@@ -64,6 +64,8 @@ class WorkerContext:
     settings: Settings
     engine_factory: Callable[[], Engine] | None = None
     fixed_worker_id: str | None = None
+    #: Jobs this process claimed and left running because the job store became unreachable (see claim_job).
+    interrupted: set[int] = field(default_factory=set)
     _store: JobStore | None = None
     _engine: Engine | None = None
 
@@ -142,6 +144,16 @@ def claim_job(ctx: WorkerContext, job_id: int, lease_seconds: float) -> JobRecor
     if job.state is not JobState.RUNNING:
         log.info("job %d is %s; nothing to run", job_id, job.state.value)
         return None
+    if job.owner == ctx.worker_id and job_id in ctx.interrupted:
+        # This process's own earlier attempt, cut off by a job store outage before it could record its outcome. A
+        # prefork process runs one task at a time, so nothing here runs it now: resume, without a redelivery.
+        ctx.interrupted.discard(job_id)
+        if store.transition(
+            job_id, JobState.RUNNING, expect=[JobState.RUNNING], count_attempt=True, owner=ctx.worker_id,
+            lease_until=lease, detail=f"resumed on {ctx.worker_id} after the job store was unreachable",
+        ):
+            return store.job(job_id)
+        return None
     expired = job.lease_until is not None and job.lease_until < now
     if not (expired or owner_gone(job.owner)):
         log.info("job %d already running on %s; duplicate message dropped", job_id, job.owner)
@@ -172,14 +184,25 @@ def run_inference(ctx: WorkerContext, job_id: int) -> bool:
     """Run the model on the job's study; True when the job succeeded and its export should be queued.
 
     Raises :class:`inference.errors.PoisonInputError` subclasses only as a failed job: unusable input fails fast,
-    without retry, with the reason in the store.
+    without retry, with the reason in the store. An unreachable job store (:func:`is_unreachable`) is raised with
+    the job left running and marked in ``ctx.interrupted``, so that the task's retry resumes it.
     """
-    from inference.errors import PoisonInputError
-
     lease = ctx.settings.queue.inference_time_limit * 1.5
     job = claim_job(ctx, job_id, lease)
     if job is None:
         return False
+    try:
+        return _infer(ctx, job)
+    except Exception as exc:
+        if is_unreachable(exc):  # the job stays running, ours: the task's retry resumes it (claim_job)
+            ctx.interrupted.add(job_id)
+        raise
+
+
+def _infer(ctx: WorkerContext, job: JobRecord) -> bool:
+    from inference.errors import PoisonInputError
+
+    job_id = job.id
     started = time.perf_counter()
     files = study_files(ctx, job)
     try:

@@ -25,7 +25,7 @@ from celery.signals import worker_process_init
 from dicom_node import embedded_broker
 from dicom_node.config import Settings
 from dicom_node.pipeline import PermanentError, TransientError, WorkerContext, run_export, run_inference
-from dicom_node.store import JobRecord, JobState
+from dicom_node.store import JobRecord, JobState, describe_error, is_unreachable
 
 __all__ = ["EXPORT_QUEUE", "INFERENCE_QUEUE", "CeleryDispatcher", "RetryPolicy", "make_celery"]
 
@@ -118,6 +118,35 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
     holder = ctx or WorkerContext(settings)
     policy = RetryPolicy(max_retries=q.max_retries)
 
+    def store_unreachable(task: Task, job_id: int, what: str, exc: BaseException) -> None:
+        """The job store could not be reached, so nothing about the job could be recorded, a failure included: the
+        task runs again later. Past the retries, the reconciler queues the job again once the store is back."""
+        retries = int(task.request.retries or 0)
+        if retries >= policy.max_retries:
+            log.error(
+                "%s of job %d: job store unreachable after %d attempts (%s); left to the reconciler",
+                what, job_id, retries + 1, describe_error(exc),
+            )
+            return
+        delay = policy.delay(retries)
+        log.warning(
+            "%s of job %d: job store unreachable (%s); trying again in %.0f s", what, job_id, describe_error(exc), delay
+        )
+        raise task.retry(countdown=delay, max_retries=policy.max_retries) from None
+
+    def infer(job_id: int) -> None:
+        try:
+            if run_inference(holder, job_id):
+                app.send_task(EXPORT_TASK, args=[job_id], queue=EXPORT_QUEUE)
+                holder.store.mark_enqueued(job_id)
+        except Exception as exc:  # process boundary: the job fails with a readable reason, once
+            if is_unreachable(exc):
+                raise
+            log.exception("inference of job %d failed", job_id)
+            holder.store.transition(
+                job_id, JobState.FAILED, expect=[JobState.RUNNING], error=f"inference failed: {exc}"[:2000]
+            )
+
     @app.task(
         name=INFERENCE_TASK,
         bind=True,
@@ -127,24 +156,13 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
     )
     def inference_task(self: Task, job_id: int) -> None:
         try:
-            if run_inference(holder, job_id):
-                app.send_task(EXPORT_TASK, args=[job_id], queue=EXPORT_QUEUE)
-                holder.store.mark_enqueued(job_id)
-        except Exception as exc:  # process boundary: the job fails with a readable reason, once
-            log.exception("inference of job %d failed", job_id)
-            holder.store.transition(
-                job_id, JobState.FAILED, expect=[JobState.RUNNING], error=f"inference failed: {exc}"[:2000]
-            )
+            infer(job_id)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            store_unreachable(self, job_id, "inference", exc)
 
-    @app.task(
-        name=EXPORT_TASK,
-        bind=True,
-        shared=False,
-        soft_time_limit=q.export_time_limit * 0.9,
-        time_limit=q.export_time_limit,
-        max_retries=policy.max_retries,
-    )
-    def export_task(self: Task, job_id: int) -> None:
+    def export(self: Task, job_id: int) -> None:
         store = holder.store
         try:
             run_export(holder, job_id)
@@ -162,10 +180,28 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
         except PermanentError as exc:
             store.transition(job_id, JobState.FAILED, expect=[JobState.SUCCEEDED], error=f"export failed: {exc}")
         except Exception as exc:  # process boundary
+            if is_unreachable(exc):
+                raise
             log.exception("export of job %d failed", job_id)
             store.transition(
                 job_id, JobState.FAILED, expect=[JobState.SUCCEEDED], error=f"export failed: {exc}"[:2000]
             )
+
+    @app.task(
+        name=EXPORT_TASK,
+        bind=True,
+        shared=False,
+        soft_time_limit=q.export_time_limit * 0.9,
+        time_limit=q.export_time_limit,
+        max_retries=policy.max_retries,
+    )
+    def export_task(self: Task, job_id: int) -> None:
+        try:
+            export(self, job_id)
+        except Exception as exc:  # celery's Retry passes through: it is not a store error
+            if not is_unreachable(exc):
+                raise
+            store_unreachable(self, job_id, "export", exc)
 
     app.conf.dicom_node_context = holder
     return app

@@ -53,7 +53,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 __all__ = [
     "InstanceRecord",
@@ -74,6 +74,16 @@ _SCHEMA_LOCK = 0x44494E4F  # PostgreSQL advisory lock key of the schema set-up (
 
 class StoreUnavailable(RuntimeError):
     """The job store's database cannot be reached or opened; the message names it (no password) and the reason."""
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the job store could not be reached or used just then (connection refused or lost,
+    database file locked or unreadable): worth trying again later, unlike an error in what was asked of it."""
+    if isinstance(exc, StoreUnavailable):
+        return True
+    return isinstance(exc, (OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
 
 
 def describe_error(exc: BaseException) -> str:

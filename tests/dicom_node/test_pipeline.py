@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pydicom
 import pytest
@@ -14,11 +15,12 @@ from pydicom.uid import generate_uid
 from dicom_node.pipeline import PermanentError, TransientError, WorkerContext, claim_job, run_export, run_inference
 from dicom_node.receiver import Receiver
 from dicom_node.service import Node
-from dicom_node.store import JobState
+from dicom_node.store import JobState, is_unreachable
 from inference.engine import Engine
 from tests.conftest import make_study
 from tests.dicom_node.test_intake import storescu, wait_for
 from tests.inference.tiny_models import build_qwen2_5_vl
+from tests.postgres import PostgresServer, postgres_bin
 
 pytestmark = pytest.mark.integration
 
@@ -179,3 +181,51 @@ def test_claim_drops_duplicates_takes_over_dead_workers_and_gives_up(
     job = node.store.job(job_id)
     assert job is not None and job.state is JobState.FAILED
     assert job.error is not None and "max_redeliveries=1" in job.error
+
+
+def test_a_job_store_outage_during_inference_is_resumed_not_failed(
+    running_node: Callable[..., Node], tiny_model: Path, tmp_path: Path
+) -> None:
+    """The database goes away while the model runs: the outcome cannot be recorded, and neither can a failure.
+    The job stays running, this worker's; the task's retry resumes it at once (no lease to wait out, no
+    redelivery counted) and it succeeds."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql)")
+    server = PostgresServer(bindir).start()
+    try:
+        node = running_node(store={"url": server.new_database()}, model=model_section(tiny_model))
+        job_id = queued_job(node, make_study(tmp_path / "s", 1, template="RG1_UNCI.dcm"))
+        loaded = Engine.load(node.settings.model, "cpu")
+        outages = [server.stop_server]
+
+        class DatabaseGoesAway:
+            """The real engine; the database server stops during the first study it runs."""
+
+            def warm_up(self) -> None:
+                loaded.warm_up()
+
+            def run_study(self, *args: Any, **kwargs: Any) -> Any:
+                while outages:
+                    outages.pop()()
+                return loaded.run_study(*args, **kwargs)
+
+        ctx = WorkerContext(node.settings, engine_factory=lambda: cast(Engine, DatabaseGoesAway()))
+        with pytest.raises(Exception) as caught:
+            run_inference(ctx, job_id)
+        assert is_unreachable(caught.value), caught.value
+        assert ctx.interrupted == {job_id}
+        server.start_server()
+        job = node.store.job(job_id)
+        assert job is not None and job.state is JobState.RUNNING and job.owner == ctx.worker_id
+
+        other = WorkerContext(node.settings, fixed_worker_id="gpu-host-b:202")
+        assert claim_job(other, job_id, 60) is None, "another worker still leaves it alone: its lease runs"
+
+        assert run_inference(ctx, job_id) is True  # the retry
+        job = node.store.job(job_id)
+        assert job is not None and job.state is JobState.SUCCEEDED
+        assert job.attempts == 2 and job.redeliveries == 0 and job.error is None
+        assert ctx.interrupted == set()
+    finally:
+        server.stop()

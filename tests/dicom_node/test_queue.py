@@ -25,6 +25,7 @@ from dicom_node.store import JobState, JobStore
 from tests.conftest import free_port, make_study
 from tests.dicom_node.test_intake import storescu
 from tests.inference.tiny_models import build_qwen2_5_vl
+from tests.postgres import PostgresServer, postgres_bin
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -226,6 +227,39 @@ def test_redis_down_then_back_nothing_lost(
     redis.start()  # empty: whatever Redis held is gone
     jobs = d.wait_jobs(lambda js: len(js) == 2 and delivered(js), timeout=120)
     assert sum(receiver.received.values()) == len(receiver.received)
+
+
+def test_job_store_down_when_the_worker_takes_the_job_is_retried_not_failed(
+    deploy: Callable[..., Deployment], redis: RedisServer, tiny_model: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    """A failure cannot be recorded while the database is away, and an outage is no reason to fail a job: the task
+    tries again with backoff and the job runs once, as soon as the database is back."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql)")
+    server = PostgresServer(bindir).start()
+    try:
+        d = deploy(
+            queue={"broker_url": redis.url}, model=model(tiny_model), destinations=[receiver.destination()],
+            store={"url": server.new_database()},
+        )
+        node = d.start_node()
+        assert storescu(node, make_study(tmp_path / "s", 1, "RG1_UNCI.dcm")).returncode == 0
+        d.wait_jobs(lambda js: js[0].state is JobState.QUEUED and js[0].enqueued_at is not None)
+        server.stop_server()
+        d.start_worker("inference,export")
+        log = tmp_path / "worker-0-inference,export.log"
+        deadline = time.monotonic() + 90
+        while "job store unreachable" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        assert "trying again in 5 s" in log.read_text(errors="replace")
+        server.start_server()
+        jobs = d.wait_jobs(delivered, timeout=120)
+        assert jobs[0].attempts == 1 and jobs[0].redeliveries == 0 and jobs[0].error is None
+        assert receiver.received and all(n == 1 for n in receiver.received.values())
+    finally:
+        server.stop()
 
 
 def test_poison_study_fails_once_with_reason(
