@@ -17,6 +17,7 @@ from rich.table import Table
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.logs import configure_logging
 from dicom_node.store import JobState, JobStore, StoreUnavailable
+from dicom_node.tls import TLSConfigError, server_context
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
@@ -67,6 +68,9 @@ def serve(config: ConfigOption = None) -> None:
         raise typer.Exit(1) from None
     try:
         node.start()
+    except TLSConfigError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
     except OSError as exc:
         err.print(f"[red]error:[/red] cannot listen on {settings.node.bind}:{settings.node.port}: {exc.strerror}")
         raise typer.Exit(1) from None
@@ -193,9 +197,17 @@ def config_check(config: ConfigOption = None) -> None:
     from sqlalchemy.engine import make_url
 
     settings = _settings(config)
+    try:
+        tls = server_context(settings.node)
+    except TLSConfigError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    intake = "plain TCP" if tls is None else "DICOM TLS"
+    if tls is not None and settings.node.tls_ca_file is not None:
+        intake += f", peer certificates signed by {settings.node.tls_ca_file}"
     out.print(f"[green]ok[/green]: {config or 'embedded defaults'}")
     out.print(
-        f"  node {settings.node.ae_title} on {settings.node.bind}:{settings.node.port}, data in "
+        f"  node {settings.node.ae_title} on {settings.node.bind}:{settings.node.port} ({escape(intake)}), data in "
         f"{settings.node.data_dir}\n  broker {settings.queue.broker_url}; model {settings.model.family}"
         f" ({settings.model.path or 'packaged'}) on {settings.model.device}\n"
         f"  job store {make_url(settings.store_url).render_as_string(hide_password=True)}\n"

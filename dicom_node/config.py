@@ -82,6 +82,28 @@ class NodeSettings(_Section):
     min_free_disk_mb: int = Field(1024, ge=0, description="below this, new instances get Out of Resources")
     fsync: bool = Field(True, description="sync each instance to disk before Success; disable only for tests")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 turns metrics off")
+    tls_cert_file: Path | None = Field(None, description="our certificate (PEM): with tls_key_file, intake is TLS")
+    tls_key_file: Path | None = Field(None, description="the private key (PEM) of tls_cert_file")
+    tls_ca_file: Path | None = Field(None, description="CA certificates (PEM): peers must present one they signed")
+
+    @model_validator(mode="after")
+    def _tls(self) -> NodeSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                f"node.tls_cert_file and node.tls_key_file go together, got tls_cert_file={self.tls_cert_file}, "
+                f"tls_key_file={self.tls_key_file}"
+            )
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                f"node.tls_ca_file ({self.tls_ca_file}) checks peers' certificates on a TLS intake: it needs "
+                "node.tls_cert_file and node.tls_key_file"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether intake is DICOM TLS (PS3.15 Annex B)."""
+        return self.tls_cert_file is not None
 
     @field_validator("ae_title")
     @classmethod

@@ -13,7 +13,9 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ from dicom_node.logs import audit, uid_hash
 from dicom_node.reactor import make_event_driven
 from dicom_node.spool import InvalidUIDError, Spool, Staged, StagingFile, check_uid
 from dicom_node.store import InstanceRecord, JobStore, describe_error
+from dicom_node.tls import server_context
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "Intake", "Status", "start_scp", "tune_association"]
 
@@ -548,8 +551,74 @@ def build_ae(node: NodeSettings) -> AE:
     return ae
 
 
+class _IntakeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the DICOM TLS handshake on each connection's own thread.
+
+    pynetdicom runs the handshake while accepting, on the one thread that accepts every connection: a peer that
+    connected and never finished its handshake held up all the others until it went away. Here each connection's
+    thread does it, within the ACSE time-out; a failed one is logged and counted as a rejected association.
+    """
+
+    tls: ssl.SSLContext | None = None
+    intake: Intake
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.tls is not None:
+            request = self._handshake(request, client_address)
+            if request is None:
+                return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, raw: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
+        assert self.tls is not None
+        address = str(client_address[0])
+        timeout = raw.gettimeout()
+        try:
+            raw.settimeout(self.intake.node.acse_timeout)
+            secure = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            log.warning("TLS connection from %s failed: %s", address, exc)
+            raw.close()
+            return None
+        try:
+            secure.do_handshake()
+            secure.settimeout(timeout)
+        except OSError as exc:  # ssl.SSLError, a time-out or a reset: no association, the next connection is served
+            why = _handshake_failure(exc)
+            log.warning("TLS handshake with %s failed: %s", address, why)
+            audit("association_rejected", address=address, calling_ae="", reason=f"TLS handshake failed: {why}")
+            self.intake.counters.add(rejected_associations=1)
+            with contextlib.suppress(OSError):
+                secure.close()
+            return None
+        return secure
+
+
+#: OpenSSL's reasons for a failed server-side handshake that an administrator meets, in the node's words.
+_HANDSHAKE_REASONS = {
+    "WRONG_VERSION_NUMBER": "the peer did not start TLS (plain DICOM sent to a TLS port?)",
+    "HTTP_REQUEST": "the peer did not start TLS (plain DICOM sent to a TLS port?)",
+    "CERTIFICATE_VERIFY_FAILED": "the peer's certificate is not signed by a CA in node.tls_ca_file",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the peer sent no certificate, and node.tls_ca_file requires one",
+    "UNSUPPORTED_PROTOCOL": "the peer offered only TLS versions older than 1.2",
+    "NO_SHARED_CIPHER": "the peer offered no cipher suite the node accepts",
+}
+
+
+def _handshake_failure(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no handshake within node.acse_timeout"
+    reason = getattr(exc, "reason", None)
+    if reason in _HANDSHAKE_REASONS:
+        return f"{_HANDSHAKE_REASONS[reason]} ({reason})"
+    return str(exc) or type(exc).__name__
+
+
 def start_scp(intake: Intake) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
+    """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it.
+
+    :class:`dicom_node.tls.TLSConfigError` when ``node.tls_*`` names a file that cannot be used."""
+    tls = server_context(intake.node)
     ae = build_ae(intake.node)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, intake.on_c_store),
@@ -559,13 +628,20 @@ def start_scp(intake: Intake) -> ThreadedAssociationServer:
         (evt.EVT_RELEASED, intake.on_released),
         (evt.EVT_ABORTED, intake.on_aborted),
     ]
-    server = ae.start_server((intake.node.bind, intake.node.port), block=False, evt_handlers=handlers)
-    assert server is not None
+    # What ae.start_server(block=False) does, with the server class that does the TLS handshake per connection.
+    server = ae.make_server((intake.node.bind, intake.node.port), evt_handlers=handlers, server_class=_IntakeServer)
+    assert isinstance(server, _IntakeServer)
+    server.tls, server.intake = tls, intake
+    thread = threading.Thread(target=server.serve_forever, name=f"IntakeServer@{server.server_address[1]}")
+    thread.daemon = True
+    thread.start()
+    ae._servers.append(server)  # so that server.shutdown(), which removes it there, works as pynetdicom's own
     log.info(
-        "listening as %s on %s:%d (max %d associations)",
+        "listening as %s on %s:%d%s (max %d associations)",
         intake.node.ae_title,
         intake.node.bind,
         server.server_address[1],
+        " with DICOM TLS" + (", peer certificates required" if intake.node.tls_ca_file else "") if tls else "",
         intake.node.max_associations,
     )
     return server

@@ -1,18 +1,22 @@
-"""DICOM TLS towards a destination (PS3.15 Annex B, the BCP 195 profiles): a client :class:`ssl.SSLContext`.
+"""DICOM TLS (PS3.15 Annex B, the BCP 195 profiles): the :class:`ssl.SSLContext` of each side, TLS 1.2 or newer.
 
-The destination's ``tls_ca_file`` is the trust anchor for the peer's certificate (the PACS certificate or the
-CA that signed it); ``tls_cert_file`` and ``tls_key_file`` are our own certificate and key, needed when the
-peer asks for client certificates. The peer's name is checked against ``host`` (a DNS name, or an IP address
-in the certificate's subjectAltName).
+Towards a destination (:func:`client_context`): the destination's ``tls_ca_file`` is the trust anchor for the
+peer's certificate (the PACS certificate or the CA that signed it); ``tls_cert_file`` and ``tls_key_file`` are our
+own certificate and key, needed when the peer asks for client certificates. The peer's name is checked against
+``host`` (a DNS name, or an IP address in the certificate's subjectAltName).
+
+On intake (:func:`server_context`): ``node.tls_cert_file`` and ``node.tls_key_file`` are the node's certificate
+and key; with ``node.tls_ca_file`` a PACS must present a certificate signed by one of those CAs (mutual TLS), the
+profile's recommendation for a network where the node cannot tell senders apart otherwise.
 """
 
 from __future__ import annotations
 
 import ssl
 
-from dicom_node.config import DestinationSettings
+from dicom_node.config import DestinationSettings, NodeSettings
 
-__all__ = ["TLSConfigError", "client_context"]
+__all__ = ["TLSConfigError", "client_context", "server_context"]
 
 
 class TLSConfigError(ValueError):
@@ -45,4 +49,27 @@ def client_context(destination: DestinationSettings) -> ssl.SSLContext:
                 f"destination {destination.name!r}: cannot load tls_cert_file {destination.tls_cert_file} "
                 f"with tls_key_file {destination.tls_key_file} ({exc})"
             ) from None
+    return context
+
+
+def server_context(node: NodeSettings) -> ssl.SSLContext | None:
+    """The intake's context (None when intake is plain TCP); :class:`TLSConfigError` names an unusable file."""
+    if node.tls_cert_file is None or node.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(node.tls_cert_file), str(node.tls_key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(
+            f"node: cannot load tls_cert_file {node.tls_cert_file} with tls_key_file {node.tls_key_file} ({exc})"
+        ) from None
+    if node.tls_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(node.tls_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(
+                f"node: tls_ca_file {node.tls_ca_file} is not a readable PEM certificate file ({exc})"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
     return context

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from dicom_node.config import Settings, load_settings
 from dicom_node.receiver import free_port
 from dicom_node.service import Dispatcher, Node, RecordingDispatcher
 from tests.corpus import corpus_file
+from tests.pki import make_pki
 from tests.postgres import PostgresServer, postgres_bin
 
 
@@ -39,6 +41,14 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         return load_settings(None, overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Certificates for the DICOM TLS tests (see tests/pki.py)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not installed")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -525,44 +523,6 @@ def test_uid_hash_is_short_stable_and_distinct() -> None:
 
 
 # -- DICOM TLS -----------------------------------------------------------------------------------------------
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(name: str, cwd: Path) -> None:
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "1", "-subj", f"/CN={name}",
-        cwd=cwd,
-    )  # fmt: skip
-
-
-def _signed(name: str, ca: str, cwd: Path) -> None:
-    (cwd / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    _openssl(
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
-        cwd=cwd,
-    )  # fmt: skip
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-        "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext",
-        cwd=cwd,
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl command not installed")
-    cwd = tmp_path_factory.mktemp("pki")
-    _ca("ca", cwd)
-    _ca("other-ca", cwd)
-    _signed("pacs", "ca", cwd)
-    _signed("node", "ca", cwd)
-    return cwd
 
 
 def _server_context(pki: Path) -> ssl.SSLContext:
