@@ -573,14 +573,18 @@ class _IntakeServer(ThreadedAssociationServer):
         assert self.tls is not None
         address = str(client_address[0])
         timeout = raw.gettimeout()
+        conn: socket.socket = raw
         try:
             raw.settimeout(self.intake.node.acse_timeout)
-            secure = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-        except OSError as exc:
-            log.warning("TLS connection from %s failed: %s", address, exc)
-            raw.close()
-            return None
-        try:
+            try:
+                began = bool(raw.recv(1, socket.MSG_PEEK))
+            except ConnectionResetError:
+                began = False
+            if not began:  # closed before its first byte: a port check (monitoring, a load balancer), not a peer
+                log.info("connection from %s closed before its TLS handshake began", address)
+                raw.close()
+                return None
+            conn = secure = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
             secure.do_handshake()
             secure.settimeout(timeout)
         except OSError as exc:  # ssl.SSLError, a time-out or a reset: no association, the next connection is served
@@ -589,7 +593,7 @@ class _IntakeServer(ThreadedAssociationServer):
             audit("association_rejected", address=address, calling_ae="", reason=f"TLS handshake failed: {why}")
             self.intake.counters.add(rejected_associations=1)
             with contextlib.suppress(OSError):
-                secure.close()
+                conn.close()
             return None
         return secure
 

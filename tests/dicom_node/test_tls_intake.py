@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +80,23 @@ def test_without_tls_ca_file_any_tls_peer_is_accepted(
     node = tls_node(running_node, pki, mutual=False)
     [path] = make_study(tmp_path / "s", 1)
     assert dcmtk("storescu", node, pki, str(path), client="stranger").returncode == 0
+
+
+def test_a_port_check_is_no_rejected_association(
+    running_node: Callable[..., Node], pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Monitoring and load balancers connect and close (or reset) without a byte: an INFO line, not a warning."""
+    caplog.set_level(logging.INFO, logger="dicom_node.scp")
+    node = tls_node(running_node, pki)
+    with socket.create_connection(("127.0.0.1", node.port)):
+        pass
+    with socket.create_connection(("127.0.0.1", node.port)) as reset:
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_for(lambda: caplog.text.count("closed before its TLS handshake began") == 2)
+    assert node.intake.counters.rejected_associations == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    [path] = make_study(tmp_path / "s", 1)
+    assert dcmtk("storescu", node, pki, str(path)).returncode == 0
 
 
 def test_a_peer_that_never_finishes_its_handshake_holds_up_no_one(
