@@ -37,7 +37,8 @@ TCP_QUICKACK after each read: the kernel's delayed acknowledgements), ``keepcach
 spooled files stay in the page cache, and their writeback is not started before the header is read), ``pdu16k``
 (node.max_pdu 16384), ``noheader`` (no C-STORE header read: the handler takes the UIDs from the request only),
 ``inmemory`` (no data set written to the spool while it arrives), ``spoolall`` (every data set written so),
-``postgresql`` (the job store on a local PostgreSQL server that the bench starts, instead of SQLite).
+``postgresql`` (the job store on a local PostgreSQL server that the bench starts, instead of SQLite), ``tls``
+(DICOM TLS on intake with peer certificates, ``storescu +tls``; certificates made with openssl for the run).
 ``--profile DIR`` samples the node with py-spy during one extra run of each scenario and prints
 where its time goes.
 
@@ -164,6 +165,8 @@ class Receiver:
 
     name = "receiver"
     aet = "RECEIVER"
+    #: storescu options this receiver needs (TLS).
+    sender_args: tuple[str, ...] = ()
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -224,6 +227,13 @@ class NodeReceiver(Receiver):
             "rules": [{"name": "all-images"}],
             "logging": {"level": "WARNING"},
         }
+        if variant == "tls":  # DICOM TLS, mutual: the node and storescu present certificates of one test CA
+            from tests.pki import make_pki
+
+            pki = make_pki(Path(tempfile.mkdtemp(prefix="pki-", dir=workdir)))
+            node.update(tls_cert_file=str(pki / "node.pem"), tls_key_file=str(pki / "node.key"),
+                        tls_ca_file=str(pki / "ca.pem"))
+            self.sender_args = ("+tls", str(pki / "pacs.key"), str(pki / "pacs.pem"), "+cf", str(pki / "ca.pem"))
         self.store_url = _postgres_url() if variant == "postgresql" else None
         if self.store_url is not None:
             config["store"] = {"url": self.store_url}
@@ -452,6 +462,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "inmemory": ({}, ["inmemory"]),
     "spoolall": ({}, ["spoolall"]),
     "postgresql": ({}, []),  # the job store on a local PostgreSQL server (started by the bench) instead of SQLite
+    "tls": ({}, []),  # DICOM TLS with peer certificates; storescu with +tls (certificates made for the run)
 }
 _POSTGRES: list[Any] = []  # the bench's PostgreSQL server, started at the first run of variant postgresql
 
@@ -568,7 +579,9 @@ def disk_probe(folder: Path, count: int = 10) -> float:
     return 1000 * statistics.median(times)
 
 
-def send(files: Sequence[Path], senders: int, aet: str, port: int, workdir: Path) -> tuple[float, list[str]]:
+def send(
+    files: Sequence[Path], senders: int, aet: str, port: int, workdir: Path, options: Sequence[str] = ()
+) -> tuple[float, list[str]]:
     """Start ``senders`` storescu processes on disjoint shares of ``files``; returns wall seconds and problems."""
     shares = [list(files[i::senders]) for i in range(senders)]
     logs = [workdir / f"storescu-{i}.log" for i in range(senders)]
@@ -577,7 +590,7 @@ def send(files: Sequence[Path], senders: int, aet: str, port: int, workdir: Path
     for share, log in zip(shares, logs, strict=True):
         with log.open("wb") as out:
             procs.append(subprocess.Popen(
-                [STORESCU, "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", str(port), *map(str, share)],
+                [STORESCU, *options, "-aet", "BENCHSCU", "-aec", aet, "127.0.0.1", str(port), *map(str, share)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             ))
     problems = []
@@ -615,7 +628,8 @@ def one_run(name: str, scenario: str, files: Sequence[Path], root: Path, profile
         load = os.getloadavg()[0]
         assert receiver.proc is not None
         cpu_before = process_cpu_seconds(receiver.proc.pid), machine_busy_seconds()
-        seconds, problems = send(files, SCENARIOS[scenario], receiver.aet, receiver.port, workdir)
+        seconds, problems = send(files, SCENARIOS[scenario], receiver.aet, receiver.port, workdir,
+                                 receiver.sender_args)
         cpu_receiver = 1000 * (process_cpu_seconds(receiver.proc.pid) - cpu_before[0]) / len(files)
         cpu_machine = 1000 * (machine_busy_seconds() - cpu_before[1]) / len(files)
         if spy is not None:
