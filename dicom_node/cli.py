@@ -16,7 +16,7 @@ from rich.table import Table
 
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.logs import configure_logging
-from dicom_node.store import JobState, JobStore, StoreUnavailable
+from dicom_node.store import JobState, JobStore, StoreUnavailable, StudyState
 from dicom_node.tls import TLSConfigError, server_context
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
@@ -210,7 +210,12 @@ def config_check(config: ConfigOption = None) -> None:
         f"  node {settings.node.ae_title} on {settings.node.bind}:{settings.node.port} ({escape(intake)}), data in "
         f"{settings.node.data_dir}\n  broker {settings.queue.broker_url}; model {settings.model.family}"
         f" ({settings.model.path or 'packaged'}) on {settings.model.device}\n"
-        f"  job store {make_url(settings.store_url).render_as_string(hide_password=True)}\n"
+        f"  job store {make_url(settings.store_url).render_as_string(hide_password=True)}; "
+        + (
+            "study files kept" if settings.retention.keep_days is None
+            else f"study files removed {settings.retention.keep_days:g} day(s) after their last job"
+        )
+        + "\n"
         f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
         highlight=False,
     )
@@ -333,6 +338,15 @@ def _move_job(config: Path | None, job_id: int, to: JobState, expect: list[JobSt
 @jobs_app.command("retry")
 def jobs_retry(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
     """Run a failed or cancelled job again (same run, so the same result UIDs: the PACS overwrites)."""
+    settings = _settings(config)
+    store = _store(settings)
+    job = store.job(job_id)
+    if job is not None and store.study_state(job.study_uid) is StudyState.PURGED:
+        err.print(
+            f"[red]error:[/red] cannot retry job {job_id}: its study's files were removed after "
+            f"retention.keep_days; send the study again from the PACS (it then runs as a new run)"
+        )
+        raise typer.Exit(1)
     _move_job(config, job_id, JobState.QUEUED, [JobState.FAILED, JobState.CANCELLED], "retry", "retried")
     out.print(f"job {job_id} queued again; the node picks it up within its reconcile period")
 

@@ -37,6 +37,7 @@ __all__ = [
     "NodeSettings",
     "OutputKind",
     "QueueSettings",
+    "RetentionSettings",
     "RuleSettings",
     "Settings",
     "StoreSettings",
@@ -145,6 +146,15 @@ class StudySettings(_Section):
                 f"study.stable_seconds ({self.stable_seconds})"
             )
         return self
+
+
+class RetentionSettings(_Section):
+    """How long the node keeps a study's files once it is done with it (the PACS is the archive, not the node)."""
+
+    keep_days: float | None = Field(
+        None, gt=0, description="remove a study's files this long after its last job finished; null keeps them"
+    )
+    check_seconds: float = Field(600, gt=0, description="how often to look for studies past keep_days")
 
 
 class QueueSettings(_Section):
@@ -277,6 +287,7 @@ class Settings(BaseSettings):
 
     node: NodeSettings = Field(default_factory=NodeSettings)
     study: StudySettings = Field(default_factory=StudySettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)

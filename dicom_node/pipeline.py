@@ -34,7 +34,9 @@ __all__ = [
     "TransientError",
     "WorkerContext",
     "claim_job",
+    "outbox_dir",
     "owner_gone",
+    "results_dir",
     "run_export",
     "run_inference",
 ]
@@ -98,10 +100,20 @@ class WorkerContext:
         engine.warm_up()
 
     def results_dir(self, job: JobRecord) -> Path:
-        return self.settings.node.data_dir / "results" / f"job-{job.id}"
+        return results_dir(self.settings.node.data_dir, job.id)
 
     def outbox_dir(self, job: JobRecord) -> Path:
-        return self.settings.node.data_dir / "outbox" / f"job-{job.id}"
+        return outbox_dir(self.settings.node.data_dir, job.id)
+
+
+def results_dir(data_dir: Path, job_id: int) -> Path:
+    """Where a job's inference result is kept."""
+    return data_dir / "results" / f"job-{job_id}"
+
+
+def outbox_dir(data_dir: Path, job_id: int) -> Path:
+    """Where a job's result objects are kept until, and after, they are delivered."""
+    return data_dir / "outbox" / f"job-{job_id}"
 
 
 def owner_gone(owner: str | None) -> bool:

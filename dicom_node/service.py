@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +26,8 @@ import pydicom
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
-from dicom_node.logs import uid_hash
-from dicom_node.pipeline import owner_gone
+from dicom_node.logs import audit, uid_hash
+from dicom_node.pipeline import outbox_dir, owner_gone, results_dir
 from dicom_node.rules import select_rule
 from dicom_node.scp import Intake, start_scp
 from dicom_node.spool import InvalidUIDError, Spool, check_uid
@@ -102,10 +103,13 @@ class Node:
         if self.workers is not None:
             self.workers.start()
         period = min(1.0, self.settings.study.stable_seconds / 4)
-        for name, target, arg in (
+        loops: list[tuple[str, Callable[[float], None], float]] = [
             ("assembler", self._assembler_loop, period),
             ("reconciler", self._reconciler_loop, self.settings.queue.reconcile_seconds),
-        ):
+        ]
+        if self.settings.retention.keep_days is not None:
+            loops.append(("retention", self._retention_loop, self.settings.retention.check_seconds))
+        for name, target, arg in loops:
             t = threading.Thread(target=target, args=(arg,), name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -127,6 +131,34 @@ class Node:
 
     def _reconciler_loop(self, period: float) -> None:
         self._repeat("reconciliation", self.reconcile, period)
+
+    def _retention_loop(self, period: float) -> None:
+        self._repeat("retention", self.apply_retention, period)
+
+    def apply_retention(self, now: float | None = None) -> int:
+        """Remove the files of studies the node is done with (``retention.keep_days`` after their last instance
+        and their last job's end): spooled instances, inference results, outbox. Their jobs, history and the UIDs
+        of the node's own results stay in the job store, so ``jobs show`` still tells what happened, and results
+        routed back are still recognised. Returns the number of studies removed."""
+        keep = self.settings.retention.keep_days
+        if keep is None:
+            return 0
+        keep_seconds = keep * 86400
+        removed = 0
+        for study_uid in self.store.studies_to_purge(keep_seconds, now):
+            purged = self.store.purge_study(study_uid, keep_seconds, self.spool.remove, now)
+            if purged is None:
+                continue  # an instance arrived or a job was retried since the query
+            for job_id in purged.job_ids:
+                for folder in (results_dir(self.settings.data_dir, job_id), outbox_dir(self.settings.data_dir, job_id)):
+                    shutil.rmtree(folder, ignore_errors=True)
+            log.info(
+                "study %s: %d instance(s), %.1f MB and the outputs of %d job(s) removed after %g day(s)",
+                uid_hash(study_uid), purged.instances, purged.size / 1e6, len(purged.job_ids), keep,
+            )
+            audit("study_purged", study=uid_hash(study_uid), instances=purged.instances, bytes=purged.size)
+            removed += 1
+        return removed
 
     def _repeat(self, what: str, step: Callable[[], object], period: float) -> None:
         """Run ``step`` every ``period`` seconds until stopped. A failure (the job store down, say) is logged with its

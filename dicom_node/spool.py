@@ -11,6 +11,7 @@ directory (and of any directory it had to create). Received instances are staged
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import mmap
@@ -159,7 +160,14 @@ class Staged:
         self._fd = None
         os.close(fd)
         try:
-            os.replace(self.tmp, path)
+            try:
+                os.replace(self.tmp, path)
+            except FileNotFoundError:
+                if self._make_dir is None or not self.tmp.exists():
+                    raise
+                # Retention removed the (empty) directory after make_dir saw it: make it again, once.
+                self._make_dir(path.parent)
+                os.replace(self.tmp, path)
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             raise
@@ -272,6 +280,23 @@ class Spool:
         if not path.is_relative_to(self.root.resolve()):
             raise InvalidUIDError(f"spool path escapes the spool: {relative!r}")
         return path
+
+    def remove(self, relatives: Sequence[str]) -> None:
+        """Delete instances' files (spool-relative paths, as recorded), then their series and study directories
+        where those are left empty. A file already gone is no error; any other failure raises before the rest."""
+        parents: set[Path] = set()
+        for relative in relatives:
+            self.resolve(relative)  # InvalidUIDError for a path that leads outside the spool
+            path = self.root / relative  # as path_for() makes it, so that the directory cache matches
+            path.unlink(missing_ok=True)
+            parents.add(path.parent)
+        for directory in sorted(parents | {p.parent for p in parents}, key=lambda p: len(p.parts), reverse=True):
+            if directory == self.root:
+                continue
+            with self._lock:
+                self._known_dirs.discard(directory)
+                with contextlib.suppress(OSError):  # not empty: an instance arrived meanwhile, or another series
+                    directory.rmdir()
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:

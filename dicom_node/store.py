@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,9 @@ from sqlalchemy import (
     and_,
     bindparam,
     create_engine,
+    delete,
     event,
+    exists,
     func,
     insert,
     or_,
@@ -60,9 +62,11 @@ __all__ = [
     "JobRecord",
     "JobState",
     "JobStore",
+    "Purged",
     "StoreUnavailable",
     "StudyState",
     "describe_error",
+    "is_unreachable",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,6 +107,9 @@ def _pipelined(driver_connection: Any) -> contextlib.AbstractContextManager[Any]
 class StudyState(str, enum.Enum):
     RECEIVING = "receiving"
     COMPLETE = "complete"
+    #: Its files were removed by retention (``retention.keep_days``); its jobs and history stay. An instance that
+    #: arrives again is a new arrival (``study.late_arrivals`` decides).
+    PURGED = "purged"
 
 
 class JobState(str, enum.Enum):
@@ -206,6 +213,16 @@ results = Table(
     Column("delivered_to", Text, nullable=False, default="[]"),
     Index("ix_results_job", "job_id"),
 )
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What retention removed of one study: its instances (count, bytes) and the jobs whose outputs go too."""
+
+    study_uid: str
+    instances: int
+    size: int
+    job_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -639,6 +656,62 @@ class JobStore:
                 )
             )
         return int(job_id)
+
+    # --- retention ------------------------------------------------------------------------------------------
+
+    def _purgeable(self, cutoff: float) -> Any:
+        """The condition on ``studies`` of a study retention may remove: complete, no instance since ``cutoff``, and
+        every job finished before it (a job still queued, running or awaiting export keeps its study)."""
+        busy = exists().where(
+            and_(jobs.c.study_uid == studies.c.study_uid, or_(jobs.c.state.in_(UNFINISHED), jobs.c.updated_at > cutoff))
+        )
+        return and_(
+            studies.c.state == StudyState.COMPLETE.value, studies.c.last_received_at <= cutoff, ~busy
+        )
+
+    def studies_to_purge(self, keep_seconds: float, now: float | None = None, limit: int = 100) -> list[str]:
+        now = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(studies.c.study_uid).where(self._purgeable(now - keep_seconds)).limit(limit)
+            ).all()
+        return [r[0] for r in rows]
+
+    def purge_study(
+        self, study_uid: str, keep_seconds: float, remove: Callable[[list[str]], None], now: float | None = None
+    ) -> Purged | None:
+        """Forget a study's instances and mark it purged, if it may still be removed; None when it may not (an
+        instance arrived, a job was retried). ``remove`` deletes the instances' files (spool-relative paths) while the
+        study's row is locked: an instance sent again meanwhile waits, then arrives as new, and is never the one
+        deleted. When ``remove`` raises, nothing is recorded and the next pass tries again.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            row = conn.execute(
+                select(studies.c.study_uid)
+                .where(and_(studies.c.study_uid == study_uid, self._purgeable(now - keep_seconds)))
+                .with_for_update()
+            ).first()
+            if row is None:
+                return None
+            files = conn.execute(
+                select(instances.c.path, instances.c.size).where(instances.c.study_uid == study_uid)
+            ).all()
+            job_ids = [int(j) for j in conn.execute(select(jobs.c.id).where(jobs.c.study_uid == study_uid)).scalars()]
+            remove([f[0] for f in files])
+            conn.execute(delete(instances).where(instances.c.study_uid == study_uid))
+            conn.execute(
+                update(studies).where(studies.c.study_uid == study_uid).values(state=StudyState.PURGED.value)
+            )
+            size = sum(int(f[1]) for f in files)
+            detail = f"{len(files)} instance(s), {size / 1e6:.1f} MB removed after {keep_seconds / 86400:g} day(s)"
+            conn.execute(insert(events).values(at=now, study_uid=study_uid, kind="purged", detail=detail))
+        return Purged(study_uid, len(files), size, job_ids)
+
+    def study_state(self, study_uid: str) -> StudyState | None:
+        with self.engine.connect() as conn:
+            state = conn.execute(select(studies.c.state).where(studies.c.study_uid == study_uid)).scalar()
+        return None if state is None else StudyState(state)
 
     # --- jobs ------------------------------------------------------------------------------------------------
 
