@@ -31,7 +31,7 @@ from dicom_node.pipeline import outbox_dir, owner_gone, results_dir
 from dicom_node.rules import select_rule
 from dicom_node.scp import Intake, start_scp
 from dicom_node.spool import InvalidUIDError, Spool, check_uid
-from dicom_node.store import InstanceRecord, JobRecord, JobState, JobStore, describe_error
+from dicom_node.store import InstanceRecord, JobRecord, JobState, JobStore, Purged, describe_error
 
 __all__ = ["Dispatcher", "Node", "RecordingDispatcher", "WorkerSupervisor"]
 
@@ -145,20 +145,34 @@ class Node:
             return 0
         keep_seconds = keep * 86400
         removed = 0
-        for study_uid in self.store.studies_to_purge(keep_seconds, now):
-            purged = self.store.purge_study(study_uid, keep_seconds, self.spool.remove, now)
-            if purged is None:
-                continue  # an instance arrived or a job was retried since the query
-            for job_id in purged.job_ids:
-                for folder in (results_dir(self.settings.data_dir, job_id), outbox_dir(self.settings.data_dir, job_id)):
-                    shutil.rmtree(folder, ignore_errors=True)
-            log.info(
-                "study %s: %d instance(s), %.1f MB and the outputs of %d job(s) removed after %g day(s)",
-                uid_hash(study_uid), purged.instances, purged.size / 1e6, len(purged.job_ids), keep,
-            )
-            audit("study_purged", study=uid_hash(study_uid), instances=purged.instances, bytes=purged.size)
-            removed += 1
-        return removed
+        passed_over: set[str] = set()  # this pass: not removable after all, or failed
+        while True:
+            found = self.store.studies_to_purge(keep_seconds, now, limit=100 + len(passed_over))
+            batch = [u for u in found if u not in passed_over]
+            if not batch:
+                return removed
+            for study_uid in batch:
+                try:
+                    purged = self.store.purge_study(study_uid, keep_seconds, self.spool.remove, now)
+                except (OSError, InvalidUIDError) as exc:  # nothing recorded: the next pass tries again
+                    log.error("study %s: files not removed by retention: %s", uid_hash(study_uid), exc)
+                    purged = None
+                if purged is None:  # or an instance arrived, or a job was retried, since the query
+                    passed_over.add(study_uid)
+                    continue
+                self._purged(purged, keep)
+                removed += 1
+
+    def _purged(self, purged: Purged, keep: float) -> None:
+        """After a study's instances went: its jobs' results and outboxes, a log line and an audit entry."""
+        for job_id in purged.job_ids:
+            for folder in (results_dir(self.settings.data_dir, job_id), outbox_dir(self.settings.data_dir, job_id)):
+                shutil.rmtree(folder, ignore_errors=True)
+        log.info(
+            "study %s: %d instance(s), %.1f MB and the outputs of %d job(s) removed after %g day(s)",
+            uid_hash(purged.study_uid), purged.instances, purged.size / 1e6, len(purged.job_ids), keep,
+        )
+        audit("study_purged", study=uid_hash(purged.study_uid), instances=purged.instances, bytes=purged.size)
 
     def _repeat(self, what: str, step: Callable[[], object], period: float) -> None:
         """Run ``step`` every ``period`` seconds until stopped. A failure (the job store down, say) is logged with its

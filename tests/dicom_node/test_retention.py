@@ -6,6 +6,7 @@ associations and the files are checked on disk.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,3 +141,25 @@ def test_jobs_retry_of_a_removed_study_says_to_send_it_again(
     assert "files were removed after retention.keep_days" in said and "send the study again" in said
     job = node.store.job(job_id)
     assert job is not None and job.state is JobState.FAILED
+
+
+def test_a_file_that_cannot_be_deleted_holds_back_its_study_only(
+    running_node: Callable[..., Node], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = running_node(retention={"keep_days": 1})
+    stuck_uid, _ = finished_study(node, make_study(tmp_path / "stuck", 2))
+    other_uid, _ = finished_study(node, make_study(tmp_path / "other", 1))
+    locked = sorted((node.spool.root / stuck_uid).rglob("*.dcm"))[-1]
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not allowed here (no CAP_LINUX_IMMUTABLE, or the file system lacks it)")
+    try:
+        assert node.apply_retention(now=time.time() + 2 * DAY) == 1
+        assert node.store.study_state(other_uid) is StudyState.PURGED
+        assert node.store.study_state(stuck_uid) is StudyState.COMPLETE  # nothing recorded for it
+        assert len(node.store.study_instances(stuck_uid)) == 2
+        assert "files not removed by retention" in caplog.text and "Operation not permitted" in caplog.text
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert node.apply_retention(now=time.time() + 2 * DAY) == 1  # the next pass
+    assert not (node.spool.root / stuck_uid).exists()
+    assert node.store.study_state(stuck_uid) is StudyState.PURGED
