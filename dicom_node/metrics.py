@@ -14,7 +14,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from dicom_node.store import JobState, describe_error
+from dicom_node.store import JobState, StudyState, describe_error
 
 if TYPE_CHECKING:
     from dicom_node.service import Node
@@ -64,6 +64,12 @@ class NodeCollector(Collector):
             "dicom_node_studies_receiving", "studies still within their receive window",
             value=counts.get("studies_receiving", 0),
         )
+        studies = GaugeMetricFamily(
+            "dicom_node_studies", "studies by state (purged: files removed by retention)", labels=["state"]
+        )
+        for study_state in StudyState:
+            studies.add_metric([study_state.value], counts.get(f"studies_{study_state.value}", 0))
+        yield studies
 
 
 def serve_metrics(node: Node, port: int, addr: str = "0.0.0.0") -> None:

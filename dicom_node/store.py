@@ -853,7 +853,6 @@ class JobStore:
                 for state, n in conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
             }
             out["instances"] = conn.execute(select(func.count()).select_from(instances)).scalar_one()
-            out["studies_receiving"] = conn.execute(
-                select(func.count()).select_from(studies).where(studies.c.state == StudyState.RECEIVING.value)
-            ).scalar_one()
+            for state, n in conn.execute(select(studies.c.state, func.count()).group_by(studies.c.state)).all():
+                out[f"studies_{state}"] = n
         return out

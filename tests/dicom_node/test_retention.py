@@ -21,8 +21,9 @@ from dicom_node.cli import app
 from dicom_node.pipeline import outbox_dir, results_dir
 from dicom_node.service import Node
 from dicom_node.store import JobState, StudyState
-from tests.conftest import make_study
+from tests.conftest import free_port, make_study
 from tests.dicom_node.test_intake import storescu, wait_for
+from tests.dicom_node.test_store import scrape
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,8 @@ def finished_study(node: Node, files: list[Path], end: JobState = JobState.DELIV
 def test_a_finished_study_is_removed_after_keep_days_and_its_history_stays(
     running_node: Callable[..., Node], tmp_path: Path, store_section: dict[str, Any]
 ) -> None:
-    node = running_node(retention={"keep_days": 7}, **store_section)
+    metrics = free_port()
+    node = running_node(retention={"keep_days": 7}, node={"metrics_port": metrics}, **store_section)
     study_uid, job_id = finished_study(node, make_study(tmp_path / "s", 3))
     other = make_study(tmp_path / "other", 1)  # a second study, still in work: untouched
     assert storescu(node, other).returncode == 0
@@ -71,6 +73,7 @@ def test_a_finished_study_is_removed_after_keep_days_and_its_history_stays(
     assert len(purged) == 1 and purged[0]["detail"].startswith("3 instance(s)")
     assert len(list(node.spool.root.rglob("*.dcm"))) == 1  # the other study's instance
     assert node.apply_retention(now=now + 9 * DAY) == 0  # nothing twice
+    assert 'dicom_node_studies{state="purged"} 1.0' in scrape(metrics)
 
 
 def test_studies_still_in_work_or_recently_finished_are_kept(
