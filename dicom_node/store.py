@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 
 _RECORD_ATTEMPTS = 4  # an intake record that met another writer's row is tried again (see record_instance)
 _SCHEMA_LOCK = 0x44494E4F  # PostgreSQL advisory lock key of the schema set-up (any fixed number)
+_PURGE_CHUNK = 64  # files retention deletes per transaction (see purge_study)
 
 
 class StoreUnavailable(RuntimeError):
@@ -678,35 +679,56 @@ class JobStore:
         return [r[0] for r in rows]
 
     def purge_study(
-        self, study_uid: str, keep_seconds: float, remove: Callable[[list[str]], None], now: float | None = None
+        self,
+        study_uid: str,
+        keep_seconds: float,
+        remove: Callable[[list[str]], None],
+        now: float | None = None,
+        chunk: int = _PURGE_CHUNK,
     ) -> Purged | None:
         """Forget a study's instances and mark it purged, if it may still be removed; None when it may not (an
-        instance arrived, a job was retried). ``remove`` deletes the instances' files (spool-relative paths) while the
-        study's row is locked: an instance sent again meanwhile waits, then arrives as new, and is never the one
-        deleted. When ``remove`` raises, nothing is recorded and the next pass tries again.
+        instance arrived, a job was retried).
+
+        ``remove`` deletes the instances' files (spool-relative paths) while the study's row is locked, ``chunk``
+        files per transaction: an instance sent again meanwhile waits, then arrives as new, and is never the one
+        deleted; and on SQLite, whose lock holds every writer, intake records wait for one chunk (about 0.5 ms a
+        file here), not for the whole study. An instance that arrives between two chunks re-opens the study: what
+        was removed by then is recorded as such, the rest stays. When ``remove`` raises, that chunk is not recorded
+        and the next pass tries again.
         """
         now = time.time() if now is None else now
-        with self._tx() as conn:
-            row = conn.execute(
-                select(studies.c.study_uid)
-                .where(and_(studies.c.study_uid == study_uid, self._purgeable(now - keep_seconds)))
-                .with_for_update()
-            ).first()
-            if row is None:
-                return None
-            files = conn.execute(
-                select(instances.c.path, instances.c.size).where(instances.c.study_uid == study_uid)
-            ).all()
-            job_ids = [int(j) for j in conn.execute(select(jobs.c.id).where(jobs.c.study_uid == study_uid)).scalars()]
-            remove([f[0] for f in files])
-            conn.execute(delete(instances).where(instances.c.study_uid == study_uid))
-            conn.execute(
-                update(studies).where(studies.c.study_uid == study_uid).values(state=StudyState.PURGED.value)
-            )
-            size = sum(int(f[1]) for f in files)
-            detail = f"{len(files)} instance(s), {size / 1e6:.1f} MB removed after {keep_seconds / 86400:g} day(s)"
-            conn.execute(insert(events).values(at=now, study_uid=study_uid, kind="purged", detail=detail))
-        return Purged(study_uid, len(files), size, job_ids)
+        cutoff = now - keep_seconds
+        count = size = 0
+        while True:
+            with self._tx() as conn:
+                row = conn.execute(
+                    select(studies.c.study_uid)
+                    .where(and_(studies.c.study_uid == study_uid, self._purgeable(cutoff)))
+                    .with_for_update()
+                ).first()
+                if row is None:
+                    if count:
+                        detail = f"{count} instance(s), {size / 1e6:.1f} MB removed; the rest stays: a new instance"
+                        conn.execute(insert(events).values(at=now, study_uid=study_uid, kind="purged", detail=detail))
+                    return None
+                files = conn.execute(
+                    select(instances.c.sop_instance_uid, instances.c.path, instances.c.size)
+                    .where(instances.c.study_uid == study_uid)
+                    .limit(chunk)
+                ).all()
+                if files:
+                    remove([f[1] for f in files])
+                    conn.execute(delete(instances).where(instances.c.sop_instance_uid.in_([f[0] for f in files])))
+                    count += len(files)
+                    size += sum(int(f[2]) for f in files)
+                    continue
+                job_ids = conn.execute(select(jobs.c.id).where(jobs.c.study_uid == study_uid)).scalars().all()
+                conn.execute(
+                    update(studies).where(studies.c.study_uid == study_uid).values(state=StudyState.PURGED.value)
+                )
+                detail = f"{count} instance(s), {size / 1e6:.1f} MB removed after {keep_seconds / 86400:g} day(s)"
+                conn.execute(insert(events).values(at=now, study_uid=study_uid, kind="purged", detail=detail))
+                return Purged(study_uid, count, size, [int(j) for j in job_ids])
 
     def study_state(self, study_uid: str) -> StudyState | None:
         with self.engine.connect() as conn:

@@ -166,3 +166,32 @@ def test_a_file_that_cannot_be_deleted_holds_back_its_study_only(
     assert node.apply_retention(now=time.time() + 2 * DAY) == 1  # the next pass
     assert not (node.spool.root / stuck_uid).exists()
     assert node.store.study_state(stuck_uid) is StudyState.PURGED
+
+
+def test_a_large_study_goes_a_chunk_at_a_time_and_a_failed_chunk_resumes(
+    running_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """The job store's write lock is held for one chunk of deletions at a time (SQLite's lock holds every
+    writer); chunks already done stay done when a later one fails, and the next pass finishes the study."""
+    node = running_node(retention={"keep_days": 1})
+    study_uid, _ = finished_study(node, make_study(tmp_path / "s", 5))
+    later = time.time() + 2 * DAY
+    chunks: list[int] = []
+
+    def remove_then_fail(paths: list[str]) -> None:
+        if len(chunks) == 1:
+            raise OSError(5, "Input/output error")
+        chunks.append(len(paths))
+        node.spool.remove(paths)
+
+    with pytest.raises(OSError):
+        node.store.purge_study(study_uid, DAY, remove_then_fail, now=later, chunk=2)
+    assert chunks == [2]
+    assert len(node.store.study_instances(study_uid)) == 3
+    assert len(list((node.spool.root / study_uid).rglob("*.dcm"))) == 3  # records and files go together
+    assert node.store.study_state(study_uid) is StudyState.COMPLETE
+
+    purged = node.store.purge_study(study_uid, DAY, node.spool.remove, now=later, chunk=2)
+    assert purged is not None and purged.instances == 3
+    assert node.store.study_state(study_uid) is StudyState.PURGED
+    assert not (node.spool.root / study_uid).exists()
