@@ -245,6 +245,12 @@ def status(config: ConfigOption = None) -> None:
     if spool.exists():
         free = shutil.disk_usage(spool).free / 2**30
         out.print(f"spool {spool}: {free:.1f} GiB free (floor {settings.node.min_free_disk_mb} MB)")
+    keep = settings.retention.keep_days
+    out.print(
+        "retention: off (study files are kept)" if keep is None
+        else f"retention: study files removed {keep:g} day(s) after their last job",
+        highlight=False,
+    )
     pending = store.unfinished_jobs()
     if pending:
         oldest = min(pending, key=lambda j: j.created_at)

@@ -144,6 +144,12 @@ def test_jobs_retry_of_a_removed_study_says_to_send_it_again(
     assert "files were removed after retention.keep_days" in said and "send the study again" in said
     job = node.store.job(job_id)
     assert job is not None and job.state is JobState.FAILED
+    config.write_text(yaml.safe_dump({"node": {"data_dir": str(node.settings.node.data_dir)},
+                                      "retention": {"keep_days": 1}}))  # fmt: skip
+    status = CliRunner().invoke(app, ["status", "--config", str(config)])
+    said = " ".join(status.output.split())
+    assert status.exit_code == 0 and "studies purged │ 1" in said
+    assert "retention: study files removed 1 day(s) after their last job" in said
 
 
 def test_a_file_that_cannot_be_deleted_holds_back_its_study_only(
