@@ -393,18 +393,25 @@ def _connect_failure(
     )
 
 
-NEGOTIATION_RETRY_DELAY = 0.2  # seconds before the one retry of an association lost during negotiation
+NEGOTIATION_RETRY_DELAY = 0.2  # seconds before a retry of an association lost during negotiation (doubling)
+NEGOTIATION_ATTEMPTS = 3
 
 
 def _associate(destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]) -> _Attempt:
-    """Request an association; one quick retry when the link drops during negotiation.
+    """Request an association; quick retries when the link drops during negotiation.
 
     A peer that rejects and closes at once can reset the connection before its A-ASSOCIATE-RJ is read (seen
-    with Orthanc under load); the retry turns that into the rejection it really is.
+    with Orthanc under load: Linux drops received data that was not read yet when a reset arrives); a retry
+    turns that into the rejection it really is. One retry was not always enough: a test run under full load lost
+    the rejection twice in a row, and a wrong called AE title then looked like a transient failure.
     """
     attempt = _associate_once(destination, calling_ae, contexts)
-    if attempt.result is not None and attempt.result.state == AssociationState.ABORTED:
-        time.sleep(NEGOTIATION_RETRY_DELAY)
+    delay = NEGOTIATION_RETRY_DELAY
+    for _ in range(NEGOTIATION_ATTEMPTS - 1):
+        if attempt.result is None or attempt.result.state != AssociationState.ABORTED:
+            break
+        time.sleep(delay)
+        delay *= 2
         attempt = _associate_once(destination, calling_ae, contexts)
     return attempt
 
