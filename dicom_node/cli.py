@@ -50,6 +50,11 @@ def _store(settings: Settings) -> JobStore:
         raise typer.Exit(1) from None
 
 
+def _retention(settings: Settings) -> str:
+    keep = settings.retention.keep_days
+    return "off (study files are kept)" if keep is None else f"study files removed {keep:g} day(s) after their last job"
+
+
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -211,11 +216,7 @@ def config_check(config: ConfigOption = None) -> None:
         f"{settings.node.data_dir}\n  broker {settings.queue.broker_url}; model {settings.model.family}"
         f" ({settings.model.path or 'packaged'}) on {settings.model.device}\n"
         f"  job store {make_url(settings.store_url).render_as_string(hide_password=True)}; "
-        + (
-            "study files kept" if settings.retention.keep_days is None
-            else f"study files removed {settings.retention.keep_days:g} day(s) after their last job"
-        )
-        + "\n"
+        f"retention: {_retention(settings)}\n"
         f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
         highlight=False,
     )
@@ -245,12 +246,7 @@ def status(config: ConfigOption = None) -> None:
     if spool.exists():
         free = shutil.disk_usage(spool).free / 2**30
         out.print(f"spool {spool}: {free:.1f} GiB free (floor {settings.node.min_free_disk_mb} MB)")
-    keep = settings.retention.keep_days
-    out.print(
-        "retention: off (study files are kept)" if keep is None
-        else f"retention: study files removed {keep:g} day(s) after their last job",
-        highlight=False,
-    )
+    out.print(f"retention: {_retention(settings)}", highlight=False)
     pending = store.unfinished_jobs()
     if pending:
         oldest = min(pending, key=lambda j: j.created_at)
@@ -331,8 +327,7 @@ def jobs_show(
             out.print(f"    {r['kind']:<5} {r['sop_instance_uid']}  delivered to {r['delivered_to']}", highlight=False)
 
 
-def _move_job(config: Path | None, job_id: int, to: JobState, expect: list[JobState], verb: str, done: str) -> None:
-    store = _store(_settings(config))
+def _move_job(store: JobStore, job_id: int, to: JobState, expect: list[JobState], verb: str, done: str) -> None:
     if not store.transition(job_id, to, expect=expect, detail=f"{done} by administrator"):
         job = store.job(job_id)
         allowed = ", ".join(s.value for s in expect)
@@ -344,8 +339,7 @@ def _move_job(config: Path | None, job_id: int, to: JobState, expect: list[JobSt
 @jobs_app.command("retry")
 def jobs_retry(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
     """Run a failed or cancelled job again (same run, so the same result UIDs: the PACS overwrites)."""
-    settings = _settings(config)
-    store = _store(settings)
+    store = _store(_settings(config))
     job = store.job(job_id)
     if job is not None and store.study_state(job.study_uid) is StudyState.PURGED:
         err.print(
@@ -353,7 +347,7 @@ def jobs_retry(job_id: Annotated[int, typer.Argument()], config: ConfigOption = 
             f"retention.keep_days; send the study again from the PACS (it then runs as a new run)"
         )
         raise typer.Exit(1)
-    _move_job(config, job_id, JobState.QUEUED, [JobState.FAILED, JobState.CANCELLED], "retry", "retried")
+    _move_job(store, job_id, JobState.QUEUED, [JobState.FAILED, JobState.CANCELLED], "retry", "retried")
     out.print(f"job {job_id} queued again; the node picks it up within its reconcile period")
 
 
@@ -361,7 +355,7 @@ def jobs_retry(job_id: Annotated[int, typer.Argument()], config: ConfigOption = 
 def jobs_cancel(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
     """Cancel a job that has not been delivered yet."""
     unfinished = [JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED]
-    _move_job(config, job_id, JobState.CANCELLED, unfinished, "cancel", "cancelled")
+    _move_job(_store(_settings(config)), job_id, JobState.CANCELLED, unfinished, "cancel", "cancelled")
     out.print(f"job {job_id} cancelled")
 
 

@@ -101,11 +101,6 @@ class NodeSettings(_Section):
             )
         return self
 
-    @property
-    def tls(self) -> bool:
-        """Whether intake is DICOM TLS (PS3.15 Annex B)."""
-        return self.tls_cert_file is not None
-
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:

@@ -32,7 +32,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom.association
 import pynetdicom.dul
@@ -176,12 +176,10 @@ def make_event_driven(assoc: Association) -> None:
     reader.setblocking(False)
     writer.setblocking(False)
     dul.__class__ = _EventDrivenDUL
-    events = dul  # typed view
-    assert isinstance(events, _EventDrivenDUL)
+    events = cast(_EventDrivenDUL, dul)
     events._wake_reader, events._wake_writer = reader, writer
     assoc.__class__ = _EventDrivenAssociation
-    association = assoc
-    assert isinstance(association, _EventDrivenAssociation)
+    association = cast(_EventDrivenAssociation, assoc)
     association._ending = False
     _waking(dul.to_provider_queue, events.wake)
     _waking(dul.event_queue, events.wake)

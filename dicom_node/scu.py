@@ -401,8 +401,8 @@ def _associate(destination: DestinationSettings, calling_ae: str, contexts: list
     """Request an association; quick retries when the link drops during negotiation.
 
     A peer that rejects and closes at once can reset the connection before its A-ASSOCIATE-RJ is read (seen
-    with Orthanc under load: Linux drops received data that was not read yet when a reset arrives); a retry
-    turns that into the rejection it really is. One retry was not always enough: a test run under full load lost
+    with Orthanc under load: the reset arrives in place of the reply); a retry turns that into the rejection it
+    really is. One retry was not always enough: a test run under full load lost
     the rejection twice in a row, and a wrong called AE title then looked like a transient failure.
     """
     attempt = _associate_once(destination, calling_ae, contexts)

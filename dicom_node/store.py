@@ -385,6 +385,15 @@ def _restart_timers(conn: Connection, now: float | None, *where: Any) -> int:
     return int(conn.execute(update(studies).where(*receiving, *where).values(last_received_at=now)).rowcount)
 
 
+def _purgeable(cutoff: float) -> Any:
+    """The condition on ``studies`` of a study retention may remove: complete, no instance since ``cutoff``, and
+    every job finished before it (a job still queued, running or awaiting export keeps its study)."""
+    busy = exists().where(
+        jobs.c.study_uid == studies.c.study_uid, or_(jobs.c.state.in_(UNFINISHED), jobs.c.updated_at > cutoff)
+    )
+    return and_(studies.c.state == StudyState.COMPLETE.value, studies.c.last_received_at <= cutoff, ~busy)
+
+
 class JobStore:
     """All reads and writes of the job store; safe to share between threads of one process."""
 
@@ -660,21 +669,11 @@ class JobStore:
 
     # --- retention ------------------------------------------------------------------------------------------
 
-    def _purgeable(self, cutoff: float) -> Any:
-        """The condition on ``studies`` of a study retention may remove: complete, no instance since ``cutoff``, and
-        every job finished before it (a job still queued, running or awaiting export keeps its study)."""
-        busy = exists().where(
-            and_(jobs.c.study_uid == studies.c.study_uid, or_(jobs.c.state.in_(UNFINISHED), jobs.c.updated_at > cutoff))
-        )
-        return and_(
-            studies.c.state == StudyState.COMPLETE.value, studies.c.last_received_at <= cutoff, ~busy
-        )
-
     def studies_to_purge(self, keep_seconds: float, now: float | None = None, limit: int = 100) -> list[str]:
         now = time.time() if now is None else now
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(studies.c.study_uid).where(self._purgeable(now - keep_seconds)).limit(limit)
+                select(studies.c.study_uid).where(_purgeable(now - keep_seconds)).limit(limit)
             ).all()
         return [r[0] for r in rows]
 
@@ -703,7 +702,7 @@ class JobStore:
             with self._tx() as conn:
                 row = conn.execute(
                     select(studies.c.study_uid)
-                    .where(and_(studies.c.study_uid == study_uid, self._purgeable(cutoff)))
+                    .where(and_(studies.c.study_uid == study_uid, _purgeable(cutoff)))
                     .with_for_update()
                 ).first()
                 if row is None:
