@@ -49,6 +49,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
@@ -400,10 +401,8 @@ NEGOTIATION_ATTEMPTS = 3
 def _associate(destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]) -> _Attempt:
     """Request an association; quick retries when the link drops during negotiation.
 
-    A peer that rejects and closes at once can reset the connection before its A-ASSOCIATE-RJ is read (seen
-    with Orthanc under load: the reset arrives in place of the reply); a retry turns that into the rejection it
-    really is. One retry was not always enough: a test run under full load lost
-    the rejection twice in a row, and a wrong called AE title then looked like a transient failure.
+    A connection lost before any answer (a reset, a peer restarting) is retried twice, 0.2 s and then 0.4 s later;
+    a rejection that arrived is never retried (see :func:`_associate_once` for one that pynetdicom misses).
     """
     attempt = _associate_once(destination, calling_ae, contexts)
     delay = NEGOTIATION_RETRY_DELAY
@@ -452,23 +451,31 @@ def _associate_once(destination: DestinationSettings, calling_ae: str, contexts:
     ae.network_timeout = destination.timeout
     ae.requested_contexts = contexts
     connected: list[bool] = []
+    rejections: list[A_ASSOCIATE_RJ] = []
 
     def on_open(event: evt.Event) -> None:
         connected.append(True)
         _no_delay(event)
+
+    def on_pdu(event: evt.Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejections.append(event.pdu)
 
     assoc = ae.associate(
         address,
         destination.port,
         ae_title=destination.ae_title,
         tls_args=(tls, destination.host) if tls is not None else None,
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu)],
     )
     elapsed = time.monotonic() - started
     if assoc.is_established:
         return _Attempt(assoc, None, started)
-    if assoc.is_rejected:
-        primitive: Any = assoc.acceptor.primitive
+    if assoc.is_rejected or rejections:
+        # pynetdicom can miss a rejection that it received: when its network thread reads the A-ASSOCIATE-RJ and
+        # closes the connection (as the peer does) before the requesting thread looks, that thread sees a closed
+        # connection and aborts (seen under full CPU load against Orthanc). The PDU itself is the answer.
+        primitive: Any = assoc.acceptor.primitive if assoc.is_rejected else rejections[0].to_primitive()
         result = int(getattr(primitive, "result", RejectResult.PERMANENT))
         source = int(getattr(primitive, "result_source", 0) or 0)
         diagnostic = int(getattr(primitive, "diagnostic", 0) or 0)

@@ -7,6 +7,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -364,6 +365,64 @@ def test_peer_that_never_answers_is_a_transient_time_out(silent_server: int) -> 
 
     result = echo(destination, NODE_AET)
     assert not result.ok and result.state == AssociationState.TIMEOUT
+
+
+@pytest.fixture
+def rejecting_server() -> Iterator[int]:
+    """A TCP port whose peer reads each association request, answers A-ASSOCIATE-RJ (permanent, called AE title
+    not recognised) and closes at once, as dcmtk-based PACS do."""
+    stop = threading.Event()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(0.1)
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    peer, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with peer:
+                    peer.settimeout(5)
+                    head = peer.recv(6, socket.MSG_WAITALL)
+                    peer.recv(int.from_bytes(head[2:6], "big"), socket.MSG_WAITALL)
+                    peer.sendall(bytes([0x03, 0, 0, 0, 0, 4, 0, 0x01, 0x01, 0x07]))
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield server.getsockname()[1]
+        stop.set()
+        thread.join(5)
+
+
+def test_rejection_read_before_the_requesting_thread_looks_is_still_a_rejection(
+    rejecting_server: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under full CPU load the requesting thread may resume only after pynetdicom's network thread has read the
+    # A-ASSOCIATE-RJ and closed the connection; pynetdicom then aborts instead of reporting the rejection. The pause
+    # after the request makes that order certain.
+    from pynetdicom.acse import ACSE
+
+    send_request = ACSE.send_request
+
+    def slow_send_request(self: ACSE) -> None:
+        send_request(self)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(ACSE, "send_request", slow_send_request)
+    destination = _destination(rejecting_server, "NOTHERE")
+
+    report = send_files(destination, [corpus_file("693_UNCI.dcm")], NODE_AET)
+    result = echo(destination, NODE_AET)
+
+    assert report.outcome == Outcome.REJECTED
+    assert report.association is not None and report.association.permanent
+    assert report.reason == (
+        f"association rejected by NOTHERE@127.0.0.1:{rejecting_server}: called AE title NOTHERE not recognised "
+        "(check the destination's ae_title)"
+    )
+    assert not result.ok and result.state == AssociationState.REJECTED
 
 
 def test_peer_that_does_not_answer_a_c_store_in_time_leaves_it_transient(results: dict[str, Path]) -> None:
