@@ -21,7 +21,9 @@ Receivers:
 * ``discard``: a pynetdicom SCP built like the node's (same contexts, PDU size, time-outs, and the node's
   association tuning) whose C-STORE handler answers Success without decoding or writing anything: the upper bound
   of the node's network stack. ``discard-stockrecv`` is the same without the tuning (pynetdicom as shipped),
-  ``discard-pollreactor`` without the event-driven waits of the association threads only.
+  ``discard-pollreactor`` without the event-driven waits of the association threads only. ``discard-durable``
+  writes each data set durably (temporary file, fsync, rename, directory fsync) and does nothing else: what the
+  durability the node must give costs on its own, with no header check and no job store.
 
 All receivers announce the same maximum PDU (131072 bytes, dcmtk's largest), so ``storescu`` sends PDUs of
 the same size to each. The median of ``--runs`` runs is reported, with instances/s, MB/s and the ratios of the
@@ -488,19 +490,38 @@ def _serve_node(config: str, patches: list[str]) -> None:
     app(["serve", "--config", config])
 
 
+#: Not a patch of the node: ``discard-durable`` writes each data set as the issue requires of any receiver that
+#: answers Success (temporary file, fsync, rename, directory fsync), through the node's own spool code, and does
+#: nothing else: no header read, no job store. It is the floor that durability alone sets under the node.
+DURABLE = "durable"
+
+
 def _serve_discard(port: int, count_file: Path, patches: list[str]) -> None:
     for name in patches:
-        PATCHES[name]()
+        if name != DURABLE:
+            PATCHES[name]()
     from pynetdicom import evt
 
     from dicom_node.config import NodeSettings
-    from dicom_node.scp import build_ae, tune_association
+    from dicom_node.scp import build_ae, file_head, tune_association
+    from dicom_node.spool import Spool
 
     ae = build_ae(NodeSettings(ae_title=DiscardReceiver.aet, max_pdu=MAX_PDU, max_associations=16))
     lock = threading.Lock()
     received = [0]
+    spool = Spool(count_file.parent / "spool")
 
     def on_store(event: Any) -> int:
+        if DURABLE in patches:  # the node's own staging and commit: writeback started at once, then the syncs
+            request = event.request
+            sop_uid = str(request.AffectedSOPInstanceUID)
+            head = file_head(str(request.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax))
+            with request.DataSet.getbuffer() as body:
+                staged = spool.stage((head, body), source_ae=event.assoc.requestor.ae_title.strip())
+            try:
+                staged.commit(spool.path_for("1.2.3", "1.2.3.4", sop_uid))
+            finally:
+                staged.discard()
         with lock:
             received[0] += 1
         return 0x0000
@@ -855,9 +876,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
     receivers += [f"node-{v.strip()}" for v in args.variants.split(",") if v.strip()]
     for r in receivers:
-        if r not in ("node", "storescp", "orthanc", "discard") and r.removeprefix("discard-") not in PATCHES and (
-            r.removeprefix("node-") not in VARIANTS
-        ):
+        known = r in ("node", "storescp", "orthanc", "discard") or r.removeprefix("node-") in VARIANTS
+        if not known and r.removeprefix("discard-") not in [*PATCHES, DURABLE]:
             parser.error(f"--receivers/--variants: unknown receiver {r!r}")
     if "orthanc" in receivers and not ORTHANC.exists():
         parser.error(f"--receivers: orthanc needs {ORTHANC} (Debian package orthanc)")
