@@ -490,8 +490,8 @@ def _serve_node(config: str, patches: list[str]) -> None:
     app(["serve", "--config", config])
 
 
-#: Not a patch of the node: ``discard-durable`` writes each data set as the issue requires of any receiver that
-#: answers Success (temporary file, fsync, rename, directory fsync), through the node's own spool code, and does
+#: Not a patch of the node: ``discard-durable`` writes each data set as any receiver must before it answers
+#: Success (temporary file, fsync, rename, directory fsync), through the node's own spool code, and does
 #: nothing else: no header read, no job store. It is the floor that durability alone sets under the node.
 DURABLE = "durable"
 

@@ -470,6 +470,7 @@ def _associate_once(destination: DestinationSettings, calling_ae: str, contexts:
     )
     elapsed = time.monotonic() - started
     if assoc.is_established:
+        assoc.unbind(evt.EVT_PDU_RECV, on_pdu)  # only the negotiation's answer is of interest
         return _Attempt(assoc, None, started)
     if assoc.is_rejected or rejections:
         # pynetdicom can miss a rejection that it received: when its network thread reads the A-ASSOCIATE-RJ and
