@@ -864,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=3, help="runs per receiver and scenario (median reported)")
     parser.add_argument("--count", type=int, default=300, help="instances per run")
-    parser.add_argument("--receivers", default="node,storescp,orthanc,discard", help="comma-separated")
+    parser.add_argument("--receivers", default="node,storescp,orthanc,discard,discard-durable", help="comma-separated")
     parser.add_argument("--variants", default="", help=f"node experiments, comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--profile", type=Path, default=None, help="folder for py-spy profiles of the node")
     parser.add_argument("--breakdown", action="store_true", help="also time each handler step in-process")
