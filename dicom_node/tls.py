@@ -13,6 +13,7 @@ profile's recommendation for a network where the node cannot tell senders apart 
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 from dicom_node.config import DestinationSettings, NodeSettings
 
@@ -20,7 +21,7 @@ __all__ = ["TLSConfigError", "client_context", "server_context"]
 
 
 class TLSConfigError(ValueError):
-    """The destination's TLS files cannot be used; the message names the setting and the file."""
+    """TLS files (a destination's or the node's own) cannot be used; the message names the setting and the file."""
 
 
 def client_context(destination: DestinationSettings) -> ssl.SSLContext:
@@ -34,22 +35,27 @@ def client_context(destination: DestinationSettings) -> ssl.SSLContext:
         )
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    who = f"destination {destination.name!r}"
+    _load_ca(context, who, destination.tls_ca_file)
+    if destination.tls_cert_file is not None and destination.tls_key_file is not None:
+        _load_pair(context, who, destination.tls_cert_file, destination.tls_key_file)
+    return context
+
+
+def _load_ca(context: ssl.SSLContext, who: str, ca_file: Path) -> None:
     try:
-        context.load_verify_locations(cafile=str(destination.tls_ca_file))
+        context.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSConfigError(f"{who}: tls_ca_file {ca_file} is not a readable PEM certificate file ({exc})") from None
+
+
+def _load_pair(context: ssl.SSLContext, who: str, cert_file: Path, key_file: Path) -> None:
+    try:
+        context.load_cert_chain(str(cert_file), str(key_file))
     except (OSError, ssl.SSLError) as exc:
         raise TLSConfigError(
-            f"destination {destination.name!r}: tls_ca_file {destination.tls_ca_file} is not a readable PEM "
-            f"certificate file ({exc})"
+            f"{who}: cannot load tls_cert_file {cert_file} with tls_key_file {key_file} ({exc})"
         ) from None
-    if destination.tls_cert_file is not None and destination.tls_key_file is not None:
-        try:
-            context.load_cert_chain(str(destination.tls_cert_file), str(destination.tls_key_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise TLSConfigError(
-                f"destination {destination.name!r}: cannot load tls_cert_file {destination.tls_cert_file} "
-                f"with tls_key_file {destination.tls_key_file} ({exc})"
-            ) from None
-    return context
 
 
 def server_context(node: NodeSettings) -> ssl.SSLContext | None:
@@ -58,18 +64,8 @@ def server_context(node: NodeSettings) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(str(node.tls_cert_file), str(node.tls_key_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise TLSConfigError(
-            f"node: cannot load tls_cert_file {node.tls_cert_file} with tls_key_file {node.tls_key_file} ({exc})"
-        ) from None
+    _load_pair(context, "node", node.tls_cert_file, node.tls_key_file)
     if node.tls_ca_file is not None:
-        try:
-            context.load_verify_locations(cafile=str(node.tls_ca_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise TLSConfigError(
-                f"node: tls_ca_file {node.tls_ca_file} is not a readable PEM certificate file ({exc})"
-            ) from None
+        _load_ca(context, "node", node.tls_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
