@@ -46,6 +46,8 @@ _WANTED: dict[int, tuple[str, str]] = {
     0x00080060: ("Modality", "code"),
     0x00081030: ("StudyDescription", "text"),
     0x0008103E: ("SeriesDescription", "text"),
+    0x00100020: ("PatientID", "text"),
+    0x00100021: ("IssuerOfPatientID", "text"),
     0x00180015: ("BodyPartExamined", "code"),
     0x0020000D: ("StudyInstanceUID", "uid"),
     0x0020000E: ("SeriesInstanceUID", "uid"),

@@ -23,6 +23,7 @@ from io import BytesIO
 from threading import Lock
 from typing import Any, cast
 
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -52,7 +53,7 @@ from dicom_node.header import read_header
 from dicom_node.logs import audit, uid_hash
 from dicom_node.reactor import make_event_driven
 from dicom_node.spool import InvalidUIDError, Spool, Staged, StagingFile, check_uid
-from dicom_node.store import InstanceRecord, JobStore, describe_error
+from dicom_node.store import InstanceRecord, JobStore, PatientConflict, describe_error, patient_key
 from dicom_node.tls import server_context
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "Intake", "Status", "start_scp", "tune_association"]
@@ -81,6 +82,7 @@ class Status:
     """C-STORE / C-ECHO status codes the node answers with (PS3.4 B.2.3 and C.4.2.1.4)."""
 
     SUCCESS = 0x0000
+    PROCESSING_FAILURE = 0x0110  # Failure: Processing failure (PS3.7 C.4.1.1.4), with an Error Comment
     OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (storage: disk full, write or record failed)
     DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class
     CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (malformed, truncated, bad UIDs)
@@ -98,6 +100,8 @@ class IntakeCounters:
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
+    #: instances refused because they name another patient than their study's earlier instances
+    patient_conflicts: int = 0
     associations: int = 0
     rejected_associations: int = 0
     bytes: int = 0
@@ -211,7 +215,7 @@ class Intake:
     def on_c_echo(self, event: Any) -> int:
         return Status.SUCCESS
 
-    def on_c_store(self, event: Any) -> int:
+    def on_c_store(self, event: Any) -> int | Dataset:
         """Validate, write durably, record; answer Success only when all three are done."""
         started = time.perf_counter()
         calling = event.assoc.requestor.ae_title.strip()
@@ -224,10 +228,16 @@ class Intake:
         finally:
             self.counters.add(handled=1, handler_seconds=time.perf_counter() - started)
 
-    def _refuse(self, status: int, calling: str, sop_uid: str, why: str) -> int:
+    def _refuse(self, status: int, calling: str, sop_uid: str, why: str, comment: str = "") -> int | Dataset:
+        """Count and log a refused C-STORE; the status to answer, with ``comment`` as its Error Comment if given."""
         log.warning("C-STORE from %s refused (0x%04X) for instance %s: %s", calling, status, uid_hash(sop_uid), why)
         self.counters.add(failed=1)
-        return status
+        if not comment:
+            return status
+        answer = Dataset()
+        answer.Status = status
+        answer.ErrorComment = comment[:64]  # LO
+        return answer
 
     def _known(self, sop_uid: str) -> bool | str:
         """Whether the instance is stored already, or why the job store could not say (then no Success)."""
@@ -236,7 +246,7 @@ class Intake:
         except Exception as exc:  # the database is down or refuses: no Success without a record
             return f"job store unavailable: {describe_error(exc)}"
 
-    def _store(self, event: Any, calling: str) -> int:
+    def _store(self, event: Any, calling: str) -> int | Dataset:
         request = event.request
         data_set = request.DataSet
         # A large data set was written to .incoming while it arrived (or the write failed); None: held in memory.
@@ -277,7 +287,7 @@ class Intake:
                 cleanup.callback(staged.discard)
             return self._admit(event, calling, sop_uid, staged, body)
 
-    def _admit(self, event: Any, calling: str, sop_uid: str, staged: Staged, body: memoryview) -> int:
+    def _admit(self, event: Any, calling: str, sop_uid: str, staged: Staged, body: memoryview) -> int | Dataset:
         """Check the header, then commit the staged file and record it; returns the status to answer."""
         request = event.request
         syntax = event.context.transfer_syntax
@@ -340,9 +350,17 @@ class Intake:
             calling_ae=calling,
             path=self.spool.relative(path),
             size=size,
+            patient_key=patient_key(header.get("PatientID"), header.get("IssuerOfPatientID")),
         )
         try:
             self.store.record_instance(record, late_arrivals=self.study.late_arrivals)
+        except PatientConflict as exc:  # never part of that study: the file goes, the PACS is told why
+            self.spool.remove([record.path])
+            self.counters.add(patient_conflicts=1)
+            audit("instance_refused", calling_ae=calling, instance=uid_hash(sop_uid), study=uid_hash(study_uid),
+                  reason="patient_conflict")
+            return self._refuse(Status.PROCESSING_FAILURE, calling, sop_uid, f"study {uid_hash(study_uid)}: {exc}",
+                                comment="Patient ID differs from the study's other instances")
         except Exception as exc:  # the file is safe on disk; the peer must resend, the start-up scan records it
             why = describe_error(exc)
             log.error("instance %s written but not recorded in the job store: %s", uid_hash(sop_uid), why)

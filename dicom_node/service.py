@@ -31,7 +31,16 @@ from dicom_node.pipeline import outbox_dir, owner_gone, results_dir
 from dicom_node.rules import select_rule
 from dicom_node.scp import Intake, start_scp
 from dicom_node.spool import InvalidUIDError, Spool, check_uid
-from dicom_node.store import InstanceRecord, JobRecord, JobState, JobStore, Purged, describe_error
+from dicom_node.store import (
+    InstanceRecord,
+    JobRecord,
+    JobState,
+    JobStore,
+    PatientConflict,
+    Purged,
+    describe_error,
+    patient_key,
+)
 
 __all__ = ["Dispatcher", "Node", "RecordingDispatcher", "WorkerSupervisor"]
 
@@ -257,7 +266,13 @@ class Node:
             except (InvalidUIDError, OSError, ValueError, AttributeError) as exc:
                 log.error("spooled file %s cannot be recovered: %s", self.spool.relative(path), exc)
                 continue
-            self.store.record_instance(record, late_arrivals=self.settings.study.late_arrivals)
+            try:
+                self.store.record_instance(record, late_arrivals=self.settings.study.late_arrivals)
+            except PatientConflict as exc:
+                # Refused at intake (the node crashed before removing it): the sender was never told Success.
+                log.error("spooled file %s removed: %s", self.spool.relative(path), exc)
+                self.spool.remove([record.path])
+                continue
             recovered += 1
         if recovered:
             log.warning("recorded %d spooled instance(s) left unrecorded by an interrupted run", recovered)
@@ -278,6 +293,7 @@ class Node:
             calling_ae=self.spool.source_ae(path),
             path=self.spool.relative(path),
             size=path.stat().st_size,
+            patient_key=patient_key(ds.get("PatientID"), ds.get("IssuerOfPatientID")),
         )
 
     def reconcile(self, startup: bool = False, now: float | None = None) -> int:

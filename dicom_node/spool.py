@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dicom_node.logs import uid_hash
+
 __all__ = [
     "SOURCE_AE_ATTRIBUTE",
     "InvalidUIDError",
@@ -44,8 +46,9 @@ def check_uid(value: object, what: str) -> str:
     """``value`` as a UID string, or :class:`InvalidUIDError` naming ``what`` and the offending value."""
     text = str(value or "").strip().rstrip("\x00")
     if not text or len(text) > 64 or not _UID_LENIENT.match(text):
-        shown = text if len(text) <= 80 else text[:77] + "..."
-        raise InvalidUIDError(f"{what} is not a valid UID (digits and dots, 1 to 64 characters): {shown!r}")
+        # The message reaches logs: the value is shown as its hash (a peer's bad UID can carry anything).
+        shown = f"{len(text)} characters, hash {uid_hash(text)}" if text else "empty"
+        raise InvalidUIDError(f"{what} is not a valid UID (digits and dots, 1 to 64 characters): {shown}")
     return text
 
 

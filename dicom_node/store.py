@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import json
 import logging
 import threading
@@ -50,6 +51,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    inspect,
     or_,
     select,
     update,
@@ -62,11 +64,13 @@ __all__ = [
     "JobRecord",
     "JobState",
     "JobStore",
+    "PatientConflict",
     "Purged",
     "StoreUnavailable",
     "StudyState",
     "describe_error",
     "is_unreachable",
+    "patient_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,23 @@ log = logging.getLogger(__name__)
 _RECORD_ATTEMPTS = 4  # an intake record that met another writer's row is tried again (see record_instance)
 _SCHEMA_LOCK = 0x44494E4F  # PostgreSQL advisory lock key of the schema set-up (any fixed number)
 _PURGE_CHUNK = 64  # files retention deletes per transaction (see purge_study)
+
+
+class PatientConflict(ValueError):
+    """An instance names another patient than the study it belongs to (DESIGN invariant 10): never recorded."""
+
+    def __init__(self, study_uid: str) -> None:
+        super().__init__("Patient ID or Issuer of Patient ID differs from the study's earlier instances")
+        self.study_uid = study_uid
+
+
+def patient_key(patient_id: object, issuer: object) -> str:
+    """A stand-in for a patient's identity, to compare instances without keeping the ID itself: a hash of Patient ID
+    (0010,0020) and Issuer of Patient ID (0010,0021), each stripped of padding. Absent values count as empty, so a
+    study whose instances all lack a Patient ID is one patient, and one that lacks it beside one that has it is not.
+    """
+    text = f"{'' if issuer is None else str(issuer).strip()}\x00{'' if patient_id is None else str(patient_id).strip()}"
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
 
 
 class StoreUnavailable(RuntimeError):
@@ -147,6 +168,7 @@ instances = Table(
     Column("study_description", String(128), nullable=False, default=""),
     Column("series_description", String(128), nullable=False, default=""),
     Column("calling_ae", String(16), nullable=False, default=""),
+    Column("patient_key", String(32), nullable=True),
     Column("path", Text, nullable=False),
     Column("size", Integer, nullable=False),
     Column("run", Integer, nullable=False),
@@ -163,6 +185,8 @@ studies = Table(
     Column("last_received_at", Float, nullable=False),
     Column("runs", Integer, nullable=False, default=0),
     Column("calling_ae", String(16), nullable=False, default=""),
+    # The patient of the study's first instance (see patient_key); every later instance must carry the same.
+    Column("patient_key", String(32), nullable=True),
     Index("ix_studies_state", "state"),
 )
 
@@ -240,6 +264,8 @@ class InstanceRecord:
     calling_ae: str
     path: str
     size: int
+    #: :func:`patient_key` of the instance; "" for records written before the node compared patients.
+    patient_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -346,7 +372,9 @@ class _RecordSQL:
         # FOR UPDATE: PostgreSQL's transactions run side by side, and the study row is what an assembler closing the
         # window and a writer extending it must take turns on (SQLite's BEGIN IMMEDIATE already serialises them).
         self.study = prepared(
-            select(studies.c.state, studies.c.runs).where(studies.c.study_uid == study).with_for_update()
+            select(studies.c.state, studies.c.runs, studies.c.patient_key)
+            .where(studies.c.study_uid == study)
+            .with_for_update()
         )
         self.add_study = prepared(
             insert(studies).values(
@@ -356,7 +384,12 @@ class _RecordSQL:
                 last_received_at=now,
                 runs=0,
                 calling_ae=bindparam("calling_ae"),
+                patient_key=bindparam("patient_key"),
             )
+        )
+        # A study recorded before the node compared patients adopts the patient of its next instance.
+        self.adopt_patient = prepared(
+            update(studies).where(studies.c.study_uid == study).values(patient_key=bindparam("patient_key"))
         )
         self.touch_study = prepared(update(studies).where(studies.c.study_uid == study).values(last_received_at=now))
         self.reopen_study = prepared(
@@ -376,6 +409,18 @@ class _RecordSQL:
             .union_all(select(results.c.sop_instance_uid).where(results.c.sop_instance_uid == sop))
             .limit(1)
         )
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Columns that later versions added to existing tables (``create_all`` creates only missing tables). Each is
+    nullable, so rows written before it stay valid."""
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have:
+                kind = column.type.compile(dialect=conn.dialect)
+                log.info("job store: adding column %s.%s (%s)", table.name, column.name, kind)
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
 
 
 def _restart_timers(conn: Connection, now: float | None, *where: Any) -> int:
@@ -428,6 +473,7 @@ class JobStore:
                 if self.engine.dialect.name == "postgresql":
                     conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
                 metadata.create_all(conn)
+                _add_missing_columns(conn)
         except DBAPIError as exc:
             self.close()
             where = make_url(self.url).render_as_string(hide_password=True)
@@ -553,11 +599,21 @@ class JobStore:
         if row is None:
             cur.execute(
                 q.add_study.sql,
-                q.add_study.params(study=study, state=StudyState.RECEIVING.value, now=now, calling_ae=rec.calling_ae),
+                q.add_study.params(
+                    study=study,
+                    state=StudyState.RECEIVING.value,
+                    now=now,
+                    calling_ae=rec.calling_ae,
+                    patient_key=rec.patient_key or None,
+                ),
             )
             cur.execute(q.add_event.sql, q.add_event.params(at=now, study=study, kind="received", detail=""))
             return 1
-        state, runs = row[0], row[1]
+        state, runs, known_patient = row[0], row[1], row[2]
+        if rec.patient_key and known_patient and known_patient != rec.patient_key:
+            raise PatientConflict(study)
+        if rec.patient_key and not known_patient:
+            cur.execute(q.adopt_patient.sql, q.adopt_patient.params(study=study, patient_key=rec.patient_key))
         if state == StudyState.RECEIVING.value:
             cur.execute(q.touch_study.sql, q.touch_study.params(study=study, now=now))
             return int(runs) + 1

@@ -1,0 +1,151 @@
+"""A hostile or broken PACS: what the node answers, what it records, and what it never does.
+
+Each test here reproduces a defect found by treating the node as a hostile peer would, with real associations
+(dcmtk, pynetdicom) or raw sockets where no DICOM toolkit would send such bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from dicom_node.logs import AUDIT_LOGGER
+from dicom_node.scp import Status
+from dicom_node.service import Node
+from dicom_node.store import InstanceRecord, JobStore, PatientConflict, patient_key
+from tests.conftest import make_study
+
+pytestmark = pytest.mark.integration
+
+
+def _store_files(port: int, files: list[Path], calling: str = "PACS") -> list[pydicom.Dataset]:
+    """C-STORE each file over one association; the response of each (Status, Error Comment)."""
+    ae = AE(ae_title=calling)
+    for path in files:
+        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(path) for path in files]
+    finally:
+        assoc.release()
+
+
+@pytest.fixture
+def audited(caplog: pytest.LogCaptureFixture) -> Callable[[str], list[dict[str, object]]]:
+    """The audit records of one event kind written so far (the audit logger's JSON lines)."""
+    caplog.set_level(logging.INFO, logger=AUDIT_LOGGER)
+
+    def records(event: str) -> list[dict[str, object]]:
+        found = [json.loads(r.getMessage()) for r in caplog.records if r.name == AUDIT_LOGGER]
+        return [r for r in found if r["event"] == event]
+
+    return records
+
+
+def _with_patient(files: list[Path], patient_id: str, issuer: str | None = None) -> None:
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PatientID = patient_id
+        if issuer is not None:
+            ds.IssuerOfPatientID = issuer
+        ds.save_as(path, enforce_file_format=True)
+
+
+# --- one patient per study ------------------------------------------------------------------------------------
+
+
+def test_instances_of_another_patient_in_a_study_are_refused_and_never_recorded(
+    running_node: Callable[..., Node], tmp_path: Path, audited: Callable[[str], list[dict[str, object]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    node = running_node(study={"stable_seconds": 60})
+    study_uid = generate_uid()
+    first = make_study(tmp_path / "a", 3, study_uid=study_uid)
+    second = make_study(tmp_path / "b", 3, study_uid=study_uid)
+    _with_patient(first, "SYNTH-A")
+    _with_patient(second, "SYNTH-B")
+
+    answers = _store_files(node.port, first + second)
+
+    assert [int(a.Status) for a in answers[:3]] == [Status.SUCCESS] * 3
+    for refused in answers[3:]:
+        assert int(refused.Status) == Status.PROCESSING_FAILURE
+        assert "Patient ID differs" in str(refused.ErrorComment)
+    recorded = node.store.study_instances(study_uid)
+    assert sorted(r.sop_instance_uid for r in recorded) == sorted(pydicom.dcmread(f).SOPInstanceUID for f in first)
+    assert len(list(node.spool.root.rglob("*.dcm"))) == 3, "the refused instances' files are gone"
+    assert node.intake.counters.patient_conflicts == 3
+    refusals = audited("instance_refused")
+    assert len(refusals) == 3 and {r["reason"] for r in refusals} == {"patient_conflict"}
+    assert "SYNTH-" not in caplog.text, "no Patient ID in the log or the audit trail"
+
+
+def test_the_issuer_of_patient_id_is_part_of_the_patient(running_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = running_node(study={"stable_seconds": 60})
+    study_uid = generate_uid()
+    first = make_study(tmp_path / "a", 1, study_uid=study_uid)
+    second = make_study(tmp_path / "b", 1, study_uid=study_uid)
+    _with_patient(first, "SYNTH-1", issuer="HOSPITAL-A")
+    _with_patient(second, "SYNTH-1", issuer="HOSPITAL-B")
+    answers = _store_files(node.port, first + second)
+    assert [int(a.Status) for a in answers] == [Status.SUCCESS, Status.PROCESSING_FAILURE]
+
+
+def test_a_late_instance_of_another_patient_does_not_reopen_a_finished_study(
+    running_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = running_node(study={"stable_seconds": 0.5})
+    study_uid = generate_uid()
+    first = make_study(tmp_path / "a", 2, study_uid=study_uid)
+    _with_patient(first, "SYNTH-A")
+    assert [int(a.Status) for a in _store_files(node.port, first)] == [Status.SUCCESS] * 2
+    node.complete_study(study_uid)
+    late = make_study(tmp_path / "b", 1, study_uid=study_uid)
+    _with_patient(late, "SYNTH-B")
+    assert int(_store_files(node.port, late)[0].Status) == Status.PROCESSING_FAILURE
+    assert len(node.store.list_jobs()) == 1, "no new run for the refused instance"
+
+
+def test_a_store_made_before_patients_were_compared_gains_the_column_and_adopts_the_next_patient(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    JobStore(url).close()
+    with sqlite3.connect(tmp_path / "jobs.sqlite") as db:  # the tables as an older node left them
+        db.execute("ALTER TABLE studies DROP COLUMN patient_key")
+        db.execute("ALTER TABLE instances DROP COLUMN patient_key")
+        db.execute(
+            "INSERT INTO studies (study_uid, state, window_started_at, last_received_at, runs, calling_ae) "
+            "VALUES ('1.2.3', 'receiving', 0, 0, 0, 'PACS')"
+        )
+    store = JobStore(url)
+
+    def record(sop: str, patient: str) -> InstanceRecord:
+        return InstanceRecord(
+            sop_instance_uid=sop, study_uid="1.2.3", series_uid="1.2.3.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+            transfer_syntax="1.2.840.10008.1.2.1", modality="OT", body_part="", study_description="",
+            series_description="", calling_ae="PACS", path=f"x/{sop}.dcm", size=1, patient_key=patient_key(patient, ""),
+        )
+
+    assert store.record_instance(record("1.2.3.1.1", "SYNTH-A"))
+    with pytest.raises(PatientConflict):
+        store.record_instance(record("1.2.3.1.2", "SYNTH-B"))
+    store.close()
+
+
+def test_patient_key_treats_absent_and_empty_alike_and_tells_ids_apart() -> None:
+    assert patient_key(None, None) == patient_key("", " ")
+    assert patient_key("A ", None) == patient_key("A", "")
+    assert patient_key("A", None) != patient_key("B", None)
+    assert patient_key("A", "X") != patient_key("A", "Y")
+    assert patient_key(None, None) != patient_key("A", None)
