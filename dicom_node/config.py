@@ -75,8 +75,14 @@ class NodeSettings(_Section):
     data_dir: Path = Path("./var")
     allowed_calling_aets: list[str] = Field(default_factory=list, description="empty: any calling AE title")
     allowed_hosts: list[str] = Field(default_factory=list, description="IP addresses or networks; empty: any")
-    max_associations: int = Field(16, ge=1, le=512)
-    max_pdu: int = Field(131072, ge=0, description="largest P-DATA PDU we accept; 0 means unlimited")
+    max_associations: int = Field(16, ge=1, le=512, description="established associations at once")
+    max_pending_per_host: int = Field(
+        8, ge=1, le=512,
+        description="connections from one address not yet established (each ends within acse_timeout)",
+    )
+    max_pdu: int = Field(
+        131072, ge=0, description="largest P-DATA PDU we accept; 0: up to 64 MiB (larger aborts the association)"
+    )
     acse_timeout: float = Field(30, gt=0)
     dimse_timeout: float = Field(60, gt=0)
     network_timeout: float = Field(120, gt=0)

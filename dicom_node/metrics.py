@@ -44,6 +44,18 @@ class NodeCollector(Collector):
         assoc.add_metric(["accepted"], c.associations)
         assoc.add_metric(["rejected"], c.rejected_associations)
         yield assoc
+        refused = CounterMetricFamily(
+            "dicom_node_association_refusals",
+            "connections and associations refused, by reason (no_request: closed before asking, e.g. port checks)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.node.intake.refusals.by_reason.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        yield CounterMetricFamily(
+            "dicom_node_patient_conflicts", "instances refused because their patient differs from their study's",
+            value=c.patient_conflicts,
+        )
         yield GaugeMetricFamily(
             "dicom_node_spool_free_bytes", "free space where the spool lives", value=self.node.spool.free_bytes()
         )

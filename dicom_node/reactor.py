@@ -39,10 +39,14 @@ import pynetdicom.dul
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
+from dicom_node.transport import guard_of
+
 __all__ = ["IDLE_WAIT", "make_event_driven"]
 
 #: Longest wait of a reactor thread with nothing to wake it: how late it may notice an expired timer.
 IDLE_WAIT = 0.05
+#: How often an accepted connection waiting for its association request checks whether it has ended.
+_ENDED_CHECK = 0.1
 
 
 class _ReactorTime:
@@ -154,6 +158,26 @@ class _EventDrivenDUL(DULServiceProvider):
         if self._wake_reader in ready:
             with contextlib.suppress(OSError):
                 self._wake_reader.recv(4096)
+
+    def receive_pdu(self, wait: bool = False, timeout: float | None = None) -> Any:
+        """As pynetdicom's, except that an accepted connection waiting for its A-ASSOCIATE-RQ stops waiting as soon
+        as the connection has ended (closed, refused or gone silent past its deadline), instead of holding its
+        association thread, and a place under the node's connection limits, for the rest of the ACSE time-out."""
+        assoc = self.assoc
+        if not wait or timeout is None or assoc.is_established or not assoc.is_acceptor:
+            return super().receive_pdu(wait, timeout)
+        deadline = time.monotonic() + timeout
+        guard = guard_of(assoc)
+        while True:
+            remaining = deadline - time.monotonic()
+            primitive = super().receive_pdu(wait=True, timeout=max(0.0, min(remaining, _ENDED_CHECK)))
+            if primitive is not None:
+                return primitive
+            ended = guard is not None and guard.ended
+            if remaining <= _ENDED_CHECK or ended or not self.is_alive():
+                if guard is not None:
+                    guard.unrequested()
+                return None
 
     def run(self) -> None:
         try:

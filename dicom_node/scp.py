@@ -17,6 +17,7 @@ import ssl
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -46,7 +47,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeSettings, StudySettings
 from dicom_node.header import read_header
@@ -55,6 +56,7 @@ from dicom_node.reactor import make_event_driven
 from dicom_node.spool import InvalidUIDError, Spool, Staged, StagingFile, check_uid
 from dicom_node.store import InstanceRecord, JobStore, PatientConflict, describe_error, patient_key
 from dicom_node.tls import server_context
+from dicom_node.transport import ConnectionGuard, guard_of, install_guard, quiet_refused_threads
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "Intake", "Status", "start_scp", "tune_association"]
 
@@ -88,8 +90,6 @@ class Status:
     CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (malformed, truncated, bad UIDs)
 
 
-# A-ASSOCIATE-RJ (result, source, diagnostic): rejected-permanent, service-user, calling AE title not recognised.
-_REJECT_CALLING_NOT_RECOGNISED = (0x01, 0x01, 0x03)
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -136,27 +136,89 @@ class AccessPolicy:
         return None
 
 
-class _PolicyACSE(ACSE):
-    """ACSE that refuses associations the :class:`AccessPolicy` does not allow, with a proper A-ASSOCIATE-RJ."""
+class Refusals:
+    """Every refused connection and association: counted by reason, audited, and logged at most once a minute per
+    source address and reason, with the count of those not logged (a peer that retries in a loop floods nothing).
 
-    def __init__(self, assoc: Association, policy: AccessPolicy, counters: IntakeCounters) -> None:
-        super().__init__(assoc)
-        self._policy = policy
+    Reasons: ``called_ae``, ``application_context``, ``not_allowed`` (allow-lists), ``association_limit``,
+    ``pending_limit`` (too many connections still negotiating), ``garbage``, ``pdu_too_large``, ``acse_timeout``,
+    ``stalled``, ``tls_handshake``, and ``no_request`` (closed before asking for an association: port checks,
+    logged at INFO and not counted as a rejected association).
+    """
+
+    LOG_EVERY = 60.0
+
+    def __init__(self, counters: IntakeCounters) -> None:
         self._counters = counters
+        self._lock = Lock()
+        self.by_reason: Counter[str] = Counter()
+        self._logged: dict[tuple[str, str], list[float]] = {}  # (address, reason:kind) -> [logged at, unlogged]
+
+    def record(self, reason: str, address: str, detail: str, calling_ae: str = "", kind: str = "") -> None:
+        """``kind``: a finer reason whose lines are limited apart (the TLS library's reason, say)."""
+        now = time.monotonic()
+        with self._lock:
+            self.by_reason[reason] += 1
+            key = (address, f"{reason}:{kind}")
+            entry = self._logged.get(key)
+            if entry is not None and now - entry[0] < self.LOG_EVERY:
+                entry[1] += 1
+                unlogged = None
+            else:
+                unlogged = 0 if entry is None else int(entry[1])
+                if len(self._logged) >= 4096:  # bounded whatever the number of sources
+                    self._logged = {k: v for k, v in self._logged.items() if now - v[0] < self.LOG_EVERY}
+                self._logged[key] = [now, 0]
+        if reason != "no_request":
+            self._counters.add(rejected_associations=1)
+        audit("association_rejected", address=address, calling_ae=calling_ae, reason=reason, detail=detail)
+        if unlogged is not None:
+            more = f" (and {unlogged} more from {address} for this reason in the last minute)" if unlogged else ""
+            level = logging.INFO if reason == "no_request" else logging.WARNING
+            who = f"{address} ({calling_ae})" if calling_ae else address
+            log.log(level, "connection from %s refused, %s: %s%s", who, reason, detail, more)
+
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4: permanent rejections by the service user, and the
+# transient one of the service provider for a local limit.
+_RJ_CONTEXT_NAME = (0x01, 0x01, 0x02)  # application-context-name-not-supported
+_RJ_CALLING = (0x01, 0x01, 0x03)  # calling-AE-title-not-recognized
+_RJ_CALLED = (0x01, 0x01, 0x07)  # called-AE-title-not-recognized
+_RJ_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, local-limit-exceeded
+#: The DICOM Application Context Name (PS3.7 A.2.1): the only one a DICOM peer may propose.
+_DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+#: pynetdicom's own association limit, which counts every connection's thread, established or not; the node's
+#: limit (established associations only) is applied by :class:`_PolicyACSE`.
+_PYNETDICOM_NO_LIMIT = 1_000_000
+
+
+def _printable_ae(raw: bytes) -> bool:
+    """An AE title field as sent: the default character repertoire without backslash (PS3.5 6.2); trailing NULs,
+    which some peers pad with, are tolerated."""
+    return all(0x20 <= b <= 0x7E and b != 0x5C for b in raw.rstrip(b"\x00"))
+
+
+class _PolicyACSE(ACSE):
+    """ACSE that checks an association request before pynetdicom negotiates its contexts, and refuses it with a
+    proper A-ASSOCIATE-RJ, recorded with its reason (see :meth:`Intake.association_refusal`)."""
+
+    def __init__(self, assoc: Association, intake: Intake) -> None:
+        super().__init__(assoc)
+        self._intake = intake
 
     def _negotiate_as_acceptor(self) -> None:
-        primitive = self.requestor.primitive
-        calling = str(getattr(primitive, "calling_ae_title", "") or "")
-        address = self.assoc.requestor.address
-        why = self._policy.refusal(address, calling)
-        if why is None:
+        refusal = self._intake.association_refusal(self.assoc, self.requestor.primitive)
+        if refusal is None:
             super()._negotiate_as_acceptor()
             return
-        log.warning("association from %s (%s) rejected: %s", address, calling.strip(), why)
-        audit("association_rejected", address=address, calling_ae=calling.strip(), reason=why)
-        self._counters.add(rejected_associations=1)
+        reason, detail, rsd = refusal
+        calling = str(getattr(self.requestor.primitive, "calling_ae_title", "") or "").strip()
+        self._intake.refusals.record(reason, self.assoc.requestor.address, detail, calling_ae=calling)
+        guard = guard_of(self.assoc)
+        if guard is not None:
+            guard.refusal = reason
         self.requestor.ae_title = calling
-        self.send_reject(*_REJECT_CALLING_NOT_RECOGNISED)
+        self.send_reject(*rsd)
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
 
@@ -206,6 +268,7 @@ class Intake:
         self.spool = spool
         self.store = store
         self.counters = IntakeCounters()
+        self.refusals = Refusals(self.counters)
         self.policy = AccessPolicy(node)
         self._on_stored = on_stored
         self._min_free = node.min_free_disk_mb * 1024 * 1024
@@ -373,10 +436,46 @@ class Intake:
 
     # --- association events (audit) ----------------------------------------------------------------------------
 
+    def association_refusal(self, assoc: Association, request: Any) -> tuple[str, str, tuple[int, int, int]] | None:
+        """Why an association request is refused (reason, detail, A-ASSOCIATE-RJ result/source/diagnostic), or
+        None: the called AE title exactly as sent, the application context, the allow-lists, and the association
+        limit, which counts established associations only."""
+        guard = guard_of(assoc)
+        raw = guard.called_ae_raw if guard is not None else None
+        if raw is not None and not _printable_ae(raw):
+            return "called_ae", f"called AE title {raw!r} has characters an AE title cannot have", _RJ_CALLED
+        called = str(getattr(request, "called_ae_title", "") or "").strip()
+        if called != self.node.ae_title.strip():
+            return "called_ae", f"called AE title {called!r} is not {self.node.ae_title!r}", _RJ_CALLED
+        context = str(getattr(request, "application_context_name", "") or "")
+        if context != _DICOM_APPLICATION_CONTEXT:
+            return "application_context", f"application context {context[:64]!r} is not DICOM's", _RJ_CONTEXT_NAME
+        calling = str(getattr(request, "calling_ae_title", "") or "")
+        why = self.policy.refusal(assoc.requestor.address, calling)
+        if why is not None:
+            return "not_allowed", why, _RJ_CALLING
+        established = sum(
+            1 for a in assoc.ae.active_associations if a.is_acceptor and a.is_established and a is not assoc
+        )
+        if established >= self.node.max_associations:
+            return "association_limit", f"{established} associations already (node.max_associations)", _RJ_LIMIT
+        return None
+
+    def guard_for(self, address: str) -> ConnectionGuard:
+        """The bounds of a new connection from ``address``."""
+        node = self.node
+        return ConnectionGuard(
+            address=address,
+            max_pdu=node.max_pdu,
+            acse_timeout=node.acse_timeout,
+            network_timeout=node.network_timeout,
+            on_refusal=lambda guard, reason, detail: self.refusals.record(reason, guard.address, detail),
+        )
+
     def on_conn_open(self, event: Any) -> None:
         assoc = event.assoc
-        tune_association(assoc)
-        assoc.acse = _PolicyACSE(assoc, self.policy, self.counters)
+        tune_association(assoc, self.guard_for(assoc.requestor.address))
+        assoc.acse = _PolicyACSE(assoc, self)
         if type(assoc.dimse) is DIMSEServiceProvider:  # large C-STORE data sets go to the spool as they arrive
             assoc.dimse.__class__ = _SpoolingDIMSE
             cast(_SpoolingDIMSE, assoc.dimse).spool = self.spool
@@ -502,54 +601,25 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
             message.data_set.discard()
 
 
-#: Linux's TCP_QUICKACK (None elsewhere): acknowledge received data at once instead of after up to 40 ms.
-_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-
-
-class _BulkRecvSocket(AssociationSocket):
-    """An association socket that reads a PDU with ``recv_into`` straight into one buffer, and acknowledges it at
-    once.
-
-    pynetdicom's own ``recv`` reads in 4096-byte pieces and appends each to the result: for the 128 KiB PDUs the
-    node announces, 32 system calls and copies per PDU, on the association's critical path.
-
-    A sender with Nagle's algorithm on (dcmtk's ``storescu`` by default, and the PACS built on dcmtk) holds the
-    short last segment of a PDU until its earlier segments are acknowledged, while Linux may delay that
-    acknowledgement by 40 ms. Whether the two meet depends on when the receiver reads: with the reactor waking as
-    soon as data arrives (:mod:`dicom_node.reactor`) they met on one C-STORE in 40 to 60, each a 40 ms stall (300
-    CT instances over one association: 1.5 to 1.9 s instead of 0.8 to 0.9 s). Re-arming quick acknowledgements
-    after each read (the kernel drops back to delayed ones by itself) removes the stalls.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        sock = cast(socket.socket, self.socket)
-        buffer = bytearray(nr_bytes)
-        read = 0
-        with memoryview(buffer) as view:
-            while read < nr_bytes:
-                got = sock.recv_into(view[read:], nr_bytes - read)
-                if not got:  # connection closed: return what arrived, as pynetdicom does
-                    break
-                read += got
-        if read < nr_bytes:
-            del buffer[read:]
-        if _QUICKACK is not None:
-            with contextlib.suppress(OSError):  # the connection is gone: the next read reports it
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        return buffer
-
-
 def _drop_unfinished(assoc: Association) -> None:
     """Remove the staged file of a transfer the association ended in the middle of (its peer got no Success)."""
     if isinstance(assoc.dimse, _SpoolingDIMSE):
         assoc.dimse.drop_unfinished()
 
 
-def tune_association(assoc: Association) -> None:
-    """Network tuning for one accepted association (called on EVT_CONN_OPEN, before its threads start)."""
-    sock = assoc.dul.socket
-    if type(sock) is AssociationSocket:
-        sock.__class__ = _BulkRecvSocket
+def tune_association(assoc: Association, guard: ConnectionGuard | None = None) -> None:
+    """Bounds and network tuning for one accepted association (on EVT_CONN_OPEN, before its threads start):
+    reads within ``guard``'s limits (by default, the association's own timeouts and maximum PDU, refusals unrecorded)
+    and reactor threads that wait for work."""
+    if guard is None:
+        guard = ConnectionGuard(
+            address=assoc.requestor.address,
+            max_pdu=assoc.ae.maximum_pdu_size,
+            acse_timeout=float(assoc.acse_timeout or 30),
+            network_timeout=float(assoc.network_timeout or 60),
+            on_refusal=lambda *_: None,
+        )
+    install_guard(assoc, guard)
     make_event_driven(assoc)
 
 
@@ -580,6 +650,28 @@ class _IntakeServer(ThreadedAssociationServer):
     tls: ssl.SSLContext | None = None
     intake: Intake
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Whether to serve a new connection: no more than ``node.max_pending_per_host`` connections from one
+        address, and twice ``node.max_associations`` from all, may be negotiating at once (each ends within
+        ``node.acse_timeout``), so that hosts that connect and stall cannot take every place. A connection refused
+        here is closed at once (there is no association to reject yet) and recorded."""
+        address = str(client_address[0])
+        node = self.intake.node
+        pending = [
+            a.requestor.address
+            for a in self.ae.active_associations
+            if a.is_acceptor and not (a.is_established or a.is_released or a.is_aborted or a.is_rejected)
+        ]
+        from_host = sum(1 for a in pending if a == address)
+        if from_host >= node.max_pending_per_host:
+            why = f"{from_host} connections from this address are still negotiating (node.max_pending_per_host)"
+        elif len(pending) >= 2 * node.max_associations:
+            why = f"{len(pending)} connections are still negotiating (twice node.max_associations)"
+        else:
+            return True
+        self.intake.refusals.record("pending_limit", address, why)
+        return False
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         if self.tls is not None:
             request = self._handshake(request, client_address)
@@ -599,7 +691,7 @@ class _IntakeServer(ThreadedAssociationServer):
             except ConnectionResetError:
                 began = False
             if not began:  # closed before its first byte: a port check (monitoring, a load balancer), not a peer
-                log.info("connection from %s closed before its TLS handshake began", address)
+                self.intake.refusals.record("no_request", address, "closed before its TLS handshake began")
                 raw.close()
                 return None
             conn = secure = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
@@ -607,9 +699,8 @@ class _IntakeServer(ThreadedAssociationServer):
             secure.settimeout(timeout)
         except OSError as exc:  # ssl.SSLError, a time-out or a reset: no association, the next connection is served
             why = _handshake_failure(exc)
-            log.warning("TLS handshake with %s failed: %s", address, why)
-            audit("association_rejected", address=address, calling_ae="", reason=f"TLS handshake failed: {why}")
-            self.intake.counters.add(rejected_associations=1)
+            kind = str(getattr(exc, "reason", None) or type(exc).__name__)
+            self.intake.refusals.record("tls_handshake", address, f"TLS handshake failed: {why}", kind=kind)
             with contextlib.suppress(OSError):
                 conn.close()
             return None
@@ -642,6 +733,11 @@ def start_scp(intake: Intake) -> ThreadedAssociationServer:
     :class:`dicom_node.tls.TLSConfigError` when ``node.tls_*`` names a file that cannot be used."""
     tls = server_context(intake.node)
     ae = build_ae(intake.node)
+    # The called AE title and the association limit are checked by _PolicyACSE, which records each refusal and
+    # counts established associations only.
+    ae.require_called_aet = False
+    ae.maximum_associations = _PYNETDICOM_NO_LIMIT
+    quiet_refused_threads()
     handlers: list[Any] = [
         (evt.EVT_C_STORE, intake.on_c_store),
         (evt.EVT_C_ECHO, intake.on_c_echo),

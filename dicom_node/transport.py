@@ -1,0 +1,231 @@
+"""The socket of each accepted association: bounded reads, deadlines, and fast PDU reads.
+
+pynetdicom reads a PDU as its 6-byte header, then as many bytes as the header's length field claims, into one buffer
+allocated up front, with no deadline once the first byte has arrived. A peer could so make the node allocate 4 GiB
+per PDU with a 10-byte message, or hold a connection (and a slot) open for ever by trickling an A-ASSOCIATE-RQ one
+byte at a time. :class:`GuardedSocket` reads the same way, with these bounds:
+
+* **PDU length.** A P-DATA-TF PDU may be as long as the maximum the node announced (``node.max_pdu``, plus the
+  header's 6 bytes; 64 MiB when it announced no maximum); any other PDU 1 MiB (an A-ASSOCIATE-RQ with hundreds of
+  presentation contexts and a user identity token is a few tens of KiB). A longer claim is refused before anything
+  is allocated: the peer gets an A-ABORT and the connection is closed. A PDU type that does not exist is refused the
+  same way.
+* **Deadlines.** Until the association is established, every read shares one deadline: ``node.acse_timeout`` from
+  the moment the connection was accepted. Afterwards, each read of a PDU that has begun to arrive must make progress
+  within ``node.network_timeout``. (A connection that sends nothing at all is ended by pynetdicom's own ARTIM and
+  idle timers.)
+
+Each refusal is reported once to the connection's :class:`ConnectionGuard` (reason, detail), which the intake
+records; pynetdicom then sees a closed connection and ends the association its usual way, with no log lines of its
+own for the refused connection (see :func:`quiet_refused_threads`).
+
+Also, for speed: a PDU is read with ``recv_into`` straight into its buffer (pynetdicom reads 4096-byte pieces and
+appends each), and quick acknowledgements are re-armed after each read (see :meth:`GuardedSocket.recv`).
+
+This module and :mod:`dicom_node.reactor` hold the code that relies on pynetdicom's private API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
+
+__all__ = [
+    "MAX_OTHER_PDU",
+    "MAX_UNANNOUNCED_PDU",
+    "ConnectionGuard",
+    "GuardedSocket",
+    "guard_of",
+    "install_guard",
+    "quiet_refused_threads",
+]
+
+#: Longest PDU other than P-DATA-TF that the node reads.
+MAX_OTHER_PDU = 1024 * 1024
+#: Longest P-DATA-TF PDU read when ``node.max_pdu`` is 0 (no maximum announced).
+MAX_UNANNOUNCED_PDU = 64 * 1024 * 1024
+
+_HEADER = struct.Struct(">BBL")
+_A_ASSOCIATE_RQ, _P_DATA_TF = 0x01, 0x04
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+# A-ABORT PDU: type 7, reserved, length 4, reserved x2, source 2 (service provider), reason 6 (invalid PDU parameter
+# value) or 0 (not specified).
+_ABORT_INVALID = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06))
+
+#: Linux's TCP_QUICKACK (None elsewhere): acknowledge received data at once instead of after up to 40 ms.
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+@dataclass
+class ConnectionGuard:
+    """The limits and the story of one accepted connection."""
+
+    address: str
+    max_pdu: int
+    acse_timeout: float
+    network_timeout: float
+    #: Called once, with (guard, reason, detail), when this connection is refused.
+    on_refusal: Callable[[ConnectionGuard, str, str], None]
+    opened: float = field(default_factory=time.monotonic)
+    #: An A-ASSOCIATE-RQ header arrived.
+    requested: bool = False
+    #: The 16 bytes of the Called AE Title field of the A-ASSOCIATE-RQ as sent (pynetdicom strips them).
+    called_ae_raw: bytes | None = None
+    #: Why the connection was refused; None while it is not.
+    refusal: str | None = None
+    #: The peer closed the connection (or reset it).
+    closed: bool = False
+
+    @property
+    def ended(self) -> bool:
+        return self.closed or self.refusal is not None
+
+    def unrequested(self) -> None:
+        """The connection ended, or its time ran out, before an association was requested: recorded once, as a
+        refusal unless one was already recorded (a port check of a monitoring system or a load balancer, mostly)."""
+        if self.refusal is None and not self.requested:
+            self.refuse("no_request", "closed before requesting an association (a port check?)")
+
+    def limit(self, pdu_type: int) -> int:
+        if pdu_type != _P_DATA_TF:
+            return MAX_OTHER_PDU
+        return self.max_pdu + _HEADER.size if self.max_pdu else MAX_UNANNOUNCED_PDU
+
+    def refuse(self, reason: str, detail: str) -> None:
+        if self.refusal is None:
+            self.refusal = reason
+            setattr(threading.current_thread(), "dicom_node_refused", True)  # noqa: B010 (a thread attribute)
+            self.on_refusal(self, reason, detail)
+
+
+class GuardedSocket(AssociationSocket):
+    """An accepted association's socket that reads PDUs within the bounds of its :class:`ConnectionGuard`."""
+
+    guard: ConnectionGuard
+    _body: int | None  # the length of the PDU body to read next; None: a header comes next
+    _body_type: int
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        guard = self.guard
+        if guard.refusal is not None:
+            return bytearray()  # ended: pynetdicom sees a closed connection
+        if self._body is None and nr_bytes == _HEADER.size:
+            return self._read_header()
+        body_type, self._body = self._body_type, None
+        data = self._read(nr_bytes)
+        if body_type == _A_ASSOCIATE_RQ and len(data) >= 20:
+            guard.called_ae_raw = bytes(data[4:20])
+        return data
+
+    def _read_header(self) -> bytearray:
+        guard = self.guard
+        header = self._read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return header  # closed or timed out: pynetdicom reports the connection closed
+        pdu_type, _, length = _HEADER.unpack(header)
+        if pdu_type not in _PDU_TYPES:
+            return self._refuse("garbage", f"bytes that are no DICOM PDU (first byte 0x{pdu_type:02X})")
+        if length > guard.limit(pdu_type):
+            limit = guard.limit(pdu_type)
+            detail = f"a PDU of type 0x{pdu_type:02X} claims {length} bytes (limit {limit})"
+            return self._refuse("pdu_too_large", detail)
+        if pdu_type == _A_ASSOCIATE_RQ:
+            guard.requested = True
+        self._body, self._body_type = length, pdu_type
+        return header
+
+    def _refuse(self, reason: str, detail: str) -> bytearray:
+        self.guard.refuse(reason, detail)
+        sock = cast(socket.socket, self.socket)
+        with contextlib.suppress(OSError):
+            sock.sendall(_ABORT_INVALID)
+            sock.shutdown(socket.SHUT_RDWR)
+        return bytearray()
+
+    def _read(self, nr_bytes: int) -> bytearray:
+        """Up to ``nr_bytes`` (fewer when the peer closed, or missed a deadline: then the guard says why)."""
+        guard = self.guard
+        sock = cast(socket.socket, self.socket)
+        established = self.assoc.is_established
+        deadline = None if established else guard.opened + guard.acse_timeout
+        buffer = bytearray(nr_bytes)
+        read = 0
+        with memoryview(buffer) as view:
+            while read < nr_bytes:
+                wait = guard.network_timeout if deadline is None else deadline - time.monotonic()
+                try:
+                    if wait <= 0:
+                        raise TimeoutError
+                    sock.settimeout(wait)
+                    got = sock.recv_into(view[read:], nr_bytes - read)
+                except TimeoutError:
+                    if deadline is None:
+                        self._refuse("stalled", f"no data for {guard.network_timeout:g} s inside a PDU")
+                    else:
+                        self._refuse("acse_timeout", f"association not requested within {guard.acse_timeout:g} s")
+                    break
+                except OSError:  # reset: what arrived is returned, pynetdicom reports the connection closed
+                    guard.closed = True
+                    break
+                if not got:  # connection closed: return what arrived, as pynetdicom does
+                    guard.closed = True
+                    break
+                read += got
+        if read < nr_bytes:
+            del buffer[read:]
+        if _QUICKACK is not None:
+            # A sender with Nagle's algorithm on (dcmtk's storescu, and PACS built on dcmtk) holds the short last
+            # segment of a PDU until the earlier ones are acknowledged, while Linux may delay that acknowledgement
+            # by 40 ms; re-arming quick acknowledgements after each read removes those stalls.
+            with contextlib.suppress(OSError):  # the connection is gone: the next read reports it
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        return buffer
+
+
+def install_guard(assoc: Association, guard: ConnectionGuard) -> None:
+    """Make an accepted association's socket a :class:`GuardedSocket` (on EVT_CONN_OPEN, before its threads
+    start)."""
+    sock = assoc.dul.socket
+    if type(sock) is AssociationSocket:
+        sock.__class__ = GuardedSocket
+        guarded = cast(GuardedSocket, sock)
+        guarded.guard = guard
+        guarded._body = None
+        guarded._body_type = 0
+
+
+def guard_of(assoc: Association) -> ConnectionGuard | None:
+    sock = assoc.dul.socket
+    return sock.guard if isinstance(sock, GuardedSocket) else None
+
+
+class _RefusedThreadFilter(logging.Filter):
+    """Drops pynetdicom's log records on the thread of a connection the node refused (it logged the refusal)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(threading.current_thread(), "dicom_node_refused", False)
+
+
+_quiet = _RefusedThreadFilter()
+
+
+def quiet_refused_threads() -> None:
+    """Install the filter on pynetdicom's loggers (idempotent). A logger's filters apply to the records created on
+    it, not its children's, so each of pynetdicom's module loggers gets it."""
+    import pynetdicom  # noqa: F401 (its modules create their loggers on import)
+
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n == "pynetdicom" or n.startswith("pynetdicom.")]
+    for name in names:
+        logger = logging.getLogger(name)
+        if _quiet not in logger.filters:
+            logger.addFilter(_quiet)
