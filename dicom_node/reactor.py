@@ -46,7 +46,7 @@ __all__ = ["IDLE_WAIT", "make_event_driven"]
 #: Longest wait of a reactor thread with nothing to wake it: how late it may notice an expired timer.
 IDLE_WAIT = 0.05
 #: How often an accepted connection waiting for its association request checks whether it has ended.
-_ENDED_CHECK = 0.1
+_ENDED_CHECK = 0.02
 
 
 class _ReactorTime:

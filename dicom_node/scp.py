@@ -140,10 +140,11 @@ class Refusals:
     """Every refused connection and association: counted by reason, audited, and logged at most once a minute per
     source address and reason, with the count of those not logged (a peer that retries in a loop floods nothing).
 
-    Reasons: ``called_ae``, ``application_context``, ``not_allowed`` (allow-lists), ``association_limit``,
-    ``pending_limit`` (too many connections still negotiating), ``garbage``, ``pdu_too_large``, ``acse_timeout``,
-    ``stalled``, ``tls_handshake``, and ``no_request`` (closed before asking for an association: port checks,
-    logged at INFO and not counted as a rejected association).
+    Reasons: ``called_ae``, ``calling_ae`` (characters an AE title cannot have), ``application_context``,
+    ``not_allowed`` (allow-lists), ``association_limit``, ``pending_limit`` (too many connections still
+    negotiating), ``garbage``, ``pdu_too_large``, ``acse_timeout``, ``stalled``, ``tls_handshake``, and
+    ``no_request`` (closed before asking for an association: port checks, logged at INFO and not counted as a
+    rejected association).
     """
 
     LOG_EVERY = 60.0
@@ -190,12 +191,6 @@ _DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 #: pynetdicom's own association limit, which counts every connection's thread, established or not; the node's
 #: limit (established associations only) is applied by :class:`_PolicyACSE`.
 _PYNETDICOM_NO_LIMIT = 1_000_000
-
-
-def _printable_ae(raw: bytes) -> bool:
-    """An AE title field as sent: the default character repertoire without backslash (PS3.5 6.2); trailing NULs,
-    which some peers pad with, are tolerated."""
-    return all(0x20 <= b <= 0x7E and b != 0x5C for b in raw.rstrip(b"\x00"))
 
 
 class _PolicyACSE(ACSE):
@@ -438,12 +433,8 @@ class Intake:
 
     def association_refusal(self, assoc: Association, request: Any) -> tuple[str, str, tuple[int, int, int]] | None:
         """Why an association request is refused (reason, detail, A-ASSOCIATE-RJ result/source/diagnostic), or
-        None: the called AE title exactly as sent, the application context, the allow-lists, and the association
-        limit, which counts established associations only."""
-        guard = guard_of(assoc)
-        raw = guard.called_ae_raw if guard is not None else None
-        if raw is not None and not _printable_ae(raw):
-            return "called_ae", f"called AE title {raw!r} has characters an AE title cannot have", _RJ_CALLED
+        None: the called AE title (its characters as sent were checked by the socket), the application context,
+        the allow-lists, and the association limit, which counts established associations only."""
         called = str(getattr(request, "called_ae_title", "") or "").strip()
         if called != self.node.ae_title.strip():
             return "called_ae", f"called AE title {called!r} is not {self.node.ae_title!r}", _RJ_CALLED
@@ -639,6 +630,12 @@ def build_ae(node: NodeSettings) -> AE:
     return ae
 
 
+def max_negotiating(node: NodeSettings) -> int:
+    """How many connections, from all addresses together, may be negotiating at once: twice
+    ``node.max_associations``, at least 32 (a refused or closed connection's thread takes a moment to end)."""
+    return max(2 * node.max_associations, 32)
+
+
 class _IntakeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the DICOM TLS handshake on each connection's own thread.
 
@@ -649,12 +646,17 @@ class _IntakeServer(ThreadedAssociationServer):
 
     tls: ssl.SSLContext | None = None
     intake: Intake
+    _starting: Counter[str]
+    _starting_lock: threading.Lock
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Whether to serve a new connection: no more than ``node.max_pending_per_host`` connections from one
-        address, and twice ``node.max_associations`` from all, may be negotiating at once (each ends within
+        address, and :func:`max_negotiating` from all, may be negotiating at once (each ends within
         ``node.acse_timeout``), so that hosts that connect and stall cannot take every place. A connection refused
-        here is closed at once (there is no association to reject yet) and recorded."""
+        here is closed at once (there is no association to reject yet) and recorded.
+
+        Negotiating: association threads not yet established, and connections accepted whose thread has not
+        started its association yet (a TLS handshake, or just started)."""
         address = str(client_address[0])
         node = self.intake.node
         pending = [
@@ -662,22 +664,32 @@ class _IntakeServer(ThreadedAssociationServer):
             for a in self.ae.active_associations
             if a.is_acceptor and not (a.is_established or a.is_released or a.is_aborted or a.is_rejected)
         ]
-        from_host = sum(1 for a in pending if a == address)
-        if from_host >= node.max_pending_per_host:
-            why = f"{from_host} connections from this address are still negotiating (node.max_pending_per_host)"
-        elif len(pending) >= 2 * node.max_associations:
-            why = f"{len(pending)} connections are still negotiating (twice node.max_associations)"
-        else:
-            return True
+        with self._starting_lock:
+            from_host = sum(1 for a in pending if a == address) + self._starting[address]
+            in_all = len(pending) + self._starting.total()
+            if from_host >= node.max_pending_per_host:
+                why = f"{from_host} connections from this address are still negotiating (node.max_pending_per_host)"
+            elif in_all >= max_negotiating(node):
+                why = f"{in_all} connections are still negotiating (at most {max_negotiating(node)})"
+            else:
+                self._starting[address] += 1
+                return True
         self.intake.refusals.record("pending_limit", address, why)
         return False
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.tls is not None:
-            request = self._handshake(request, client_address)
-            if request is None:
-                return
-        super().process_request_thread(request, client_address)
+        try:
+            if self.tls is not None:
+                request = self._handshake(request, client_address)
+                if request is None:
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._starting_lock:  # its association thread (if any) now counts itself
+                address = str(client_address[0])
+                self._starting[address] -= 1
+                if self._starting[address] <= 0:
+                    del self._starting[address]
 
     def _handshake(self, raw: socket.socket, client_address: Any) -> ssl.SSLSocket | None:
         assert self.tls is not None
@@ -750,6 +762,7 @@ def start_scp(intake: Intake) -> ThreadedAssociationServer:
     server = ae.make_server((intake.node.bind, intake.node.port), evt_handlers=handlers, server_class=_IntakeServer)
     assert isinstance(server, _IntakeServer)
     server.tls, server.intake = tls, intake
+    server._starting, server._starting_lock = Counter(), threading.Lock()
     thread = threading.Thread(target=server.serve_forever, name=f"IntakeServer@{server.server_address[1]}")
     thread.daemon = True
     thread.start()

@@ -47,6 +47,7 @@ __all__ = [
     "GuardedSocket",
     "guard_of",
     "install_guard",
+    "printable_ae",
     "quiet_refused_threads",
 ]
 
@@ -79,8 +80,6 @@ class ConnectionGuard:
     opened: float = field(default_factory=time.monotonic)
     #: An A-ASSOCIATE-RQ header arrived.
     requested: bool = False
-    #: The 16 bytes of the Called AE Title field of the A-ASSOCIATE-RQ as sent (pynetdicom strips them).
-    called_ae_raw: bytes | None = None
     #: Why the connection was refused; None while it is not.
     refusal: str | None = None
     #: The peer closed the connection (or reset it).
@@ -108,6 +107,12 @@ class ConnectionGuard:
             self.on_refusal(self, reason, detail)
 
 
+def printable_ae(raw: bytes | bytearray | memoryview) -> bool:
+    """An AE title field as sent: the default character repertoire without backslash (PS3.5 6.2); trailing NULs,
+    which some peers pad with, are tolerated."""
+    return all(0x20 <= b <= 0x7E and b != 0x5C for b in bytes(raw).rstrip(b"\x00"))
+
+
 class GuardedSocket(AssociationSocket):
     """An accepted association's socket that reads PDUs within the bounds of its :class:`ConnectionGuard`."""
 
@@ -123,8 +128,13 @@ class GuardedSocket(AssociationSocket):
             return self._read_header()
         body_type, self._body = self._body_type, None
         data = self._read(nr_bytes)
-        if body_type == _A_ASSOCIATE_RQ and len(data) >= 20:
-            guard.called_ae_raw = bytes(data[4:20])
+        if body_type == _A_ASSOCIATE_RQ and len(data) >= 36:
+            # pynetdicom strips the AE titles' control characters at the edges ("AINODE\r\n" is AINODE) and fails
+            # with a traceback on those inside: both are refused here, as sent.
+            for field_name, raw, diagnostic in (("called", data[4:20], 0x07), ("calling", data[20:36], 0x03)):
+                if not printable_ae(raw):
+                    detail = f"{field_name} AE title {bytes(raw)!r} has characters an AE title cannot have"
+                    return self._refuse(f"{field_name}_ae", detail, bytes((0x03, 0, 0, 0, 0, 4, 0, 1, 1, diagnostic)))
         return data
 
     def _read_header(self) -> bytearray:
@@ -144,11 +154,12 @@ class GuardedSocket(AssociationSocket):
         self._body, self._body_type = length, pdu_type
         return header
 
-    def _refuse(self, reason: str, detail: str) -> bytearray:
+    def _refuse(self, reason: str, detail: str, answer: bytes = _ABORT_INVALID) -> bytearray:
+        """Refuse the connection: record why, send ``answer`` (an A-ABORT, or an A-ASSOCIATE-RJ), close."""
         self.guard.refuse(reason, detail)
         sock = cast(socket.socket, self.socket)
         with contextlib.suppress(OSError):
-            sock.sendall(_ABORT_INVALID)
+            sock.sendall(answer)
             sock.shutdown(socket.SHUT_RDWR)
         return bytearray()
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sqlite3
+import subprocess
+import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +26,8 @@ from dicom_node.scp import Status
 from dicom_node.service import Node
 from dicom_node.store import InstanceRecord, JobStore, PatientConflict, patient_key
 from tests.conftest import make_study
+from tests.dicom_node.peers import associate_rq, closed_by_peer, pdu_header, read_pdu
+from tests.dicom_node.test_intake import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -149,3 +155,129 @@ def test_patient_key_treats_absent_and_empty_alike_and_tells_ids_apart() -> None
     assert patient_key("A", None) != patient_key("B", None)
     assert patient_key("A", "X") != patient_key("A", "Y")
     assert patient_key(None, None) != patient_key("A", None)
+
+
+# --- bounded reads, deadlines, limits -------------------------------------------------------------------------
+
+
+def _connect(node: Node, source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(("127.0.0.1", node.port), timeout=10, source_address=(source, 0))
+
+
+def test_a_pdu_longer_than_announced_is_refused_before_anything_is_allocated(
+    running_node: Callable[..., Node], audited: Callable[[str], list[dict[str, object]]]
+) -> None:
+    node = running_node()
+    tracemalloc.start()
+    try:
+        claims = [_connect(node) for _ in range(3)]
+        for sock in claims:  # 10 bytes sent, 1 GiB claimed
+            sock.sendall(pdu_header(0x01, 1 << 30) + b"\x00\x01\x00\x00")
+        for sock in claims:
+            assert read_pdu(sock)[:1] == b"\x07", "an A-ABORT"
+            assert closed_by_peer(sock, 10)
+            sock.close()
+        # Once established, a P-DATA-TF PDU longer than the node announced (node.max_pdu, 131072) is refused too.
+        with _connect(node) as sock:
+            sock.sendall(associate_rq())
+            assert read_pdu(sock)[:1] == b"\x02", "an A-ASSOCIATE-AC"
+            sock.sendall(pdu_header(0x04, 525 * 1024) + bytes(4096))
+            assert read_pdu(sock)[:1] == b"\x07"
+            assert closed_by_peer(sock, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024 * 1024, f"{peak} bytes allocated at the peak: the claimed lengths were allocated"
+    assert node.intake.refusals.by_reason["pdu_too_large"] == 4
+    assert [r["reason"] for r in audited("association_rejected")] == ["pdu_too_large"] * 4
+    # The node serves the next peer as before.
+    assert subprocess.run(["echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)]).returncode == 0
+
+
+def test_a_peer_that_trickles_its_association_request_is_cut_off_at_the_acse_timeout(
+    running_node: Callable[..., Node],
+) -> None:
+    node = running_node(node={"acse_timeout": 2})
+    request = associate_rq()
+    began = time.monotonic()
+    closed = False
+    with _connect(node) as sock:
+        sock.sendall(request[:20])
+        for byte in request[20:]:  # one byte every 0.25 s: the whole request would take over 40 s
+            try:
+                sock.sendall(bytes((byte,)))
+            except OSError:
+                closed = True
+                break
+            if closed_by_peer(sock, 0.25) or time.monotonic() - began > 30:
+                closed = time.monotonic() - began <= 30
+                break
+    assert closed, "the node kept the connection open while the request trickled in"
+    assert node.intake.refusals.by_reason["acse_timeout"] == 1
+
+
+def test_slow_half_open_connections_from_one_host_leave_room_for_every_other(
+    running_node: Callable[..., Node],
+) -> None:
+    node = running_node(node={"acse_timeout": 60, "max_associations": 16, "max_pending_per_host": 8})
+    slow = []
+    try:
+        for _ in range(17):  # each sends 20 bytes of an A-ASSOCIATE-RQ, then nothing
+            sock = _connect(node, source="127.0.0.2")
+            sock.sendall(associate_rq()[:20])
+            slow.append(sock)
+        wait_for(lambda: node.intake.refusals.by_reason["pending_limit"] == 9)
+        echo = subprocess.run(
+            ["echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)], capture_output=True, text=True
+        )
+        assert echo.returncode == 0, echo.stderr
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_garbage_connections_are_recorded_once_a_minute_and_lock_no_one_out(
+    running_node: Callable[..., Node],
+    audited: Callable[[str], list[dict[str, object]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    node = running_node(node={"max_associations": 2})
+    for _ in range(20):
+        with _connect(node) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: ainode\r\n\r\n")
+            assert closed_by_peer(sock, 10)
+    echo = subprocess.run(["echoscu", "-aec", "AINODE", "127.0.0.1", str(node.port)], capture_output=True, text=True)
+    assert echo.returncode == 0, echo.stderr
+    assert node.intake.refusals.by_reason["garbage"] == 20
+    assert len([r for r in audited("association_rejected") if r["reason"] == "garbage"]) == 20
+    assert caplog.text.count("refused, garbage") == 1, "one log line a minute per source and reason"
+
+
+@pytest.mark.parametrize(
+    ("request_pdu", "diagnostic", "reason"),
+    [
+        (associate_rq(called=b"AINODE\r\n"), 0x07, "called_ae"),
+        (associate_rq(called=b"AINODE\x00\x01"), 0x07, "called_ae"),
+        (associate_rq(called=b"OTHER"), 0x07, "called_ae"),
+        (associate_rq(application_context="1.2.840.10008.3.1.1.2"), 0x02, "application_context"),
+    ],
+    ids=["crlf", "control", "other", "application-context"],
+)
+def test_association_requests_are_checked_as_sent(
+    running_node: Callable[..., Node],
+    audited: Callable[[str], list[dict[str, object]]],
+    request_pdu: bytes,
+    diagnostic: int,
+    reason: str,
+) -> None:
+    node = running_node()
+    with _connect(node) as sock:
+        sock.sendall(request_pdu)
+        answer = read_pdu(sock)
+    assert answer[:1] == b"\x03", "an A-ASSOCIATE-RJ"
+    assert (answer[7], answer[8], answer[9]) == (0x01, 0x01, diagnostic)  # permanent, by the service user
+    assert node.intake.refusals.by_reason[reason] == 1
+    assert [r["reason"] for r in audited("association_rejected")] == [reason]
+    with _connect(node) as sock:  # the same request done right is accepted
+        sock.sendall(associate_rq())
+        assert read_pdu(sock)[:1] == b"\x02"
