@@ -16,17 +16,22 @@ files.
 
 from __future__ import annotations
 
+import codecs
+import io
 import logging
+import re
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass
-from io import BytesIO
-from typing import Any
+import threading
+import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, cast
 
-from pydicom.charset import decode_bytes, default_encoding
+from pydicom.charset import decode_bytes, default_encoding, python_encoding
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
-from pynetdicom.dsutils import decode
 
 __all__ = ["Header", "HeaderError", "read_header"]
 
@@ -59,6 +64,7 @@ _WANTED: dict[int, tuple[str, str]] = {
 }
 #: Without these the walk did not find the data set's identity: pydicom gets a second look.
 _IDENTIFYING = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_WANTED_KIND = {keyword: kind for keyword, kind in _WANTED.values()}
 _PIXEL_DATA = 0x7FE00010
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
@@ -78,9 +84,29 @@ class Header:
     values: dict[str, Any]
     #: Bytes of Pixel Data received (None when the data set has none, or it is encapsulated).
     pixel_length: int | None
+    #: Pixel Data is encapsulated (undefined length); None when the data set has no Pixel Data.
+    pixel_encapsulated: bool | None = None
+    #: The explicit VR of each wanted attribute that had one (explicit VR transfer syntaxes only).
+    vrs: dict[str, str] = field(default_factory=dict)
 
     def get(self, keyword: str) -> Any:
         return self.values.get(keyword)
+
+    def encoding_problem(self, syntax: UID) -> str | None:
+        """Why the data set cannot be used as encoded (None when it can): Pixel Data encapsulated exactly when the
+        transfer syntax is compressed, UIDs with VR UI, and a Specific Character Set that can be decoded."""
+        if self.pixel_encapsulated is not None and self.pixel_encapsulated != syntax.is_compressed:
+            have = "encapsulated (compressed)" if self.pixel_encapsulated else "native (uncompressed)"
+            return f"Pixel Data is {have}, but the transfer syntax is {syntax.name}"
+        for keyword, vr in self.vrs.items():
+            if _WANTED_KIND[keyword] == "uid" and vr != "UI":
+                return f"{keyword} has VR {vr}, not UI"
+        charset = self.get("SpecificCharacterSet")
+        terms = charset.split("\\") if isinstance(charset, str) else list(charset or ())  # pydicom: a list
+        unknown = [str(t).strip() for t in terms if not charset_term_known(str(t).strip())]
+        if unknown:
+            return f"Specific Character Set {unknown[0][:32]!r} cannot be decoded (not a DICOM defined term)"
+        return None
 
     def native_pixel_bytes(self) -> int | None:
         """Bytes that native (uncompressed) Pixel Data must have, from the header alone; None when not checkable."""
@@ -92,6 +118,23 @@ class Header:
         except (KeyError, TypeError, ValueError):
             return None
         return (rows * cols * spp * frames * bits + 7) // 8
+
+
+def charset_term_known(term: str) -> bool:
+    """Whether a term of Specific Character Set (0008,0005) can be decoded: a defined term, one of the common
+    misspellings pydicom corrects (ISO-IR 100), or a name Python knows (ISO-8859-1). An empty term is the default
+    repertoire."""
+    if not term or term in python_encoding:
+        return True
+    if re.match("^ISO.IR", term) and "ISO_IR" + term[6:] in python_encoding:
+        return True
+    if re.match("^ISO.2022.IR.", term) and "ISO 2022 IR " + term[12:] in python_encoding:
+        return True
+    try:
+        codecs.lookup(term)
+    except LookupError:
+        return False
+    return True
 
 
 def read_header(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Header:
@@ -118,13 +161,16 @@ def read_header(data: bytes | bytearray | memoryview, transfer_syntax: str) -> H
 
 def _walk(buf: memoryview, *, implicit: bool) -> Header:
     raw: dict[int, bytes] = {}
+    vrs: dict[str, str] = {}
     end = len(buf)
     pos = 0
     pixel_length: int | None = None
+    encapsulated: bool | None = None
     while pos < end:
         tag, vr, length, pos = _element_header(buf, pos, end, implicit)
         if tag == _PIXEL_DATA:
-            if length != _UNDEFINED:  # native: the bytes that arrived (a peer may send fewer than it declares)
+            encapsulated = length == _UNDEFINED
+            if not encapsulated:  # native: the bytes that arrived (a peer may send fewer than it declares)
                 pixel_length = min(length, end - pos)
             break
         if length == _UNDEFINED:
@@ -134,8 +180,10 @@ def _walk(buf: memoryview, *, implicit: bool) -> Header:
             raise HeaderError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end of the data set")
         if tag in _WANTED:
             raw[tag] = bytes(buf[pos : pos + length])
+            if vr is not None:
+                vrs[_WANTED[tag][0]] = vr.decode("ascii")
         pos += length
-    return Header(_decode(raw), pixel_length)
+    return Header(_decode(raw), pixel_length, encapsulated, vrs)
 
 
 def _element_header(buf: memoryview, pos: int, end: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
@@ -209,11 +257,97 @@ def _decode(raw: Mapping[int, bytes]) -> dict[str, Any]:
     return values
 
 
+#: Values longer than this are skipped, not read, by the pydicom reader (Pixel Data, mostly).
+_DEFER_ABOVE = 64 * 1024
+#: Most bytes a deflated data set is inflated to for its header (its Pixel Data is then not checked).
+_MAX_INFLATED = 64 * 1024 * 1024
+
+
+class _BufferReader(io.RawIOBase):
+    """A read-only file over a buffer that copies only what is read: pydicom reads a data set of any size through
+    it with the memory of its small values (large ones are skipped by seeking, see ``_DEFER_ABOVE``)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        buffer[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _CollectedWarnings(logging.Filter):
+    """Holds back pydicom's warnings on a thread that is reading a received data set (see :func:`_collecting`)."""
+
+    local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        notes: list[str] | None = getattr(self.local, "notes", None)
+        if notes is None:
+            return True
+        notes.append(record.getMessage())
+        return False
+
+
+_collector = _CollectedWarnings()
+for _name in ("pydicom", "py.warnings"):  # pydicom's own logger, and Python warnings routed to logging
+    logging.getLogger(_name).addFilter(_collector)
+
+
+@contextmanager
+def _collecting() -> Iterator[list[str]]:
+    """pydicom's warnings on this thread, held back while the block runs and summarised in one line after it: a
+    data set with thousands of bad values would otherwise write thousands of lines."""
+    notes: list[str] = []
+    _CollectedWarnings.local.notes = notes
+    try:
+        yield notes
+    finally:
+        _CollectedWarnings.local.notes = None
+        if notes:
+            first = notes[0] if len(notes[0]) <= 200 else notes[0][:197] + "..."
+            log.warning("pydicom reported %d problem(s) reading a received data set; the first: %s", len(notes), first)
+
+
 def _read_with_pydicom(data: bytes | bytearray | memoryview, syntax: UID) -> Header:
-    ds: Dataset = decode(BytesIO(bytes(data)), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
-    values = {kw: ds.get(kw) for kw, _ in _WANTED.values() if kw in ds}
+    with _collecting(), memoryview(data) as view:
+        fp: BinaryIO
+        if syntax.is_deflated:
+            inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(view, _MAX_INFLATED)
+            fp = io.BytesIO(inflated)
+            complete = len(inflated) < _MAX_INFLATED
+        else:
+            fp = cast(BinaryIO, _BufferReader(view.cast("B")))
+            complete = True
+        implicit = syntax.is_implicit_VR and not syntax.is_deflated
+        little = syntax.is_little_endian or syntax.is_deflated
+        ds: Dataset = read_dataset(fp, implicit, little, defer_size=_DEFER_ABOVE)
+        values = {kw: ds.get(kw) for kw, _ in _WANTED.values() if kw in ds}
+        pixel: Any = ds.get_item(_PIXEL_DATA, keep_deferred=True) if _PIXEL_DATA in ds else None  # its length only
     for keyword, value in values.items():
         if isinstance(value, str):
             values[keyword] = value.strip()
-    pixel = ds.get("PixelData") if not syntax.is_compressed else None
-    return Header(values, None if pixel is None else len(pixel))
+    wanted = [(tag, kw) for tag, (kw, _) in _WANTED.items() if kw in values and not implicit]
+    vrs = {kw: str(ds.get_item(tag, keep_deferred=True).VR) for tag, kw in wanted}
+    if pixel is None:
+        return Header(values, None, None, vrs)
+    encapsulated = pixel.length == _UNDEFINED
+    length = None if encapsulated or not complete else pixel.length
+    return Header(values, length, encapsulated, vrs)

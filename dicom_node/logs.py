@@ -59,6 +59,8 @@ def configure_logging(level: str = "INFO", json_format: bool = False, data_dir: 
     )
     root.addHandler(console)
     root.setLevel(level)
+    # Python warnings (pydicom's, mostly) as log records: one format, and the node's filters apply to them.
+    logging.captureWarnings(True)
     # pynetdicom logs every PDU and highdicom every copied module at INFO; warnings are what an administrator needs.
     for noisy in ("pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -56,7 +56,7 @@ from dicom_node.reactor import make_event_driven
 from dicom_node.spool import InvalidUIDError, Spool, Staged, StagingFile, check_uid
 from dicom_node.store import InstanceRecord, JobStore, PatientConflict, describe_error, patient_key
 from dicom_node.tls import server_context
-from dicom_node.transport import ConnectionGuard, guard_of, install_guard, quiet_refused_threads
+from dicom_node.transport import ConnectionGuard, GuardedSocket, guard_of, install_guard, quiet_refused_threads
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "Intake", "Status", "start_scp", "tune_association"]
 
@@ -142,7 +142,8 @@ class Refusals:
 
     Reasons: ``called_ae``, ``calling_ae`` (characters an AE title cannot have), ``application_context``,
     ``not_allowed`` (allow-lists), ``association_limit``, ``pending_limit`` (too many connections still
-    negotiating), ``garbage``, ``pdu_too_large``, ``acse_timeout``, ``stalled``, ``tls_handshake``, and
+    negotiating), ``garbage``, ``pdu_too_large``, ``message_too_large`` (a command set, or a data set of a message
+    the node has no use for, beyond its bound), ``acse_timeout``, ``stalled``, ``tls_handshake``, and
     ``no_request`` (closed before asking for an association: port checks, logged at INFO and not counted as a
     rejected association).
     """
@@ -353,6 +354,9 @@ class Intake:
             header = read_header(body, str(syntax))
         except Exception as exc:  # HeaderError, or pydicom's many kinds for the rare syntaxes it reads
             return self._refuse(Status.CANNOT_UNDERSTAND, calling, sop_uid, f"data set cannot be decoded: {exc}")
+        problem = header.encoding_problem(syntax)
+        if problem is not None:
+            return self._refuse(Status.CANNOT_UNDERSTAND, calling, sop_uid, problem, comment=problem)
         try:
             study_uid = check_uid(header.get("StudyInstanceUID"), "Study Instance UID")
             series_uid = check_uid(header.get("SeriesInstanceUID"), "Series Instance UID")
@@ -517,7 +521,15 @@ class _SpooledDataSet(BytesIO):
 
     def write(self, data: Any) -> int:
         if self._staging is None and self._error is None:
-            if self.tell() + len(data) <= self.SPOOL_ABOVE or not isinstance(self._message, C_STORE_RQ):
+            if not isinstance(self._message, C_STORE_RQ):  # no use to the node: held, up to a bound
+                if self.tell() + len(data) > MAX_OTHER_DATASET:
+                    why = f"a data set of over {MAX_OTHER_DATASET} bytes that is not a C-STORE request's"
+                    if _abort(self._assoc, "message_too_large", why):
+                        self.seek(0)
+                        self.truncate()
+                        return len(data)
+                return super().write(data)
+            if self.tell() + len(data) <= self.SPOOL_ABOVE:
                 return super().write(data)
             self._open()
         if self._staging is not None:
@@ -581,15 +593,40 @@ class _SpoolingDIMSE(DIMSEServiceProvider):
     spool: Spool
 
     def receive_primitive(self, primitive: Any) -> None:
+        guard = guard_of(self.assoc)
+        if guard is not None and guard.refusal is not None:
+            return  # aborted: what is still in flight is dropped
         if self.message is None:
             self.message = DIMSEMessage()
             self.message.data_set = _SpooledDataSet(self.spool, self.assoc, self.message)
+        held = self.message.encoded_command_set.tell()
+        command = sum(len(data) - 1 for _, data in primitive.presentation_data_value_list if data and data[0] & 1)
+        if held + command > MAX_COMMAND_SET and _abort(
+            self.assoc, "message_too_large", f"a command set of over {MAX_COMMAND_SET} bytes"
+        ):
+            return
         super().receive_primitive(primitive)
 
     def drop_unfinished(self) -> None:
         message = self.message
         if message is not None and isinstance(message.data_set, _SpooledDataSet):
             message.data_set.discard()
+
+
+#: Longest command set the node holds (a C-STORE request's is about 200 bytes).
+MAX_COMMAND_SET = 64 * 1024
+#: Longest data set of a message other than a C-STORE request that the node holds (it serves Storage and
+#: Verification only: no other message's data set is of use).
+MAX_OTHER_DATASET = 1024 * 1024
+
+
+def _abort(assoc: Association, reason: str, detail: str) -> bool:
+    """Abort the association for a message beyond the node's bounds; False when its socket has no guard."""
+    sock = assoc.dul.socket
+    if not isinstance(sock, GuardedSocket):
+        return False
+    sock.abort(reason, detail)
+    return True
 
 
 def _drop_unfinished(assoc: Association) -> None:

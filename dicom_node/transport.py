@@ -154,6 +154,10 @@ class GuardedSocket(AssociationSocket):
         self._body, self._body_type = length, pdu_type
         return header
 
+    def abort(self, reason: str, detail: str) -> None:
+        """Refuse the connection from another layer (a DIMSE message beyond its bounds): A-ABORT, then closed."""
+        self._refuse(reason, detail)
+
     def _refuse(self, reason: str, detail: str, answer: bytes = _ABORT_INVALID) -> bytearray:
         """Refuse the connection: record why, send ``answer`` (an A-ABORT, or an A-ASSOCIATE-RJ), close."""
         self.guard.refuse(reason, detail)

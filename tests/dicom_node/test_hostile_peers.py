@@ -10,6 +10,7 @@ import json
 import logging
 import socket
 import sqlite3
+import struct
 import subprocess
 import time
 import tracemalloc
@@ -18,15 +19,21 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom import config
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.logs import AUDIT_LOGGER
 from dicom_node.scp import Status
 from dicom_node.service import Node
 from dicom_node.store import InstanceRecord, JobStore, PatientConflict, patient_key
 from tests.conftest import make_study
-from tests.dicom_node.peers import associate_rq, closed_by_peer, pdu_header, read_pdu
+from tests.corpus import corpus_file
+from tests.dicom_node.peers import associate_rq, closed_by_peer, pdu_header, read_pdu, send_raw
 from tests.dicom_node.test_intake import wait_for
 
 pytestmark = pytest.mark.integration
@@ -281,3 +288,160 @@ def test_association_requests_are_checked_as_sent(
     with _connect(node) as sock:  # the same request done right is accepted
         sock.sendall(associate_rq())
         assert read_pdu(sock)[:1] == b"\x02"
+
+
+# --- validate before Success ----------------------------------------------------------------------------------
+
+
+def _explicit_le(ds: pydicom.Dataset) -> bytes:
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+def _implicit_le(ds: pydicom.Dataset) -> bytes:
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, True
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+def _unusable_cases(tmp_path: Path) -> dict[str, tuple[pydicom.Dataset, str, bytes]]:
+    """Data sets a PACS may send that the node could store but never use: (header, transfer syntax, bytes)."""
+    cases: dict[str, tuple[pydicom.Dataset, str, bytes]] = {}
+    j2k = pydicom.dcmread(corpus_file("RG1_J2KR.dcm"))
+    j2k.SOPInstanceUID = generate_uid()
+    cases["jpeg2000-pixels-on-an-uncompressed-context"] = (j2k, ExplicitVRLittleEndian, _explicit_le(j2k))
+    native = pydicom.dcmread(make_study(tmp_path / "native", 1)[0])
+    cases["native-pixels-on-a-jpeg2000-context"] = (native, JPEG2000Lossless, _explicit_le(native))
+    study_us = pydicom.dcmread(make_study(tmp_path / "vr", 1)[0])
+    encoded = _explicit_le(study_us)
+    tag = b"\x20\x00\x0d\x00UI"  # (0020,000D) Study Instance UID, explicit VR UI
+    assert encoded.count(tag) == 1
+    cases["study-uid-with-vr-us"] = (study_us, ExplicitVRLittleEndian, encoded.replace(tag, b"\x20\x00\x0d\x00US"))
+    charset = pydicom.dcmread(make_study(tmp_path / "cs", 1)[0])
+    charset.SpecificCharacterSet = "ISO_IR 999"
+    cases["unknown-character-set"] = (charset, ExplicitVRLittleEndian, _explicit_le(charset))
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "jpeg2000-pixels-on-an-uncompressed-context",
+        "native-pixels-on-a-jpeg2000-context",
+        "study-uid-with-vr-us",
+        "unknown-character-set",
+    ],
+)
+def test_data_sets_the_node_could_never_use_get_a_failure_status_not_success(
+    running_node: Callable[..., Node], tmp_path: Path, case: str
+) -> None:
+    node = running_node()
+    header, syntax, data = _unusable_cases(tmp_path)[case]
+    status = send_raw(node.port, header.SOPClassUID, header.SOPInstanceUID, syntax, data)
+    assert status == Status.CANNOT_UNDERSTAND
+    assert not node.store.has_instance(header.SOPInstanceUID)
+    assert not list(node.spool.root.rglob("*.dcm"))
+    # The same data set, sent as what it is, is stored.
+    good = {"jpeg2000-pixels-on-an-uncompressed-context": JPEG2000Lossless}.get(case, ExplicitVRLittleEndian)
+    if case in ("jpeg2000-pixels-on-an-uncompressed-context", "native-pixels-on-a-jpeg2000-context"):
+        assert send_raw(node.port, header.SOPClassUID, header.SOPInstanceUID, good, data) == Status.SUCCESS
+
+
+def test_pydicoms_warnings_for_one_data_set_are_one_log_line(
+    running_node: Callable[..., Node], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data set the fast header reader cannot walk (implicit VR on an explicit context) goes to pydicom, which
+    warns once per misspelled character set term each time it decodes a text: here 400 lines for one instance."""
+    node = running_node()
+    ds = pydicom.dcmread(make_study(tmp_path / "s", 1)[0])
+    with config.disable_value_validation():
+        ds.SpecificCharacterSet = ["ISO-IR 100"] + ["ISO 2022-IR 100"] * 200  # misspelled, but decodable
+        ds.StudyDescription = "Thorax \xe9tude"
+        ds.SeriesDescription = "S\xe9rie"
+    ds.read_encoding = "latin_1"
+    data = _implicit_le(ds)  # pydicom warns here too, in the sender
+    caplog.clear()
+    status = send_raw(node.port, ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, data)
+    assert status == Status.SUCCESS
+    from_pydicom = [r for r in caplog.records if r.name in ("pydicom", "py.warnings")]
+    assert from_pydicom == [], f"{len(from_pydicom)} lines from pydicom"
+    summaries = [r.getMessage() for r in caplog.records if "pydicom reported" in r.getMessage()]
+    assert len(summaries) == 1 and "reported 40" in summaries[0]
+    [record] = node.store.study_instances(ds.StudyInstanceUID)
+    assert record.study_description == "Thorax \xe9tude"
+
+
+# --- memory per association -----------------------------------------------------------------------------------
+
+
+def _p_data(context_id: int, control: int, fragment: bytes) -> bytes:
+    """One P-DATA-TF PDU holding one PDV (control: bit 0 command, bit 1 last fragment)."""
+    pdv = struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment
+    return pdu_header(0x04, len(pdv)) + pdv
+
+
+def _c_find_command() -> bytes:
+    command = pydicom.Dataset()
+    command.AffectedSOPClassUID = CTImageStorage  # a C-FIND on a storage context: no use to the node
+    command.CommandField = 0x0020
+    command.MessageID = 1
+    command.Priority = 0
+    command.CommandDataSetType = 0x0001
+    return encode(command, True, True)
+
+
+@pytest.mark.parametrize("what", ["endless-command-fragments", "a-large-c-find-identifier"])
+def test_messages_the_node_has_no_use_for_are_bounded_in_memory(
+    running_node: Callable[..., Node], what: str
+) -> None:
+    node = running_node()
+    fragment = bytes(16 * 1024)
+    tracemalloc.start()
+    try:
+        with _connect(node) as sock:
+            sock.sendall(associate_rq(abstract_syntax=CTImageStorage, transfer_syntax=ImplicitVRLittleEndian))
+            assert read_pdu(sock)[:1] == b"\x02"
+            if what == "a-large-c-find-identifier":
+                sock.sendall(_p_data(1, 0x03, _c_find_command()))
+                control = 0x00  # data set fragments, never the last
+            else:
+                control = 0x01  # command fragments, never the last
+            sent = 0
+            try:
+                while sent < 24 * 1024 * 1024:
+                    sock.sendall(_p_data(1, control, fragment))
+                    sent += len(fragment)
+            except OSError:
+                pass  # the node aborted the association: sends fail
+            assert closed_by_peer(sock, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sent < 24 * 1024 * 1024, "the node kept reading"
+    assert peak < 8 * 1024 * 1024, f"{peak} bytes at the peak"
+    assert node.intake.refusals.by_reason["message_too_large"] == 1
+
+
+def test_a_large_data_set_read_by_pydicom_is_read_from_the_spool_without_a_copy(
+    running_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """The fast header reader cannot walk implicit VR on an explicit context; pydicom then reads the spooled file
+    as it lies, skipping the Pixel Data, instead of a copy of all of it (40 MB here)."""
+    node = running_node()
+    ds = pydicom.dcmread(make_study(tmp_path / "s", 1)[0])
+    ds.Rows, ds.Columns = 4000, 5000
+    ds.PixelData = bytes(4000 * 5000 * 2)
+    data = _implicit_le(ds)
+    tracemalloc.start()
+    try:
+        status = send_raw(node.port, ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == Status.SUCCESS
+    assert node.store.has_instance(ds.SOPInstanceUID)
+    # The sender (in this process) holds the 40 MB it sends; the node's reading adds little to that.
+    assert peak < len(data) + 16 * 1024 * 1024, f"{peak} bytes at the peak for a {len(data)}-byte data set"
