@@ -31,7 +31,8 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | SummaryMetricFamily]:
         c = self.node.intake.counters
         received = CounterMetricFamily("dicom_node_instances", "C-STORE requests by outcome", labels=["outcome"])
-        for outcome, value in (("stored", c.stored), ("duplicate", c.duplicates), ("failed", c.failed)):
+        outcomes = (("stored", c.stored), ("duplicate", c.duplicates), ("failed", c.failed))
+        for outcome, value in outcomes:
             received.add_metric([outcome], value)
         yield received
         yield CounterMetricFamily("dicom_node_received_bytes", "bytes of instances stored", value=c.bytes)
@@ -52,6 +53,11 @@ class NodeCollector(Collector):
         for reason, count in sorted(self.node.intake.refusals.by_reason.items()):
             refused.add_metric([reason], count)
         yield refused
+        yield CounterMetricFamily(
+            "dicom_node_differing_duplicates",
+            "re-sent instances whose bytes differ from the stored copy (kept); also counted as duplicates",
+            value=c.differing_duplicates,
+        )
         yield CounterMetricFamily(
             "dicom_node_patient_conflicts", "instances refused because their patient differs from their study's",
             value=c.patient_conflicts,

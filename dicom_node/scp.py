@@ -50,7 +50,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeSettings, StudySettings
-from dicom_node.header import read_header
+from dicom_node.header import Header, read_header
 from dicom_node.logs import audit, uid_hash
 from dicom_node.reactor import make_event_driven
 from dicom_node.spool import InvalidUIDError, Spool, Staged, StagingFile, check_uid
@@ -102,6 +102,8 @@ class IntakeCounters:
     failed: int = 0
     #: instances refused because they name another patient than their study's earlier instances
     patient_conflicts: int = 0
+    #: re-sent instances whose bytes differ from the stored copy's (which is kept)
+    differing_duplicates: int = 0
     associations: int = 0
     rejected_associations: int = 0
     bytes: int = 0
@@ -268,6 +270,7 @@ class Intake:
         self.policy = AccessPolicy(node)
         self._on_stored = on_stored
         self._min_free = node.min_free_disk_mb * 1024 * 1024
+        self._instance_locks = [Lock() for _ in range(64)]
 
     # --- handlers ---------------------------------------------------------------------------------------------
 
@@ -376,16 +379,28 @@ class Intake:
                 f"Pixel Data is truncated: {header.pixel_length} bytes, the header needs {expected}",
             )
 
+        # One copy of a SOP Instance UID at a time from here: whether it is new, its move into the spool and its
+        # record are one decision, so that copies arriving together end with a record that describes the file.
+        with self._instance_locks[hash(sop_uid) % len(self._instance_locks)]:
+            return self._keep(calling, sop_uid, study_uid, series_uid, sop_class, str(syntax), header, staged)
+
+    def _keep(
+        self,
+        calling: str,
+        sop_uid: str,
+        study_uid: str,
+        series_uid: str,
+        sop_class: str,
+        syntax: str,
+        header: Header,
+        staged: Staged,
+    ) -> int | Dataset:
+        """Store a new instance (commit, then record) or acknowledge a re-sent one; the status to answer."""
         known = self._known(sop_uid)
         if isinstance(known, str):
             return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, known)
         if known:
-            log.info("instance %s from %s already stored; not processed again", uid_hash(sop_uid), calling)
-            self.counters.add(duplicates=1)
-            try:
-                self.store.extend_window(study_uid)
-            except Exception as exc:  # stored already: the answer is Success whatever the timer does
-                log.warning("study %s: stable timer not extended: %s", uid_hash(study_uid), describe_error(exc))
+            self._resent(calling, sop_uid, study_uid, staged)
             return Status.SUCCESS
 
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
@@ -404,7 +419,7 @@ class Intake:
             study_uid=study_uid,
             series_uid=series_uid,
             sop_class_uid=sop_class,
-            transfer_syntax=str(syntax),
+            transfer_syntax=syntax,
             modality=text("Modality", 16),
             body_part=text("BodyPartExamined", 64),
             study_description=text("StudyDescription", 128),
@@ -415,7 +430,7 @@ class Intake:
             patient_key=patient_key(header.get("PatientID"), header.get("IssuerOfPatientID")),
         )
         try:
-            self.store.record_instance(record, late_arrivals=self.study.late_arrivals)
+            recorded = self.store.record_instance(record, late_arrivals=self.study.late_arrivals)
         except PatientConflict as exc:  # never part of that study: the file goes, the PACS is told why
             self.spool.remove([record.path])
             self.counters.add(patient_conflicts=1)
@@ -428,10 +443,55 @@ class Intake:
             log.error("instance %s written but not recorded in the job store: %s", uid_hash(sop_uid), why)
             self.counters.add(failed=1)
             return Status.OUT_OF_RESOURCES
+        if not recorded:  # another node process on the same job store recorded it between our check and now
+            log.warning("instance %s was recorded by another process meanwhile; the file is this copy",
+                        uid_hash(sop_uid))
+            self.counters.add(duplicates=1)
+            return Status.SUCCESS
         self.counters.add(stored=1, bytes=size)
         if self._on_stored is not None:
             self._on_stored(study_uid)
         return Status.SUCCESS
+
+    def _resent(self, calling: str, sop_uid: str, study_uid: str, staged: Staged) -> None:
+        """A copy of an instance already stored: kept as it was, the study's timer extended, and a copy whose bytes
+        differ from the stored one's logged and counted (the PACS changed it, or two sources disagree)."""
+        self.counters.add(duplicates=1)
+        differs = self._differs_from_stored(sop_uid, staged)
+        if differs:
+            self.counters.add(differing_duplicates=1)
+            log.warning(
+                "instance %s from %s is already stored with other content (%s); the stored copy is kept",
+                uid_hash(sop_uid), calling, differs,
+            )
+            audit("instance_differs", calling_ae=calling, instance=uid_hash(sop_uid), study=uid_hash(study_uid),
+                  reason=differs)
+        else:
+            log.info("instance %s from %s already stored; not processed again", uid_hash(sop_uid), calling)
+        try:
+            self.store.extend_window(study_uid)
+        except Exception as exc:  # stored already: the answer is Success whatever the timer does
+            log.warning("study %s: stable timer not extended: %s", uid_hash(study_uid), describe_error(exc))
+
+    def _differs_from_stored(self, sop_uid: str, staged: Staged) -> str | None:
+        """How a re-sent copy differs from the stored file (None: the same bytes, or nothing to compare with)."""
+        try:
+            stored = self.store.instance_file(sop_uid)
+            if stored is None:  # one of the node's own results, sent back to it
+                return None
+            path = self.spool.resolve(stored)
+            size = path.stat().st_size
+            if size != staged.size:
+                return f"{staged.size} bytes, the stored copy {size}"
+            with open(path, "rb") as existing, staged.mapped() as new:
+                offset = 0
+                while chunk := existing.read(1 << 20):
+                    if new[offset : offset + len(chunk)] != chunk:
+                        return f"same size, different bytes from offset {offset}"
+                    offset += len(chunk)
+        except Exception as exc:  # comparing is a courtesy: a failure to compare never fails the C-STORE
+            log.warning("instance %s: re-sent copy not compared with the stored one: %s", uid_hash(sop_uid), exc)
+        return None
 
     # --- association events (audit) ----------------------------------------------------------------------------
 

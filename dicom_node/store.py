@@ -534,6 +534,13 @@ class JobStore:
         finally:
             conn.close()
 
+    def instance_file(self, sop_instance_uid: str) -> str | None:
+        """The spool path (relative) recorded for a received instance; None when it is not one."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(instances.c.path).where(instances.c.sop_instance_uid == sop_instance_uid)
+            ).scalar_one_or_none()
+
     def record_instance(self, rec: InstanceRecord, late_arrivals: str = "rerun", now: float | None = None) -> bool:
         """Record a stored instance and advance its study's receive window, in one transaction.
 

@@ -6,12 +6,14 @@ Each test here reproduces a defect found by treating the node as a hostile peer 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import socket
 import sqlite3
 import struct
 import subprocess
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -445,3 +447,50 @@ def test_a_large_data_set_read_by_pydicom_is_read_from_the_spool_without_a_copy(
     assert node.store.has_instance(ds.SOPInstanceUID)
     # The sender (in this process) holds the 40 MB it sends; the node's reading adds little to that.
     assert peak < len(data) + 16 * 1024 * 1024, f"{peak} bytes at the peak for a {len(data)}-byte data set"
+
+
+# --- duplicates -------------------------------------------------------------------------------------------------
+
+
+def test_copies_of_one_instance_arriving_together_end_with_a_record_that_describes_the_file(
+    running_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """20 associations send the same SOP Instance UID at once, each copy with other bytes (as two PACS that
+    disagree would): all get Success, one copy is stored, and the record's size is that file's."""
+    node = running_node(node={"max_associations": 32, "max_pending_per_host": 32})
+    [path] = make_study(tmp_path / "s", 1)
+    base = pydicom.dcmread(path)
+    copies = []
+    for i in range(20):
+        ds = copy.deepcopy(base)
+        ds.ImageComments = "copy " + "x" * (2 * i)  # each copy a different size
+        copies.append(ds)
+    start = threading.Barrier(len(copies))
+    statuses: list[int] = []
+
+    def send(ds: pydicom.Dataset) -> None:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
+        assert assoc.is_established
+        start.wait()
+        statuses.append(int(assoc.send_c_store(ds).Status))
+        assoc.release()
+
+    threads = [threading.Thread(target=send, args=(ds,)) for ds in copies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [Status.SUCCESS] * 20
+    [record] = node.store.study_instances(base.StudyInstanceUID)
+    stored = node.spool.resolve(record.path)
+    assert record.size == stored.stat().st_size, "the record describes another copy than the file"
+    assert len(list(node.spool.root.rglob("*.dcm"))) == 1
+    assert node.intake.counters.stored == 1 and node.intake.counters.duplicates == 19
+    assert node.intake.counters.differing_duplicates == 19, "each differing copy is logged and counted"
+    # Sending the stored copy again is a plain duplicate.
+    kept = pydicom.dcmread(stored)
+    assert int(_store_files(node.port, [stored])[0].Status) == Status.SUCCESS
+    assert node.intake.counters.differing_duplicates == 19
+    assert kept.SOPInstanceUID == base.SOPInstanceUID
