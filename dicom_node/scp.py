@@ -741,6 +741,11 @@ class _IntakeServer(ThreadedAssociationServer):
     thread does it, within the ACSE time-out; a failed one is logged and counted as a rejected association.
     """
 
+    #: The listen backlog (socketserver's default is 5): a burst of more connections than that, faster than the
+    #: accept loop takes them, had its SYNs dropped and retried after 1 s (measured: the 7th of 12 connections
+    #: opened back to back waited 1014 ms).
+    request_queue_size = 128
+
     tls: ssl.SSLContext | None = None
     intake: Intake
     _starting: Counter[str]
