@@ -758,7 +758,9 @@ class _IntakeServer(ThreadedAssociationServer):
         here is closed at once (there is no association to reject yet) and recorded.
 
         Negotiating: association threads not yet established, and connections accepted whose thread has not
-        started its association yet (a TLS handshake, or just started)."""
+        started its association yet (a TLS handshake, or just started). A connection is counted twice for the moment
+        between its association thread's start and its accepting thread's end: a burst may be refused a little
+        early, never late."""
         address = str(client_address[0])
         node = self.intake.node
         pending = [
