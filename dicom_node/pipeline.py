@@ -256,6 +256,7 @@ def _write_outbox(ctx: WorkerContext, job: JobRecord) -> list[tuple[str, str, Pa
     from sr_writer.api import object_kind, write_result_objects
     from sr_writer.context import ResultOptions
     from sr_writer.findings import InferenceResult
+    from sr_writer.prepare import MixedSourcesError
     from sr_writer.uids import ResultUIDs
 
     recorded = ctx.store.job_results(job.id)
@@ -271,7 +272,10 @@ def _write_outbox(ctx: WorkerContext, job: JobRecord) -> list[tuple[str, str, Pa
     uids = ResultUIDs(job.study_uid, result.algorithm, job.profile or result.profile, job.run)
     outputs = set(job.outputs)
     options = ResultOptions(sr="sr" in outputs, gsps="gsps" in outputs, seg="seg" in outputs, sc="sc" in outputs)
-    paths = write_result_objects(result, sources, uids, outbox, options)
+    try:
+        paths = write_result_objects(result, sources, uids, outbox, options)
+    except MixedSourcesError as exc:  # the study itself is wrong (DESIGN invariant 10): no retry can mend it
+        raise PermanentError(f"the study's images cannot make one result: {exc}") from exc
     made = []
     for path in paths:
         data = path.read_bytes()
