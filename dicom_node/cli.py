@@ -198,7 +198,7 @@ def render(file: Annotated[Path, typer.Argument(help="A DICOM SR file (for examp
 
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
-    """Validate a configuration file; prints what is wrong (key, value, rule) or a summary."""
+    """Validate a configuration file; prints what is wrong (key, value, rule) or a summary, and warnings."""
     from sqlalchemy.engine import make_url
 
     settings = _settings(config)
@@ -220,6 +220,10 @@ def config_check(config: ConfigOption = None) -> None:
         f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
         highlight=False,
     )
+    from dicom_node.rules import risky_patterns
+
+    for line in risky_patterns(settings.rules):
+        out.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
 
 
 @config_app.command("show")
