@@ -41,7 +41,7 @@ class Channel(filesystem.Channel):
         partial = os.path.join(self.data_folder_out, f".{name}.part")
         data = dumps(payload).encode("utf-8")
         try:
-            # Private like every file of the node (dicom_node.permissions): its name holds no UID, its body does.
+            # Mode 0640 whatever the umask, like every file the node creates (dicom_node.permissions).
             with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb", buffering=0) as f:
                 f.write(data)
             os.rename(partial, final)
