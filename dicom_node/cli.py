@@ -16,6 +16,7 @@ from rich.table import Table
 
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.logs import configure_logging
+from dicom_node.permissions import private_dir, restrict_umask
 from dicom_node.store import JobState, JobStore, StoreUnavailable, StudyState
 from dicom_node.tls import TLSConfigError, server_context
 
@@ -130,8 +131,7 @@ def worker(
 
     ctx = WorkerContext(settings, engine_factory=engine_factory)
     app_ = make_celery(settings, ctx)
-    run_dir = settings.node.data_dir / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = private_dir(settings.node.data_dir / "run")
     failure = run_dir / f"worker-{os.getpid()}.failed"
     failure.unlink(missing_ok=True)
     if engine_factory is not None:
@@ -198,7 +198,7 @@ def render(file: Annotated[Path, typer.Argument(help="A DICOM SR file (for examp
 
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
-    """Validate a configuration file; prints what is wrong (key, value, rule) or a summary."""
+    """Validate a configuration file; prints what is wrong (key, value, rule) or a summary, and warnings."""
     from sqlalchemy.engine import make_url
 
     settings = _settings(config)
@@ -220,6 +220,10 @@ def config_check(config: ConfigOption = None) -> None:
         f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
         highlight=False,
     )
+    from dicom_node.rules import risky_patterns
+
+    for line in risky_patterns(settings.rules):
+        out.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
 
 
 @config_app.command("show")
@@ -360,6 +364,9 @@ def jobs_cancel(job_id: Annotated[int, typer.Argument()], config: ConfigOption =
 
 
 def main() -> None:
+    # The process boundary of every command (serve, worker, demo, and the workers serve starts, which inherit it):
+    # whatever this process creates is not for other local users (see dicom_node.permissions).
+    restrict_umask()
     try:
         app()
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import regex
 import yaml
 from pydantic import (
     BaseModel,
@@ -254,10 +255,11 @@ class MatchSettings(_Section):
     @field_validator("study_description", "series_description")
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
+        """Compiled by the engine that searches it (the ``regex`` package, under a time limit: see rules.py)."""
         if value is not None:
             try:
-                re.compile(value)
-            except re.error as exc:
+                regex.compile(value, regex.IGNORECASE)
+            except regex.error as exc:
                 raise ValueError(f"not a valid regular expression ({exc}): {value!r}") from None
         return value
 

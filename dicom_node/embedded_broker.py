@@ -26,6 +26,8 @@ from kombu.exceptions import ChannelError
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.json import dumps
 
+from dicom_node.permissions import FILE_MODE
+
 __all__ = ["SCHEME", "Transport"]
 
 SCHEME = "nodefs"
@@ -39,7 +41,8 @@ class Channel(filesystem.Channel):
         partial = os.path.join(self.data_folder_out, f".{name}.part")
         data = dumps(payload).encode("utf-8")
         try:
-            with open(partial, "wb", buffering=0) as f:
+            # Mode 0640 whatever the umask, like every file the node creates (dicom_node.permissions).
+            with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb", buffering=0) as f:
                 f.write(data)
             os.rename(partial, final)
         except OSError as exc:

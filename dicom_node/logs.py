@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dicom_node.permissions import private_dir, private_file
+
 __all__ = ["AUDIT_LOGGER", "audit", "configure_logging", "uid_hash"]
 
 AUDIT_LOGGER = "dicom_node.audit"
@@ -67,8 +69,8 @@ def configure_logging(level: str = "INFO", json_format: bool = False, data_dir: 
     for handler in list(_audit.handlers):
         _audit.removeHandler(handler)
     if data_dir is not None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        audit_file = logging.FileHandler(data_dir / "audit.log", encoding="utf-8")
+        private_dir(data_dir)
+        audit_file = logging.FileHandler(private_file(data_dir / "audit.log"), encoding="utf-8")
         audit_file.setFormatter(logging.Formatter("%(message)s"))
         _audit.addHandler(audit_file)
         _audit.propagate = False  # the audit trail goes to its own file, not the console

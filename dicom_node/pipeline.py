@@ -23,6 +23,7 @@ import pydicom
 
 from dicom_node.config import Settings
 from dicom_node.logs import audit, uid_hash
+from dicom_node.permissions import private_dir
 from dicom_node.spool import Spool, durable_write
 from dicom_node.store import JobRecord, JobState, JobStore, is_unreachable
 
@@ -225,8 +226,7 @@ def _infer(ctx: WorkerContext, job: JobRecord) -> bool:
         ctx.store.transition(job_id, JobState.FAILED, expect=[JobState.RUNNING], error=f"unusable study: {exc}")
         log.warning("job %d failed: unusable study: %s", job_id, exc)
         return False
-    out = ctx.results_dir(job)
-    out.mkdir(parents=True, exist_ok=True)
+    out = private_dir(ctx.results_dir(job))
     path = out / "result.json"
     durable_write(path, result.to_json().encode("utf-8"), sync=ctx.settings.node.fsync)
     elapsed = time.perf_counter() - started
@@ -256,6 +256,7 @@ def _write_outbox(ctx: WorkerContext, job: JobRecord) -> list[tuple[str, str, Pa
     from sr_writer.api import object_kind, write_result_objects
     from sr_writer.context import ResultOptions
     from sr_writer.findings import InferenceResult
+    from sr_writer.prepare import MixedSourcesError
     from sr_writer.uids import ResultUIDs
 
     recorded = ctx.store.job_results(job.id)
@@ -271,7 +272,11 @@ def _write_outbox(ctx: WorkerContext, job: JobRecord) -> list[tuple[str, str, Pa
     uids = ResultUIDs(job.study_uid, result.algorithm, job.profile or result.profile, job.run)
     outputs = set(job.outputs)
     options = ResultOptions(sr="sr" in outputs, gsps="gsps" in outputs, seg="seg" in outputs, sc="sc" in outputs)
-    paths = write_result_objects(result, sources, uids, outbox, options)
+    private_dir(outbox)
+    try:
+        paths = write_result_objects(result, sources, uids, outbox, options)
+    except MixedSourcesError as exc:  # the study itself is wrong (DESIGN invariant 10): no retry can mend it
+        raise PermanentError(f"the study's images cannot make one result: {exc}") from exc
     made = []
     for path in paths:
         data = path.read_bytes()

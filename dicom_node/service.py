@@ -27,6 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
 from dicom_node.logs import audit, uid_hash
+from dicom_node.permissions import open_private, private_data_dir, private_dir
 from dicom_node.pipeline import outbox_dir, owner_gone, results_dir
 from dicom_node.rules import select_rule
 from dicom_node.scp import Intake, start_scp
@@ -72,7 +73,7 @@ class Node:
     ) -> None:
         self.settings = settings
         data_dir = settings.node.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_data_dir(data_dir)
         self.spool = Spool(data_dir / "spool", sync=settings.node.fsync)
         # The spool carries every fact of an intake record (the calling AE as an extended attribute), and
         # recover_spool() records any file whose record a power loss undid: so intake records need no WAL sync.
@@ -375,8 +376,8 @@ class WorkerSupervisor:
         return cmd
 
     def _spawn(self, queue: str) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_file = (self.log_dir / f"worker-{queue}.log").open("ab")
+        private_dir(self.log_dir)
+        log_file = open_private(self.log_dir / f"worker-{queue}.log")
         self._procs[queue] = subprocess.Popen(
             self._command(queue), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_die_with_parent,

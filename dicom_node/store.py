@@ -59,6 +59,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from dicom_node.permissions import private_dir, private_file
+
 __all__ = [
     "InstanceRecord",
     "JobRecord",
@@ -450,7 +452,10 @@ class JobStore:
         self.url = url
         self.intake_engine: Engine
         if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            database = Path(url.removeprefix("sqlite:///"))
+            private_dir(database.parent)
+            if database.name not in ("", ":memory:"):
+                private_file(database)  # SQLite gives its -wal and -shm files the database file's mode
             self.engine: Engine = self._sqlite_engine(url, "FULL")
             self.intake_engine = self._sqlite_engine(url, "NORMAL") if intake_rebuildable else self.engine
         else:

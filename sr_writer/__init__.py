@@ -25,6 +25,7 @@ from sr_writer.uids import ResultUIDs
 if TYPE_CHECKING:
     from sr_writer.api import build_result_objects, write_result_objects
     from sr_writer.context import ObjectKind, ResultOptions
+    from sr_writer.prepare import MixedSourcesError
     from sr_writer.render import read_findings, render_sr
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "ImageRef",
     "InferenceResult",
     "Language",
+    "MixedSourcesError",
     "ObjectKind",
     "Report",
     "ResultOptions",
@@ -49,6 +51,7 @@ __all__ = [
 _LAZY = {
     "build_result_objects": "sr_writer.api",
     "write_result_objects": "sr_writer.api",
+    "MixedSourcesError": "sr_writer.prepare",
     "ObjectKind": "sr_writer.context",
     "ResultOptions": "sr_writer.context",
     "read_findings": "sr_writer.render",

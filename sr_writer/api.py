@@ -38,8 +38,10 @@ def build_result_objects(
     with the same arguments gives objects with the same UIDs (a retry overwrites in the PACS).
 
     Bad findings never make an invalid object: see :mod:`sr_writer.prepare` for what is clipped, dropped to a
-    text-only finding, or sanitised. Raises ``ValueError`` for caller errors: no sources, a source of another
-    study or without SOP/series/study UIDs or Rows/Columns, or ``uids`` made for another study.
+    text-only finding, or sanitised. Raises ``ValueError`` for caller errors: no sources, a source without
+    SOP/series/study UIDs or Rows/Columns, or ``uids`` made for another study; and its subclass
+    :class:`~sr_writer.prepare.MixedSourcesError` for sources of another study or of more than one patient (Patient
+    ID or Issuer of Patient ID differ), so that no object labels one patient's images with another's identity.
     """
     options = options or ResultOptions()
     ctx = BuildContext(result, sources, uids, options)
@@ -55,7 +57,7 @@ def build_result_objects(
     first = ctx.sources.datasets[0]
     for obj in objects:
         # Same Patient and Study attributes in every object (dcentvfy compares them across the study); some
-        # highdicom constructors copy only a subset.
+        # highdicom constructors copy only a subset. SourceIndex has checked that every source is of this patient.
         if isinstance(obj, hd.SOPClass):
             obj.copy_patient_and_study_information(first)
         repair_patient_module(obj)

@@ -36,18 +36,74 @@ from sr_writer.lexicon import finding_site_for, finding_type_for
 from sr_writer.text import LO_MAX, multi_line, single_line
 from sr_writer.uids import ResultUIDs
 
-__all__ = ["PreparedFinding", "SourceIndex", "prepare_findings"]
+__all__ = ["MixedSourcesError", "PreparedFinding", "SourceIndex", "prepare_findings"]
 
 logger = logging.getLogger(__name__)
 
 _EMPTY_LABEL = "finding"
 
+#: The attributes that tell patients apart (DESIGN invariant 10), with the plural used in messages.
+_PATIENT_KEYS = (("PatientID", "Patient IDs"), ("IssuerOfPatientID", "Issuers of Patient ID"))
+
+
+class MixedSourcesError(ValueError):
+    """The source images do not all belong to one patient and one study (DESIGN invariant 10).
+
+    A caller error like the other refusals of :class:`SourceIndex`, and one that no retry can mend: the study has
+    to be corrected at its origin. The message names the attribute that differs and the positions of the sources
+    in each group, never the values (they are patient data, and the message reaches logs and job records).
+    """
+
+
+def _ranges(positions: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` as ``"0-2, 5, 7-8"``."""
+    spans: list[list[int]] = []
+    for p in positions:
+        if spans and p == spans[-1][1] + 1:
+            spans[-1][1] = p
+        else:
+            spans.append([p, p])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _patient_of(ds: Dataset) -> tuple[str, ...]:
+    """Patient ID and Issuer of Patient ID as compared: absent and empty are the same (no value); leading and
+    trailing spaces are not significant in LO values."""
+    return tuple(str(ds.get(keyword) or "").strip() for keyword, _ in _PATIENT_KEYS)
+
+
+def check_one_patient(sources: Sequence[Dataset]) -> None:
+    """Raise :class:`MixedSourcesError` unless every dataset of ``sources`` has the same Patient ID and Issuer of
+    Patient ID (an absent one counts as one value: all absent is one patient, absent beside present is two)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for position, ds in enumerate(sources):
+        groups.setdefault(_patient_of(ds), []).append(position)
+    if len(groups) < 2:
+        return
+    differing = []
+    for index, (_, plural) in enumerate(_PATIENT_KEYS):
+        count = len({key[index] for key in groups})
+        if count > 1:
+            differing.append(f"{count} different {plural}")
+    # A group that lacks a value the others have is said to (an absent value is not patient data, and it is the
+    # usual cause: one modality that fills the Issuer of Patient ID, another that does not).
+    described = []
+    for key, positions in groups.items():
+        lacks = any(not key[i] and any(other[i] for other in groups) for i in range(len(_PATIENT_KEYS)))
+        described.append(_ranges(positions) + (" without one" if lacks else ""))
+    raise MixedSourcesError(
+        f"sources: {' and '.join(differing)} among {len(sources)} sources (sources {' vs '.join(described)}); "
+        "every source image must belong to one patient (one Patient ID and Issuer of Patient ID)"
+    )
+
 
 class SourceIndex:
     """The study's source images by SOP Instance UID, in the order given.
 
-    Raises ``ValueError`` when a dataset lacks the attributes every writer needs or belongs to another study than
-    ``study_instance_uid``. A SOP Instance UID given twice (an instance received twice) keeps its first dataset.
+    Raises ``ValueError`` when a dataset lacks the attributes every writer needs, and :class:`MixedSourcesError`
+    (a ``ValueError``) when one belongs to another study than ``study_instance_uid`` or the datasets disagree on
+    the patient. A SOP Instance UID given twice (an instance received twice) keeps its first dataset; both copies
+    must agree on the patient.
     """
 
     REQUIRED = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
@@ -61,7 +117,7 @@ class SourceIndex:
             if missing:
                 raise ValueError(f"sources[{position}] lacks required attributes {missing}")
             if ds.StudyInstanceUID != study_instance_uid:
-                raise ValueError(
+                raise MixedSourcesError(
                     f"sources[{position}] belongs to another study than result.study_instance_uid "
                     "(every source image must come from the study the result describes)"
                 )
@@ -70,6 +126,7 @@ class SourceIndex:
                 logger.warning("sources[%d] repeats a SOP Instance UID already given; the first one is used", position)
                 continue
             self._by_uid[uid] = ds
+        check_one_patient(sources)
 
     def get(self, sop_instance_uid: str) -> Dataset | None:
         return self._by_uid.get(sop_instance_uid)

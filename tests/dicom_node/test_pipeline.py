@@ -122,6 +122,37 @@ def test_poison_study_fails_fast_with_reason(
     assert job.error is not None and job.error.startswith("unusable study:")
 
 
+def test_a_study_of_two_patients_fails_its_export_for_good_without_patient_data(
+    running_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """DESIGN invariant 10: one study, two Patient IDs. No object is built; the job's reason says what differs."""
+    from sr_writer.findings import Language
+    from tests.sr_writer.helpers import synthetic_result
+
+    node = running_node()
+    files = make_study(tmp_path / "s", 2, template="RG1_UNCI.dcm")
+    for path, patient in zip(files, ("SYNTH-PATIENT-A", "SYNTH-PATIENT-B"), strict=True):
+        ds = pydicom.dcmread(path)
+        ds.PatientID = patient
+        ds.save_as(path, enforce_file_format=True)
+    job_id = queued_job(node, files)
+    # The model's part is not the subject: a result without findings, as a worker would have kept it.
+    result = synthetic_result(pydicom.dcmread(files[0], stop_before_pixels=True), Language.ENGLISH, findings=[])
+    kept = tmp_path / "result.json"
+    kept.write_text(result.to_json(), encoding="utf-8")
+    assert node.store.transition(job_id, JobState.SUCCEEDED, expect=[JobState.QUEUED], result_path=str(kept))
+
+    ctx = context(node)
+    with pytest.raises(PermanentError) as caught:
+        run_export(ctx, job_id)
+    reason = str(caught.value)
+    assert "2 different Patient IDs among 2 sources (sources 0 vs 1)" in reason
+    assert "SYNTH-PATIENT" not in reason
+    job = node.store.job(job_id)
+    assert job is not None and node.store.job_results(job_id) == []
+    assert not ctx.outbox_dir(job).exists() or not any(ctx.outbox_dir(job).iterdir())
+
+
 def test_export_outcomes_rejected_transient_then_delivered(
     running_node: Callable[..., Node], tiny_model: Path, tmp_path: Path
 ) -> None:
