@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pydicom.uid import generate_uid
 from dicom_node.pipeline import PermanentError, TransientError, WorkerContext, claim_job, run_export, run_inference
 from dicom_node.receiver import Receiver
 from dicom_node.service import Node
-from dicom_node.store import JobState, is_unreachable
+from dicom_node.store import InstanceRecord, JobState, is_unreachable
 from inference.engine import Engine
 from tests.conftest import make_study
 from tests.dicom_node.test_intake import storescu, wait_for
@@ -129,13 +130,30 @@ def test_a_study_of_two_patients_fails_its_export_for_good_without_patient_data(
     from sr_writer.findings import Language
     from tests.sr_writer.helpers import synthetic_result
 
-    node = running_node()
+    node = running_node(study={"stable_seconds": 2})
     files = make_study(tmp_path / "s", 2, template="RG1_UNCI.dcm")
     for path, patient in zip(files, ("SYNTH-PATIENT-A", "SYNTH-PATIENT-B"), strict=True):
         ds = pydicom.dcmread(path)
         ds.PatientID = patient
         ds.save_as(path, enforce_file_format=True)
-    job_id = queued_job(node, files)
+    # Intake refuses the second patient's instance (test_hostile_peers); a study recorded before the node compared
+    # patients at intake can still hold both, so the second is put in the spool and recorded as such a store has it.
+    assert storescu(node, files[:1]).returncode == 0
+    second = pydicom.dcmread(files[1], stop_before_pixels=True)
+    spooled = node.spool.path_for(second.StudyInstanceUID, second.SeriesInstanceUID, second.SOPInstanceUID)
+    shutil.copyfile(files[1], spooled)
+    node.store.record_instance(
+        InstanceRecord(
+            sop_instance_uid=second.SOPInstanceUID, study_uid=second.StudyInstanceUID,
+            series_uid=second.SeriesInstanceUID, sop_class_uid=second.SOPClassUID,
+            transfer_syntax=second.file_meta.TransferSyntaxUID, modality=second.Modality, body_part="",
+            study_description="", series_description="", calling_ae="STORESCU",
+            path=node.spool.relative(spooled), size=spooled.stat().st_size,
+        )
+    )
+    jobs = wait_for(lambda: node.store.list_jobs())
+    assert isinstance(jobs, list) and len(jobs) == 1
+    job_id = jobs[0].id
     # The model's part is not the subject: a result without findings, as a worker would have kept it.
     result = synthetic_result(pydicom.dcmread(files[0], stop_before_pixels=True), Language.ENGLISH, findings=[])
     kept = tmp_path / "result.json"

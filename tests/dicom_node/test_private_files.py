@@ -139,13 +139,15 @@ def test_broker_messages_are_written_private(tmp_path: Path) -> None:
                 "data_folder_in": str(folder), "data_folder_out": str(folder), "control_folder": str(tmp_path),
             },
         ) as conn:
-            queue = conn.SimpleQueue("inference")
+            # A queue name of this test's own: kombu keeps declared exchanges in class-level state, so a name
+            # another test declared with another control folder would route this message nowhere.
+            queue = conn.SimpleQueue("private-modes")
             queue.put({"job": 1})
             queue.close()
     finally:
         os.umask(previous)
     (message,) = folder.iterdir()
-    assert message.name.endswith(".inference.msg")
+    assert message.name.endswith(".private-modes.msg")
     assert message.stat().st_mode & 0o777 == FILE_MODE
 
 
