@@ -13,6 +13,8 @@ from typing import Any
 
 import pydicom
 import yaml
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.pipeline import outbox_dir
@@ -44,6 +46,22 @@ class ExportJob:
             )  # fmt: skip
 
 
+def queued_job(store: JobStore, source: Path, destinations: list[str]) -> int:
+    """A complete study of one instance (``source``, left where it is) and its job, queued and never enqueued."""
+    study_uid = generate_uid()
+    store.record_instance(
+        InstanceRecord(
+            sop_instance_uid=generate_uid(), study_uid=study_uid, series_uid=generate_uid(),
+            sop_class_uid=CTImageStorage, transfer_syntax=ExplicitVRLittleEndian, modality="CT", body_part="",
+            study_description="", series_description="", calling_ae="TEST", path=str(source),
+            size=source.stat().st_size,
+        )
+    )  # fmt: skip
+    job_id = store.complete_study(study_uid, rule="test", destinations=destinations)
+    assert job_id is not None
+    return job_id
+
+
 def export_job(tmp_path: Path, destination: dict[str, Any], count: int) -> ExportJob:
     """A job in state ``succeeded`` whose ``count`` result objects (synthetic CT instances) wait in the outbox."""
     config_path = tmp_path / "node.yaml"
@@ -56,18 +74,7 @@ def export_job(tmp_path: Path, destination: dict[str, Any], count: int) -> Expor
     settings = load_settings(config_path)
     store = JobStore(settings.store_url)
     try:
-        source = make_study(tmp_path / "source", 1)[0]
-        study_uid = "1.2.826.0.1.3680043.8.498.1"
-        store.record_instance(
-            InstanceRecord(
-                sop_instance_uid="1.2.826.0.1.3680043.8.498.2", study_uid=study_uid,
-                series_uid="1.2.826.0.1.3680043.8.498.3", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                transfer_syntax="1.2.840.10008.1.2.1", modality="CT", body_part="", study_description="",
-                series_description="", calling_ae="TEST", path=str(source), size=source.stat().st_size,
-            )
-        )  # fmt: skip
-        job_id = store.complete_study(study_uid, rule="test", destinations=[destination["name"]])
-        assert job_id is not None
+        job_id = queued_job(store, make_study(tmp_path / "source", 1)[0], [destination["name"]])
         assert store.transition(job_id, JobState.RUNNING, expect=[JobState.QUEUED], owner="test", lease_until=0)
         assert store.transition(job_id, JobState.SUCCEEDED, expect=[JobState.RUNNING], result_path="unused")
         job = store.job(job_id)

@@ -6,6 +6,7 @@ restart them the way a hospital's night would.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from dicom_node.receiver import Receiver
 from dicom_node.service import Node
 from dicom_node.store import JobState, JobStore
 from tests.conftest import free_port, make_study
+from tests.dicom_node.export_job import queued_job
 from tests.dicom_node.test_intake import storescu
 from tests.inference.tiny_models import build_qwen2_5_vl
 from tests.postgres import PostgresServer, postgres_bin
@@ -333,3 +335,69 @@ def test_embedded_broker_runs_a_study_end_to_end_without_redis(
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout.split()
     assert left == [], f"workers left running: {left}"
+
+
+def redis_cli(redis: RedisServer, *command: str) -> str:
+    return subprocess.run(
+        ["redis-cli", "-p", str(redis.port), *command], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_an_enqueue_while_redis_is_down_is_logged_as_failed_and_retried_not_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis = RedisServer(tmp_path)  # not started: nothing listens on its port
+    settings = load_settings(
+        None,
+        {"node": {"data_dir": str(tmp_path / "var")}, "queue": {"broker_url": redis.url, "start_workers": False}},
+    )
+    node = Node(settings)  # the Celery dispatcher; nothing started: the test runs the reconciler's passes itself
+    try:
+        job_id = queued_job(node.store, make_study(tmp_path / "s", 1)[0], [])
+        with caplog.at_level(logging.INFO, logger="dicom_node"):
+            assert node.reconcile() == 0
+        said = [r.getMessage() for r in caplog.records]
+        failed = [m for m in said if f"job {job_id} NOT enqueued" in m]
+        assert failed and "Connection refused" in failed[0], said
+        assert any("enqueue failed" in m for m in said), said
+        assert not any("job(s) enqueued" in m for m in said if m.startswith("reconciled")), said
+        job = node.store.job(job_id)
+        assert job is not None and job.state is JobState.QUEUED and job.enqueued_at is None
+
+        redis.start()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dicom_node"):
+            assert node.reconcile() == 1  # the next pass
+        assert "reconciled: 1 job(s) enqueued" in [r.getMessage() for r in caplog.records]
+        assert redis_cli(redis, "LLEN", "inference") == "1"
+        assert node.dispatcher.queued_job_ids() == {job_id}  # type: ignore[attr-defined]
+        job = node.store.job(job_id)
+        assert job is not None and job.enqueued_at is not None
+    finally:
+        node.store.close()
+        redis.stop()
+
+
+def test_a_queued_job_whose_message_a_redis_restart_lost_is_enqueued_again_and_runs(
+    deploy: Callable[..., Deployment], redis: RedisServer, tiny_model: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    """Redis restarted without its data while a job waited for a worker: the node notices the message is gone and
+    sends it again, instead of waiting for requeue_after_seconds (600 s here, far beyond the test's patience)."""
+    d = deploy(
+        queue={"broker_url": redis.url, "requeue_after_seconds": 600, "broker_check_seconds": 1},
+        model=model(tiny_model), destinations=[receiver.destination()],
+    )  # fmt: skip
+    node = d.start_node()  # no worker yet: the job's message waits in Redis
+    assert storescu(node, make_study(tmp_path / "s", 1, "RG1_UNCI.dcm")).returncode == 0
+    jobs = d.wait_jobs(lambda js: js[0].state is JobState.QUEUED and js[0].enqueued_at is not None)
+    assert redis_cli(redis, "LLEN", "inference") == "1"
+
+    redis.stop()
+    redis.start()  # empty: the message is gone
+    assert redis_cli(redis, "LLEN", "inference") == "0"
+    d.start_worker("inference")
+    d.start_worker("export")
+    jobs = d.wait_jobs(delivered, timeout=150)
+    requeued = [e for e in d.store.job_events(jobs[0].id) if e["kind"] == "requeued"]
+    assert len(requeued) == 1 and "no longer in the broker" in requeued[0]["detail"]
+    assert receiver.received and all(n == 1 for n in receiver.received.values())
