@@ -64,6 +64,7 @@ def queued_job(store: JobStore, source: Path, destinations: list[str]) -> int:
 
 def export_job(tmp_path: Path, destination: dict[str, Any], count: int) -> ExportJob:
     """A job in state ``succeeded`` whose ``count`` result objects (synthetic CT instances) wait in the outbox."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config_path = tmp_path / "node.yaml"
     config = {
         "node": {"port": free_port(), "bind": "127.0.0.1", "data_dir": str(tmp_path / "var")},
