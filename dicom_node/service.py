@@ -353,15 +353,17 @@ class Node:
         is harmless all the same (see :meth:`reconcile`). Jobs never enqueued, and jobs of dead workers, are the
         reconciler's; with a broker that cannot tell (embedded), ``queue.requeue_after_seconds`` is the fallback.
         """
-        held = self.dispatcher.queued_job_ids()
-        if held is None:
-            return 0
         waiting = (JobState.QUEUED, JobState.SUCCEEDED)
-        missing = {
+        enqueued_at = {
             job.id: job.enqueued_at
             for job in self.store.unfinished_jobs()
-            if job.state in waiting and job.enqueued_at is not None and job.id not in held
+            if job.state in waiting and job.enqueued_at is not None
         }
+        held = self.dispatcher.queued_job_ids() if enqueued_at else None  # no broker round trip for an empty queue
+        if held is None:
+            self._missing.clear()
+            return 0
+        missing = {job_id: at for job_id, at in enqueued_at.items() if job_id not in held}
         lost = sorted(job_id for job_id, at in missing.items() if self._missing.get(job_id) == at)
         self._missing = {job_id: at for job_id, at in missing.items() if job_id not in lost}
         enqueued = 0
@@ -370,8 +372,8 @@ class Node:
             if job is None or job.state not in waiting or job.enqueued_at != missing[job_id]:
                 continue  # it moved since the check
             detail = "its message is no longer in the broker (restarted without its data, or flushed); enqueued again"
-            if not self.dispatcher.submit(job):
-                self._missing[job_id] = missing[job_id]  # still lost: the next check tries again
+            if not self.dispatcher.submit(job):  # the broker went away again: the next check tries these again
+                self._missing.update({j: missing[j] for j in lost[lost.index(job_id) :]})
                 break
             self.store.note(job_id, "requeued", detail)
             enqueued += 1
