@@ -370,7 +370,7 @@ def test_an_enqueue_while_redis_is_down_is_logged_as_failed_and_retried_not_coun
             assert node.reconcile() == 1  # the next pass
         assert "reconciled: 1 job(s) enqueued" in [r.getMessage() for r in caplog.records]
         assert redis_cli(redis, "LLEN", "inference") == "1"
-        assert node.dispatcher.queued_job_ids() == {job_id}  # type: ignore[attr-defined]
+        assert node.dispatcher.queued_job_ids() == {job_id}
         job = node.store.job(job_id)
         assert job is not None and job.enqueued_at is not None
     finally:
