@@ -141,8 +141,9 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
     def infer(job_id: int) -> None:
         try:
             if run_inference(holder, job_id):
-                job = holder.store.job(job_id)
-                if job is not None and not CeleryDispatcher(app, holder.store).submit(job):
+                job = holder.store.job(job_id)  # succeeded, unless cancelled since
+                dispatcher = CeleryDispatcher(app, holder.store)
+                if job is not None and job.state is JobState.SUCCEEDED and not dispatcher.submit(job):
                     holder.store.clear_enqueued(job_id)  # no export message anywhere: the next reconcile sends one
         except Exception as exc:  # process boundary: the job fails with a readable reason, once
             if is_unreachable(exc):
