@@ -62,13 +62,16 @@ def queued_job(store: JobStore, source: Path, destinations: list[str]) -> int:
     return job_id
 
 
-def export_job(tmp_path: Path, destination: dict[str, Any], count: int) -> ExportJob:
-    """A job in state ``succeeded`` whose ``count`` result objects (synthetic CT instances) wait in the outbox."""
+def export_job(
+    tmp_path: Path, destination: dict[str, Any], count: int, queue: dict[str, Any] | None = None
+) -> ExportJob:
+    """A job in state ``succeeded`` whose ``count`` result objects (synthetic CT instances) wait in the outbox; its
+    configuration (``queue`` laid over the queue section) in ``tmp_path/node.yaml``."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     config_path = tmp_path / "node.yaml"
     config = {
         "node": {"port": free_port(), "bind": "127.0.0.1", "data_dir": str(tmp_path / "var")},
-        "queue": {"start_workers": False},
+        "queue": {"start_workers": False, **(queue or {})},
         "destinations": [destination],
     }
     config_path.write_text(yaml.safe_dump(config))

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,9 +25,10 @@ from dicom_node.receiver import Receiver
 from dicom_node.service import Node
 from dicom_node.store import JobState, JobStore
 from tests.conftest import free_port, make_study
-from tests.dicom_node.export_job import queued_job
+from tests.dicom_node.export_job import export_job, queued_job
 from tests.dicom_node.test_intake import storescu
 from tests.inference.tiny_models import build_qwen2_5_vl
+from tests.orthanc import StoreRecorder
 from tests.postgres import PostgresServer, postgres_bin
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -401,3 +403,46 @@ def test_a_queued_job_whose_message_a_redis_restart_lost_is_enqueued_again_and_r
     requeued = [e for e in d.store.job_events(jobs[0].id) if e["kind"] == "requeued"]
     assert len(requeued) == 1 and "no longer in the broker" in requeued[0]["detail"]
     assert receiver.received and all(n == 1 for n in receiver.received.values())
+
+
+def test_a_running_export_keeps_its_message_in_redis_and_is_not_sent_again(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """The broker check must not mistake a task in a worker's hands for a lost one: Celery acknowledges late, so
+    Redis keeps the message (in its ``unacked`` hash) while the export runs."""
+    holding, release = threading.Event(), threading.Event()
+
+    def respond(event: Any) -> int:
+        holding.set()
+        release.wait(60)
+        return 0x0000
+
+    with StoreRecorder("STORESCP", respond=respond) as pacs:
+        destination = {"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs.port, "timeout": 60}
+        job = export_job(tmp_path, destination, 2, queue={"broker_url": redis.url})
+        node = Node(job.settings)  # not started: the test runs the node's passes itself
+        log = tmp_path / "worker.log"
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "worker", "--config", str(job.config_path), "--queues", "export"],
+            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert node.reconcile() == 1  # the export task goes to Redis
+            deadline = time.monotonic() + 120
+            while not holding.wait(0.2):
+                assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            assert redis_cli(redis, "LLEN", "export") == "0"  # taken by the worker...
+            assert node.dispatcher.queued_job_ids() == {job.job_id}  # ...and still held by Redis
+            assert node.requeue_lost() == 0 and node.requeue_lost() == 0
+            release.set()
+            deadline = time.monotonic() + 60
+            while (done := node.store.job(job.job_id)) is None or done.state is not JobState.DELIVERED:
+                assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+                time.sleep(0.2)
+            assert sorted(pacs.sop_instance_uids()) == sorted(job.uids)  # each object once
+            assert not [e for e in node.store.job_events(job.job_id) if e["kind"] == "requeued"]
+        finally:
+            release.set()
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
+            node.store.close()
