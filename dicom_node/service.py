@@ -5,7 +5,9 @@ DICOM has no end-of-study signal: a study is complete after ``study.stable_secon
 creates the study's job; the dispatcher hands the job to the queue.
 
 On start-up the node reconciles (DESIGN invariants 1 and 3): spooled files that were never recorded are recorded,
-and every job the store says is unfinished is handed to the dispatcher again.
+and every job the store says is unfinished is handed to the dispatcher again. While it runs, the reconciler enqueues
+what the broker did not take and what dead workers left, and the broker check (``queue.broker_check_seconds``)
+enqueues again the jobs whose message Redis lost.
 """
 
 from __future__ import annotations
@@ -304,6 +306,10 @@ class Node:
         (its message was lost when Redis was flushed or restarted) is enqueued again, as is a job whose worker
         died (lease over, or its process gone on this host). Duplicate messages are harmless: a worker claims a
         job with a compare-and-set and drops messages for jobs that are running or done.
+
+        A job the broker does not take is not counted: the failure is logged, the pass stops there (the broker is
+        unreachable, every further job would wait for the same time-out) and the next pass tries again. A message
+        Redis lost is found sooner by :meth:`requeue_lost`.
         """
         now = time.time() if now is None else now
         q = self.settings.queue
