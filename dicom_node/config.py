@@ -177,6 +177,12 @@ class QueueSettings(_Section):
     requeue_after_seconds: float = Field(
         600, gt=0, description="a queued job with no sign of a worker this long is enqueued again (lost message)"
     )
+    broker_check_seconds: float = Field(
+        5,
+        gt=0,
+        description="how often queued jobs are checked against the messages Redis holds: a job whose message is "
+        "gone (Redis restarted empty, flushed) is enqueued again when two checks in a row miss it",
+    )
 
     @field_validator("broker_url")
     @classmethod

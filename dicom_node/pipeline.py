@@ -291,9 +291,10 @@ def run_export(ctx: WorkerContext, job_id: int) -> None:
     """Build, keep and send the job's result objects; raises :class:`TransientError` when a retry may help.
 
     A destination that rejects an object (a failure status) fails the job with the status and reason; partial
-    success is recorded per destination and per object, and a retry sends only what is missing.
+    success is recorded per destination and per object, each object as soon as the peer acknowledges it, and a
+    retry (after a failure or a crash) sends only what is missing.
     """
-    from dicom_node.scu import Outcome, send_files
+    from dicom_node.scu import FileResult, Outcome, send_files
 
     store = ctx.store
     job = store.job(job_id)
@@ -317,10 +318,14 @@ def run_export(ctx: WorkerContext, job_id: int) -> None:
         pending = [p for uid, _kind, p in made if name not in delivered.get(uid, set())]
         if not pending:
             continue
-        report = send_files(destination, pending, ctx.settings.node.ae_title)
-        for item in report.delivered:
+
+        def record(item: FileResult, name: str = name) -> None:
+            # As the peer acknowledges each object, before the next goes out: a worker killed mid-batch leaves
+            # every acknowledged object on record, and the retry sends only what the peer did not confirm.
             if item.sop_instance_uid:
                 store.mark_delivered(item.sop_instance_uid, name)
+
+        report = send_files(destination, pending, ctx.settings.node.ae_title, on_delivered=record)
         audit(
             "export", job=job_id, destination=name, delivered=len(report.delivered),
             rejected=len(report.rejected), transient=len(report.transient),

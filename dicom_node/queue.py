@@ -12,6 +12,8 @@ writes: :mod:`dicom_node.embedded_broker`): the same tasks and workers, with no 
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import signal
@@ -21,6 +23,8 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.signals import worker_process_init
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 
 from dicom_node import embedded_broker
 from dicom_node.config import Settings
@@ -137,8 +141,10 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
     def infer(job_id: int) -> None:
         try:
             if run_inference(holder, job_id):
-                app.send_task(EXPORT_TASK, args=[job_id], queue=EXPORT_QUEUE)
-                holder.store.mark_enqueued(job_id)
+                job = holder.store.job(job_id)  # succeeded, unless cancelled since
+                dispatcher = CeleryDispatcher(app, holder.store)
+                if job is not None and job.state is JobState.SUCCEEDED and not dispatcher.submit(job):
+                    holder.store.clear_enqueued(job_id)  # no export message anywhere: the next reconcile sends one
         except Exception as exc:  # process boundary: the job fails with a readable reason, once
             if is_unreachable(exc):
                 raise
@@ -208,22 +214,81 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
 
 
 class CeleryDispatcher:
-    """Publishes a job's next task; never raises: when the broker is down the job stays queued in the store."""
+    """Publishes a job's next task and tells which jobs the broker holds a message for.
+
+    Never raises for the broker: a job that could not be enqueued stays as it is in the store, the failure is
+    logged with its reason, and the reconciler tries again (DESIGN invariant 3).
+    """
 
     def __init__(self, app: Celery, store: Any) -> None:
         self.app = app
         self.store = store
+        self.embedded = str(app.conf.broker_url).startswith(f"{embedded_broker.SCHEME}://")
 
-    def submit(self, job: JobRecord) -> None:
+    def submit(self, job: JobRecord) -> bool:
+        """Publish the job's next task (export once inference succeeded); False when the broker did not take it."""
         task, queue = (
             (EXPORT_TASK, EXPORT_QUEUE) if job.state is JobState.SUCCEEDED else (INFERENCE_TASK, INFERENCE_QUEUE)
         )
         try:
             self.app.send_task(task, args=[job.id], queue=queue)
-        except Exception as exc:  # broker unavailable: the reconciler tries again later
-            log.warning("job %d not enqueued (%s); it stays %s and is retried", job.id, exc, job.state.value)
-            return
+        except Exception as exc:  # the broker's boundary: kombu, redis and the OS each raise their own errors
+            log.warning(
+                "job %d NOT enqueued: the broker did not take it (%s: %s); it stays %s in the job store and the "
+                "reconciler tries again", job.id, type(exc).__name__, exc, job.state.value,
+            )  # fmt: skip
+            return False
         self.store.mark_enqueued(job.id)
+        return True
+
+    def queued_job_ids(self) -> set[int] | None:
+        """The ids of the jobs the broker holds a task message for: waiting in a queue, or delivered to a worker
+        and not acknowledged yet (tasks acknowledge late, so a running task's message is still held).
+
+        None when it cannot tell: the broker is unreachable just now, or it is the embedded one, whose messages are
+        files that survive restarts, and which a worker removes as it takes them (a running task's message is gone).
+        """
+        if self.embedded:
+            return None
+        try:
+            payloads = _redis_messages(self.app)
+        except (OSError, RedisError, KombuError) as exc:
+            log.debug("cannot list the broker's messages: %s", exc)
+            return None
+        found = (_job_of(payload) for payload in payloads)
+        return {job_id for job_id in found if job_id is not None}
+
+
+def _redis_messages(app: Celery) -> list[dict[str, Any]]:
+    """Every message of the node's two queues (all priority levels) and every delivered, unacknowledged message.
+
+    Leans on kombu's Redis layout (5.x): one list per queue and priority step, named by ``Channel._q_for_pri``, and
+    the ``unacked`` hash of ``[message, exchange, routing key]``; kept to this one function.
+    """
+    with app.connection_for_read() as conn:
+        channel: Any = conn.default_channel
+        with channel.conn_or_acquire() as client, client.pipeline() as pipe:
+            for queue in (INFERENCE_QUEUE, EXPORT_QUEUE):
+                for priority in channel.priority_steps:
+                    pipe.lrange(channel._q_for_pri(queue, priority), 0, -1)
+            pipe.hvals(channel.unacked_key)
+            *waiting, unacked = pipe.execute()
+    payloads: list[dict[str, Any]] = [json.loads(item) for reply in waiting for item in reply]
+    payloads += [json.loads(item)[0] for item in unacked]
+    return payloads
+
+
+def _job_of(payload: Any) -> int | None:
+    """The job id a task message of ours carries (Celery message protocol 2: body ``[args, kwargs, embed]``)."""
+    try:
+        if (payload.get("headers") or {}).get("task") not in (INFERENCE_TASK, EXPORT_TASK):
+            return None
+        body = payload["body"]
+        if (payload.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        return int(json.loads(body)[0][0])
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):  # not a message of ours
+        return None
 
 
 def install_model_loader(ctx: WorkerContext, failure_file: Path) -> None:

@@ -665,13 +665,25 @@ def _send_one(
     return result(outcome, reason, code, syntax)
 
 
-def send_files(destination: DestinationSettings, files: Sequence[Path], calling_ae: str) -> SendReport:
+def send_files(
+    destination: DestinationSettings,
+    files: Sequence[Path],
+    calling_ae: str,
+    *,
+    on_delivered: Callable[[FileResult], None] | None = None,
+) -> SendReport:
     """C-STORE ``files`` to ``destination`` over one association (more only beyond 128 presentation contexts).
 
     ``calling_ae`` is our AE title unless the destination sets ``calling_ae_title``. Files are sent as stored
     when the peer accepts their transfer syntax, else converted to Explicit/Implicit VR Little Endian
     (decompressed if needed). Never raises for network, peer or file problems: see :class:`SendReport` and the
     module docstring.
+
+    ``on_delivered(result)`` is called for each file the peer acknowledged (Success or a warning), as soon as its
+    response arrives and before the next C-STORE goes out: the caller records the delivery there, so that a crash
+    mid-batch leaves on record everything the peer confirmed, and a retry resends only the rest (at most the one
+    object whose response was in flight). Whatever it raises aborts the association and propagates: sending on
+    without being able to record what was delivered would only make duplicates later.
     """
     started = time.monotonic()
     calling = destination.calling_ae_title or calling_ae
@@ -716,6 +728,12 @@ def send_files(destination: DestinationSettings, files: Sequence[Path], calling_
                 continue
             file_result = _send_one(assoc, info, accepted, peer, destination.timeout)
             results[info.index] = file_result
+            if on_delivered is not None and file_result.outcome == Outcome.DELIVERED:
+                try:
+                    on_delivered(file_result)
+                except BaseException:  # not handled here: the association ends, the error goes to the caller
+                    assoc.abort()
+                    raise
             if file_result.outcome != Outcome.DELIVERED:
                 LOGGER.warning(
                     "C-STORE of instance %s to %s %s: %s",

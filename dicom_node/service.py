@@ -5,7 +5,9 @@ DICOM has no end-of-study signal: a study is complete after ``study.stable_secon
 creates the study's job; the dispatcher hands the job to the queue.
 
 On start-up the node reconciles (DESIGN invariants 1 and 3): spooled files that were never recorded are recorded,
-and every job the store says is unfinished is handed to the dispatcher again.
+and every job the store says is unfinished is handed to the dispatcher again. While it runs, the reconciler enqueues
+what the broker did not take and what dead workers left, and the broker check (``queue.broker_check_seconds``)
+enqueues again the jobs whose message Redis lost.
 """
 
 from __future__ import annotations
@@ -51,7 +53,14 @@ log = logging.getLogger(__name__)
 class Dispatcher(Protocol):
     """Hands a job to whatever runs it (the Celery queue); must be idempotent per job id."""
 
-    def submit(self, job: JobRecord) -> None: ...
+    def submit(self, job: JobRecord) -> bool:
+        """Hand the job over; False when that failed (logged with the reason): the job stays as the store has it,
+        and the reconciler tries again. Never raises for the queue being unavailable."""
+        ...
+
+    def queued_job_ids(self) -> set[int] | None:
+        """The ids of the jobs whose message the queue holds (waiting or being worked on); None: cannot tell."""
+        ...
 
 
 class RecordingDispatcher:
@@ -60,9 +69,13 @@ class RecordingDispatcher:
     def __init__(self) -> None:
         self.submitted: list[int] = []
 
-    def submit(self, job: JobRecord) -> None:
+    def submit(self, job: JobRecord) -> bool:
         self.submitted.append(job.id)
         log.info("job %d queued (study %s, run %d)", job.id, uid_hash(job.study_uid), job.run)
+        return True
+
+    def queued_job_ids(self) -> set[int] | None:
+        return None
 
 
 class Node:
@@ -93,6 +106,8 @@ class Node:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: ThreadedAssociationServer | None = None
+        #: Jobs whose message the last broker check did not find, with the ``enqueued_at`` it saw (see requeue_lost).
+        self._missing: dict[int, float] = {}
 
     @property
     def port(self) -> int:
@@ -116,6 +131,7 @@ class Node:
         loops: list[tuple[str, Callable[[float], None], float]] = [
             ("assembler", self._assembler_loop, period),
             ("reconciler", self._reconciler_loop, self.settings.queue.reconcile_seconds),
+            ("broker-check", self._broker_check_loop, self.settings.queue.broker_check_seconds),
         ]
         if self.settings.retention.keep_days is not None:
             loops.append(("retention", self._retention_loop, self.settings.retention.check_seconds))
@@ -141,6 +157,9 @@ class Node:
 
     def _reconciler_loop(self, period: float) -> None:
         self._repeat("reconciliation", self.reconcile, period)
+
+    def _broker_check_loop(self, period: float) -> None:
+        self._repeat("broker check", self.requeue_lost, period)
 
     def _retention_loop(self, period: float) -> None:
         self._repeat("retention", self.apply_retention, period)
@@ -304,6 +323,10 @@ class Node:
         (its message was lost when Redis was flushed or restarted) is enqueued again, as is a job whose worker
         died (lease over, or its process gone on this host). Duplicate messages are harmless: a worker claims a
         job with a compare-and-set and drops messages for jobs that are running or done.
+
+        A job the broker does not take is not counted: the failure is logged, the pass stops there (the broker is
+        unreachable, every further job would wait for the same time-out) and the next pass tries again. A message
+        Redis lost is found sooner by :meth:`requeue_lost`.
         """
         now = time.time() if now is None else now
         q = self.settings.queue
@@ -329,11 +352,59 @@ class Node:
             elif not startup and job.enqueued_at is not None and job.enqueued_at > stale:
                 continue
             fresh = self.store.job(job.id)
-            if fresh is not None and not fresh.state.finished:
-                self.dispatcher.submit(fresh)
-                enqueued += 1
+            if fresh is None or fresh.state.finished:
+                continue
+            if not self.dispatcher.submit(fresh):
+                # The broker is unreachable (the dispatcher logged why): the jobs after this one would fail alike, one
+                # time-out each. They all stay as they are in the store, and the next pass tries again.
+                log.error(
+                    "reconciliation: enqueue failed at job %d (broker unreachable, reason above); %d job(s) enqueued "
+                    "before it; it and the rest are tried again in %g s", fresh.id, enqueued, q.reconcile_seconds,
+                )  # fmt: skip
+                break
+            enqueued += 1
         if enqueued:
             log.info("reconciled: %d job(s) enqueued", enqueued)
+        return enqueued
+
+    def requeue_lost(self) -> int:
+        """Enqueue again the jobs the store says are waiting in the queue whose message the broker no longer holds
+        (Redis restarted without its data, or flushed); returns how many were enqueued.
+
+        A job counts as lost when two checks in a row miss its message and it has not moved in between (same state,
+        same ``enqueued_at``): a message a worker is just taking is briefly in neither of Redis' places. A duplicate
+        is harmless all the same (see :meth:`reconcile`). Jobs never enqueued, and jobs of dead workers, are the
+        reconciler's; with a broker that cannot tell (embedded), ``queue.requeue_after_seconds`` is the fallback.
+        """
+        waiting = (JobState.QUEUED, JobState.SUCCEEDED)
+        enqueued_at = {
+            job.id: job.enqueued_at
+            for job in self.store.unfinished_jobs()
+            if job.state in waiting and job.enqueued_at is not None
+        }
+        held = self.dispatcher.queued_job_ids() if enqueued_at else None  # no broker round trip for an empty queue
+        if held is None:
+            self._missing.clear()
+            return 0
+        missing = {job_id: at for job_id, at in enqueued_at.items() if job_id not in held}
+        lost = sorted(job_id for job_id, at in missing.items() if self._missing.get(job_id) == at)
+        self._missing = {job_id: at for job_id, at in missing.items() if job_id not in lost}
+        enqueued = 0
+        for job_id in lost:
+            job = self.store.job(job_id)
+            if job is None or job.state not in waiting or job.enqueued_at != missing[job_id]:
+                continue  # it moved since the check
+            detail = "its message is no longer in the broker (restarted without its data, or flushed); enqueued again"
+            if not self.dispatcher.submit(job):  # the broker went away again: the next check tries these again
+                self._missing.update({j: missing[j] for j in lost[lost.index(job_id) :]})
+                break
+            self.store.note(job_id, "requeued", detail)
+            enqueued += 1
+        if lost:
+            log.warning(
+                "%d queued job(s) had lost their broker message (Redis restarted empty or flushed?): %d enqueued again",
+                len(lost), enqueued,
+            )  # fmt: skip
         return enqueued
 
     def wait(self) -> None:

@@ -870,6 +870,11 @@ class JobStore:
         with self._tx() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(enqueued_at=now or time.time()))
 
+    def clear_enqueued(self, job_id: int) -> None:
+        """The job's next message could not be published: the next reconcile pass enqueues it (``enqueued_at`` None)."""
+        with self._tx() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(enqueued_at=None))
+
     def note(self, job_id: int, kind: str, detail: str) -> None:
         """Record an event (a retry, a redelivery, a send attempt) without changing the job's state."""
         with self._tx() as conn:

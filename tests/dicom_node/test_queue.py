@@ -6,10 +6,12 @@ restart them the way a hospital's night would.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +25,10 @@ from dicom_node.receiver import Receiver
 from dicom_node.service import Node
 from dicom_node.store import JobState, JobStore
 from tests.conftest import free_port, make_study
+from tests.dicom_node.export_job import export_job, queued_job
 from tests.dicom_node.test_intake import storescu
 from tests.inference.tiny_models import build_qwen2_5_vl
+from tests.orthanc import StoreRecorder
 from tests.postgres import PostgresServer, postgres_bin
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -333,3 +337,112 @@ def test_embedded_broker_runs_a_study_end_to_end_without_redis(
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout.split()
     assert left == [], f"workers left running: {left}"
+
+
+def redis_cli(redis: RedisServer, *command: str) -> str:
+    return subprocess.run(
+        ["redis-cli", "-p", str(redis.port), *command], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_an_enqueue_while_redis_is_down_is_logged_as_failed_and_retried_not_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis = RedisServer(tmp_path)  # not started: nothing listens on its port
+    settings = load_settings(
+        None,
+        {"node": {"data_dir": str(tmp_path / "var")}, "queue": {"broker_url": redis.url, "start_workers": False}},
+    )
+    node = Node(settings)  # the Celery dispatcher; nothing started: the test runs the reconciler's passes itself
+    try:
+        job_id = queued_job(node.store, make_study(tmp_path / "s", 1)[0], [])
+        with caplog.at_level(logging.INFO, logger="dicom_node"):
+            assert node.reconcile() == 0
+        said = [r.getMessage() for r in caplog.records]
+        failed = [m for m in said if f"job {job_id} NOT enqueued" in m]
+        assert failed and "Connection refused" in failed[0], said
+        assert any("enqueue failed" in m for m in said), said
+        assert not any("job(s) enqueued" in m for m in said if m.startswith("reconciled")), said
+        job = node.store.job(job_id)
+        assert job is not None and job.state is JobState.QUEUED and job.enqueued_at is None
+
+        redis.start()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dicom_node"):
+            assert node.reconcile() == 1  # the next pass
+        assert "reconciled: 1 job(s) enqueued" in [r.getMessage() for r in caplog.records]
+        assert redis_cli(redis, "LLEN", "inference") == "1"
+        assert node.dispatcher.queued_job_ids() == {job_id}
+        job = node.store.job(job_id)
+        assert job is not None and job.enqueued_at is not None
+    finally:
+        node.store.close()
+        redis.stop()
+
+
+def test_a_queued_job_whose_message_a_redis_restart_lost_is_enqueued_again_and_runs(
+    deploy: Callable[..., Deployment], redis: RedisServer, tiny_model: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    """Redis restarted without its data while a job waited for a worker: the node notices the message is gone and
+    sends it again, instead of waiting for requeue_after_seconds (600 s here, far beyond the test's patience)."""
+    d = deploy(
+        queue={"broker_url": redis.url, "requeue_after_seconds": 600, "broker_check_seconds": 1},
+        model=model(tiny_model), destinations=[receiver.destination()],
+    )  # fmt: skip
+    node = d.start_node()  # no worker yet: the job's message waits in Redis
+    assert storescu(node, make_study(tmp_path / "s", 1, "RG1_UNCI.dcm")).returncode == 0
+    jobs = d.wait_jobs(lambda js: js[0].state is JobState.QUEUED and js[0].enqueued_at is not None)
+    assert redis_cli(redis, "LLEN", "inference") == "1"
+
+    redis.stop()
+    redis.start()  # empty: the message is gone
+    assert redis_cli(redis, "LLEN", "inference") == "0"
+    d.start_worker("inference")
+    d.start_worker("export")
+    jobs = d.wait_jobs(delivered, timeout=150)
+    requeued = [e for e in d.store.job_events(jobs[0].id) if e["kind"] == "requeued"]
+    assert len(requeued) == 1 and "no longer in the broker" in requeued[0]["detail"]
+    assert receiver.received and all(n == 1 for n in receiver.received.values())
+
+
+def test_a_running_export_keeps_its_message_in_redis_and_is_not_sent_again(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """The broker check must not mistake a task in a worker's hands for a lost one: Celery acknowledges late, so
+    Redis keeps the message (in its ``unacked`` hash) while the export runs."""
+    holding, release = threading.Event(), threading.Event()
+
+    def respond(event: Any) -> int:
+        holding.set()
+        release.wait(60)
+        return 0x0000
+
+    with StoreRecorder("STORESCP", respond=respond) as pacs:
+        destination = {"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs.port, "timeout": 60}
+        job = export_job(tmp_path, destination, 2, queue={"broker_url": redis.url})
+        node = Node(job.settings)  # not started: the test runs the node's passes itself
+        log = tmp_path / "worker.log"
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "worker", "--config", str(job.config_path), "--queues", "export"],
+            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert node.reconcile() == 1  # the export task goes to Redis
+            deadline = time.monotonic() + 120
+            while not holding.wait(0.2):
+                assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            assert redis_cli(redis, "LLEN", "export") == "0"  # taken by the worker...
+            assert node.dispatcher.queued_job_ids() == {job.job_id}  # ...and still held by Redis
+            assert node.requeue_lost() == 0 and node.requeue_lost() == 0
+            release.set()
+            deadline = time.monotonic() + 60
+            while (done := node.store.job(job.job_id)) is None or done.state is not JobState.DELIVERED:
+                assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+                time.sleep(0.2)
+            assert sorted(pacs.sop_instance_uids()) == sorted(job.uids)  # each object once
+            assert not [e for e in node.store.job_events(job.job_id) if e["kind"] == "requeued"]
+        finally:
+            release.set()
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
+            node.store.close()

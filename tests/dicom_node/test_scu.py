@@ -33,6 +33,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  #
 from dicom_node.config import DestinationSettings
 from dicom_node.scu import (
     AssociationState,
+    FileResult,
     Outcome,
     StoreStatus,
     classify_store_status,
@@ -41,6 +42,7 @@ from dicom_node.scu import (
     status_name,
     uid_hash,
 )
+from tests.conftest import make_study
 from tests.corpus import corpus_file
 from tests.orthanc import Orthanc, StoreRecorder, free_ports, requires_orthanc
 
@@ -623,3 +625,44 @@ def test_tls_with_missing_files_names_the_setting(tmp_path: Path, results: dict[
     report = send_files(destination, [results["sr"]], NODE_AET)
     assert report.outcome == Outcome.REJECTED
     assert report.reason.startswith("destination 'pacs': tls_ca_file ") and "absent.pem" in report.reason
+
+
+# -- delivery reported object by object ----------------------------------------------------------------------
+
+
+def test_each_acknowledged_object_is_reported_before_the_next_c_store(tmp_path: Path) -> None:
+    """What the peer confirmed is handed to the caller (who records it) before anything else is sent, so a crash
+    mid-batch cannot lose the record of an acknowledged object; failures are not reported as delivered."""
+    files = make_study(tmp_path, 4)
+    statuses = [StoreStatus.SUCCESS, StoreStatus.COERCION_OF_DATA_ELEMENTS, StoreStatus.CANNOT_UNDERSTAND, 0x0000]
+    reported: list[str | None] = []
+    reported_when_received: list[int] = []
+
+    def respond(event: evt.Event) -> int:
+        reported_when_received.append(len(reported))
+        return int(statuses[len(scp.received) - 1])
+
+    with StoreRecorder("STORESCP", respond=respond) as scp:
+        report = send_files(
+            _destination(scp.port, "STORESCP"), files, NODE_AET,
+            on_delivered=lambda result: reported.append(result.sop_instance_uid),
+        )  # fmt: skip
+
+    assert [f.outcome for f in report.files] == [
+        Outcome.DELIVERED, Outcome.DELIVERED, Outcome.REJECTED, Outcome.DELIVERED,
+    ]  # fmt: skip
+    assert reported == [report.files[i].sop_instance_uid for i in (0, 1, 3)]
+    # The peer saw the n-th C-STORE only after every acknowledged object before it had been reported.
+    assert reported_when_received == [0, 1, 2, 2]
+
+
+def test_a_failing_delivery_callback_stops_the_batch_and_propagates(tmp_path: Path) -> None:
+    files = make_study(tmp_path, 4)
+
+    def record(result: FileResult) -> None:
+        if len(scp.received) == 2:
+            raise RuntimeError("job store gone")
+
+    with StoreRecorder("STORESCP") as scp, pytest.raises(RuntimeError, match="job store gone"):
+        send_files(_destination(scp.port, "STORESCP"), files, NODE_AET, on_delivered=record)
+    assert len(scp.received) == 2  # nothing was sent that could not be recorded
