@@ -119,6 +119,7 @@ class GuardedSocket(AssociationSocket):
     guard: ConnectionGuard
     _body: int | None  # the length of the PDU body to read next; None: a header comes next
     _body_type: int
+    _timeout: float | None  # the read time-out last set on the socket
 
     def recv(self, nr_bytes: int) -> bytearray:
         guard = self.guard
@@ -181,7 +182,9 @@ class GuardedSocket(AssociationSocket):
                 try:
                     if wait <= 0:
                         raise TimeoutError
-                    sock.settimeout(wait)
+                    if deadline is not None or self._timeout != wait:  # once established: set once
+                        sock.settimeout(wait)
+                        self._timeout = wait
                     got = sock.recv_into(view[read:], nr_bytes - read)
                 except TimeoutError:
                     if deadline is None:
@@ -217,6 +220,7 @@ def install_guard(assoc: Association, guard: ConnectionGuard) -> None:
         guarded.guard = guard
         guarded._body = None
         guarded._body_type = 0
+        guarded._timeout = None
 
 
 def guard_of(assoc: Association) -> ConnectionGuard | None:
