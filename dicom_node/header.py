@@ -33,6 +33,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
+from dicom_node.logs import hash_quoted
+
 __all__ = ["Header", "HeaderError", "read_header"]
 
 log = logging.getLogger(__name__)
@@ -321,8 +323,8 @@ def _collecting() -> Iterator[list[str]]:
         yield notes
     finally:
         _CollectedWarnings.local.notes = None
-        if notes:
-            first = notes[0] if len(notes[0]) <= 200 else notes[0][:197] + "..."
+        if notes:  # pydicom quotes the values it complains of: those may be patient data, so hashed
+            first = hash_quoted(notes[0] if len(notes[0]) <= 200 else notes[0][:197] + "...")
             log.warning("pydicom reported %d problem(s) reading a received data set; the first: %s", len(notes), first)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from dicom_node.permissions import private_dir, private_file
 
-__all__ = ["AUDIT_LOGGER", "audit", "configure_logging", "uid_hash"]
+__all__ = ["AUDIT_LOGGER", "HashQuotedValues", "audit", "configure_logging", "hash_quoted", "uid_hash"]
 
 AUDIT_LOGGER = "dicom_node.audit"
 _audit = logging.getLogger(AUDIT_LOGGER)
@@ -28,6 +29,26 @@ def uid_hash(uid: str | None) -> str:
     if not uid:
         return "-"
     return hashlib.sha256(str(uid).encode("ascii", "replace")).hexdigest()[:12]
+
+
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+def hash_quoted(text: str) -> str:
+    """``text`` with every single-quoted value replaced by its hash: for library messages that quote what a peer
+    sent (a UID, a name), which may be patient data (DESIGN invariant 8)."""
+    return _QUOTED.sub(lambda m: f"<{uid_hash(m.group(1))}>", text)
+
+
+class HashQuotedValues(logging.Filter):
+    """Rewrites a record's message with :func:`hash_quoted` (installed on the loggers of libraries that quote
+    received values: pynetdicom's, as the node installs it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "'" in message:
+            record.msg, record.args = hash_quoted(message), None
+        return True
 
 
 def audit(event: str, **fields: Any) -> None:

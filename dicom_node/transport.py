@@ -40,6 +40,8 @@ from typing import cast
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket
 
+from dicom_node.logs import HashQuotedValues
+
 __all__ = [
     "MAX_OTHER_PDU",
     "MAX_UNANNOUNCED_PDU",
@@ -236,15 +238,24 @@ class _RefusedThreadFilter(logging.Filter):
 
 
 _quiet = _RefusedThreadFilter()
+_hashed = HashQuotedValues()
 
 
 def quiet_refused_threads() -> None:
-    """Install the filter on pynetdicom's loggers (idempotent). A logger's filters apply to the records created on
-    it, not its children's, so each of pynetdicom's module loggers gets it."""
+    """Install the node's filters on pynetdicom's loggers (idempotent): nothing from the thread of a connection the
+    node refused (it logged the refusal), and values pynetdicom quotes from what a peer sent (a non-conformant UID)
+    as their hashes (pydicom's too). A logger's filters apply to the records created on it, not its children's, so each of
+    pynetdicom's module loggers gets them."""
     import pynetdicom  # noqa: F401 (its modules create their loggers on import)
 
     names = [n for n in list(logging.Logger.manager.loggerDict) if n == "pynetdicom" or n.startswith("pynetdicom.")]
     for name in names:
         logger = logging.getLogger(name)
-        if _quiet not in logger.filters:
-            logger.addFilter(_quiet)
+        for node_filter in (_quiet, _hashed):
+            if node_filter not in logger.filters:
+                logger.addFilter(node_filter)
+    # pydicom warns with the value it found when pynetdicom decodes a received command set on these threads.
+    for name in ("pydicom", "py.warnings"):
+        logger = logging.getLogger(name)
+        if _hashed not in logger.filters:
+            logger.addFilter(_hashed)

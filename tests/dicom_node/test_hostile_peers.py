@@ -496,3 +496,20 @@ def test_copies_of_one_instance_arriving_together_end_with_a_record_that_describ
     assert int(_store_files(node.port, [stored])[0].Status) == Status.SUCCESS
     assert node.intake.counters.differing_duplicates == 19
     assert kept.SOPInstanceUID == base.SOPInstanceUID
+
+
+def test_an_invalid_uid_is_logged_as_its_hash_never_as_sent(
+    running_node: Callable[..., Node], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = running_node()
+    ds = pydicom.dcmread(make_study(tmp_path / "s", 1)[0])
+    for bad in ("1.2.SYNTHETIC-NAME^GIVEN", "../../../tmp/escape"):
+        ds.SOPInstanceUID = bad
+        with config.disable_value_validation():
+            data = _explicit_le(ds)
+        caplog.clear()
+        assert send_raw(node.port, ds.SOPClassUID, bad, ExplicitVRLittleEndian, data) == Status.CANNOT_UNDERSTAND
+        # The sender is this test's main thread (pynetdicom and pydicom warn there too); the node's threads:
+        node_side = "\n".join(r.getMessage() for r in caplog.records if r.threadName != "MainThread")
+        assert "refused" in node_side
+        assert bad not in node_side and "SYNTHETIC" not in node_side
