@@ -244,8 +244,8 @@ _hashed = HashQuotedValues()
 def quiet_refused_threads() -> None:
     """Install the node's filters on pynetdicom's loggers (idempotent): nothing from the thread of a connection the
     node refused (it logged the refusal), and values pynetdicom quotes from what a peer sent (a non-conformant UID)
-    as their hashes (pydicom's too). A logger's filters apply to the records created on it, not its children's, so each of
-    pynetdicom's module loggers gets them."""
+    as their hashes (pydicom's too). A logger's filters apply to the records created on it, not its children's, so
+    each of pynetdicom's module loggers gets them."""
     import pynetdicom  # noqa: F401 (its modules create their loggers on import)
 
     names = [n for n in list(logging.Logger.manager.loggerDict) if n == "pynetdicom" or n.startswith("pynetdicom.")]
