@@ -15,9 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.jobs.store import JobState, JobStore, StoreUnavailable, StudyState
 from dicom_node.logs import configure_logging
 from dicom_node.permissions import private_dir, restrict_umask
-from dicom_node.store import JobState, JobStore, StoreUnavailable, StudyState
 from dicom_node.tls import TLSConfigError, server_context
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
@@ -63,7 +63,7 @@ def _when(ts: float) -> str:
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive studies (C-STORE), assemble them, queue them, run them, send results back."""
-    from dicom_node.service import Node
+    from dicom_node.node import Node
 
     settings = _settings(config)
     configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
@@ -103,8 +103,8 @@ def worker(
     """Run a Celery worker. An inference worker loads its model once per process, warms it up, then consumes."""
     import os
 
-    from dicom_node.pipeline import WorkerContext
-    from dicom_node.queue import install_model_loader, make_celery
+    from dicom_node.work.celery_app import install_model_loader, make_celery
+    from dicom_node.work.steps import WorkerContext
 
     settings = _settings(config)
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
@@ -157,7 +157,7 @@ def demo(
     keep_running: Annotated[bool, typer.Option(help="Keep the node and the PACS running afterwards.")] = False,
 ) -> None:
     """Start the node with the demo model, send it a real study through a PACS, and show the results."""
-    from dicom_node.demo import run_demo
+    from dicom_node.devtools.demo import run_demo
 
     settings = _settings(config)
     configure_logging("WARNING", False, None)
@@ -170,7 +170,7 @@ def echo(
     config: ConfigOption = None,
 ) -> None:
     """C-ECHO a configured destination: success and round trip, or the exact failure."""
-    from dicom_node.scu import echo as c_echo
+    from dicom_node.export.scu import echo as c_echo
 
     settings = _settings(config)
     by_name = {d.name: d for d in settings.destinations}
@@ -220,7 +220,7 @@ def config_check(config: ConfigOption = None) -> None:
         f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
         highlight=False,
     )
-    from dicom_node.rules import risky_patterns
+    from dicom_node.jobs.rules import risky_patterns
 
     for line in risky_patterns(settings.rules):
         out.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)

@@ -12,8 +12,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.config import Settings, load_settings
-from dicom_node.receiver import free_port
-from dicom_node.service import Dispatcher, Node, RecordingDispatcher
+from dicom_node.devtools.receiver import free_port
+from dicom_node.node import Dispatcher, Node, RecordingDispatcher
 from tests.corpus import corpus_file
 from tests.pki import make_pki
 from tests.postgres import PostgresServer, postgres_bin

@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.config import DestinationSettings
-from dicom_node.scu import AssociationState, Outcome, echo, send_files
+from dicom_node.export.scu import AssociationState, Outcome, echo, send_files
 from tests.corpus import corpus_file
 from tests.orthanc import (
     NodeModality,

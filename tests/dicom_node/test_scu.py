@@ -31,7 +31,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import DestinationSettings
-from dicom_node.scu import (
+from dicom_node.export.scu import (
     AssociationState,
     FileResult,
     Outcome,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.spool import Spool
+from dicom_node.intake.spool import Spool
 
 
 def test_a_committed_instance_is_in_place_with_its_source_and_nothing_is_left_staged(tmp_path: Path) -> None:

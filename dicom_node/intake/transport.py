@@ -22,7 +22,7 @@ own for the refused connection (see :func:`quiet_refused_threads`).
 Also, for speed: a PDU is read with ``recv_into`` straight into its buffer (pynetdicom reads 4096-byte pieces and
 appends each), and quick acknowledgements are re-armed after each read (see :meth:`GuardedSocket.recv`).
 
-This module and :mod:`dicom_node.reactor` hold the code that relies on pynetdicom's private API.
+This module and :mod:`dicom_node.intake.reactor` hold the code that relies on pynetdicom's private API.
 """
 
 from __future__ import annotations

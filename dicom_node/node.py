@@ -28,13 +28,10 @@ import pydicom
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
-from dicom_node.logs import audit, uid_hash
-from dicom_node.permissions import open_private, private_data_dir, private_dir
-from dicom_node.pipeline import outbox_dir, owner_gone, results_dir
-from dicom_node.rules import select_rule
-from dicom_node.scp import Intake, start_scp
-from dicom_node.spool import InvalidUIDError, Spool, check_uid
-from dicom_node.store import (
+from dicom_node.intake.handlers import Intake, start_scp
+from dicom_node.intake.spool import InvalidUIDError, Spool, check_uid
+from dicom_node.jobs.rules import select_rule
+from dicom_node.jobs.store import (
     InstanceRecord,
     JobRecord,
     JobState,
@@ -44,6 +41,9 @@ from dicom_node.store import (
     describe_error,
     patient_key,
 )
+from dicom_node.logs import audit, uid_hash
+from dicom_node.permissions import open_private, private_data_dir, private_dir
+from dicom_node.work.steps import outbox_dir, owner_gone, results_dir
 
 __all__ = ["Dispatcher", "Node", "RecordingDispatcher", "WorkerSupervisor"]
 
@@ -94,7 +94,7 @@ class Node:
         if not self.spool.carries_source:
             log.info("the spool's file system keeps no extended attributes: intake records are synced one by one")
         if dispatcher is None:
-            from dicom_node.queue import CeleryDispatcher, make_celery
+            from dicom_node.work.celery_app import CeleryDispatcher, make_celery
 
             dispatcher = CeleryDispatcher(make_celery(settings), self.store)
         self.dispatcher: Dispatcher = dispatcher

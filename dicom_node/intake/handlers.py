@@ -50,13 +50,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeSettings, StudySettings
-from dicom_node.header import Header, read_header
+from dicom_node.intake.header import Header, read_header
+from dicom_node.intake.reactor import make_event_driven
+from dicom_node.intake.spool import InvalidUIDError, Spool, Staged, StagingFile, check_uid
+from dicom_node.intake.transport import ConnectionGuard, GuardedSocket, guard_of, install_guard, quiet_refused_threads
+from dicom_node.jobs.store import InstanceRecord, JobStore, PatientConflict, describe_error, patient_key
 from dicom_node.logs import audit, uid_hash
-from dicom_node.reactor import make_event_driven
-from dicom_node.spool import InvalidUIDError, Spool, Staged, StagingFile, check_uid
-from dicom_node.store import InstanceRecord, JobStore, PatientConflict, describe_error, patient_key
 from dicom_node.tls import server_context
-from dicom_node.transport import ConnectionGuard, GuardedSocket, guard_of, install_guard, quiet_refused_threads
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "Intake", "Status", "start_scp", "tune_association"]
 
