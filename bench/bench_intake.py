@@ -372,41 +372,41 @@ def _patch_sqlite_normal() -> None:
 
 def _patch_noheader() -> None:
     """The C-STORE handler reads no data set header: UIDs come from the request (study and series fixed)."""
-    from dicom_node.intake import handlers as scp
+    from dicom_node.intake import handlers
     from dicom_node.intake.header import Header
 
     study = generate_uid(entropy_srcs=["bench-intake", "study"])
     series = generate_uid(entropy_srcs=["bench-intake", "series"])
-    original = scp.Intake._admit
+    original = handlers.Intake._admit
 
     def admit(self: Any, event: Any, calling: str, sop_uid: str, staged: Any, body: Any) -> int:
         values = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": sop_uid}
-        setattr(scp, "read_header", lambda data, syntax: Header(values, None))  # noqa: B010
+        setattr(handlers, "read_header", lambda data, syntax: Header(values, None))  # noqa: B010
         return int(original(self, event, calling, sop_uid, staged, body))
 
-    setattr(scp.Intake, "_admit", admit)  # noqa: B010
+    setattr(handlers.Intake, "_admit", admit)  # noqa: B010
 
 
 def _patch_stockrecv() -> None:
     """The node without its association tuning: pynetdicom's own socket reads (4096 bytes per ``recv``) and its
     polling reactor threads."""
-    from dicom_node.intake import handlers as scp
+    from dicom_node.intake import server
 
-    setattr(scp, "tune_association", lambda assoc: None)  # noqa: B010
+    setattr(server, "tune_association", lambda assoc, guard=None: None)  # noqa: B010
 
 
 def _patch_pollreactor() -> None:
     """pynetdicom's polling reactor threads (1 ms sleeps) instead of the node's event-driven waits."""
-    from dicom_node.intake import handlers as scp
+    from dicom_node.intake import server
 
-    setattr(scp, "make_event_driven", lambda assoc: None)  # noqa: B010
+    setattr(server, "make_event_driven", lambda assoc: None)  # noqa: B010
 
 
 def _patch_noquickack() -> None:
     """Delayed TCP acknowledgements, as the kernel has them (no TCP_QUICKACK after each read)."""
-    from dicom_node.intake import handlers as scp
+    from dicom_node.intake import transport
 
-    setattr(scp, "_QUICKACK", None)  # noqa: B010
+    setattr(transport, "_QUICKACK", None)  # noqa: B010
 
 
 def _patch_synced_records() -> None:
@@ -425,16 +425,16 @@ def _patch_keepcache() -> None:
 
 def _patch_inmemory() -> None:
     """Every data set held in memory until its last byte, as pynetdicom does by default (no spooling on arrival)."""
-    from dicom_node.intake import handlers as scp
+    from dicom_node.intake import transport
 
-    setattr(scp._SpooledDataSet, "SPOOL_ABOVE", sys.maxsize)  # noqa: B010
+    setattr(transport._SpooledDataSet, "SPOOL_ABOVE", sys.maxsize)  # noqa: B010
 
 
 def _patch_spoolall() -> None:
     """Every C-STORE data set written to the spool as it arrives, whatever its size."""
-    from dicom_node.intake import handlers as scp
+    from dicom_node.intake import transport
 
-    setattr(scp._SpooledDataSet, "SPOOL_ABOVE", 0)  # noqa: B010
+    setattr(transport._SpooledDataSet, "SPOOL_ABOVE", 0)  # noqa: B010
 
 
 PATCHES: dict[str, Callable[[], None]] = {
@@ -503,8 +503,8 @@ def _serve_discard(port: int, count_file: Path, patches: list[str]) -> None:
     from pynetdicom import evt
 
     from dicom_node.config import NodeSettings
-    from dicom_node.intake.handlers import build_ae, file_head, tune_association
-    from dicom_node.intake.spool import Spool
+    from dicom_node.intake.server import build_ae, tune_association
+    from dicom_node.intake.spool import Spool, file_head
 
     ae = build_ae(NodeSettings(ae_title=DiscardReceiver.aet, max_pdu=MAX_PDU, max_associations=16))
     lock = threading.Lock()
@@ -760,10 +760,10 @@ def handler_breakdown(files: Sequence[Path], root: Path, threads: int = 1) -> di
 
     from pydicom.filereader import read_preamble
 
-    from dicom_node.intake.handlers import file_head
     from dicom_node.intake.header import read_header
-    from dicom_node.intake.spool import Spool
-    from dicom_node.jobs.store import InstanceRecord, JobStore
+    from dicom_node.intake.spool import Spool, file_head
+    from dicom_node.jobs.schema import InstanceRecord
+    from dicom_node.jobs.store import JobStore
 
     work = Path(tempfile.mkdtemp(prefix="breakdown-", dir=root))
     spool = Spool(work / "spool", sync=True)

@@ -15,7 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.jobs.store import JobState, JobStore, StoreUnavailable, StudyState
+from dicom_node.jobs.schema import JobState, StudyState
+from dicom_node.jobs.store import JobStore, StoreUnavailable
 from dicom_node.logs import configure_logging
 from dicom_node.permissions import private_dir, restrict_umask
 from dicom_node.tls import TLSConfigError, server_context

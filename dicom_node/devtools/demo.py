@@ -21,7 +21,8 @@ from rich.table import Table
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.devtools.receiver import Receiver, free_port
-from dicom_node.jobs.store import JobState, JobStore
+from dicom_node.jobs.schema import JobState
+from dicom_node.jobs.store import JobStore
 from dicom_node.logs import configure_logging
 
 __all__ = ["DEMO_STUDY", "run_demo"]

@@ -20,7 +20,7 @@ import regex
 from pydicom.uid import UID
 
 from dicom_node.config import MatchSettings, RuleSettings
-from dicom_node.jobs.store import InstanceRecord
+from dicom_node.jobs.schema import InstanceRecord
 from dicom_node.logs import uid_hash
 
 __all__ = ["PATTERN_TIME_LIMIT", "RuleDecision", "nested_quantifier", "risky_patterns", "select_rule"]

@@ -27,7 +27,8 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from dicom_node.config import Settings
-from dicom_node.jobs.store import JobRecord, JobState, describe_error, is_unreachable
+from dicom_node.jobs.schema import JobRecord, JobState
+from dicom_node.jobs.store import describe_error, is_unreachable
 from dicom_node.work import embedded_broker
 from dicom_node.work.steps import PermanentError, TransientError, WorkerContext, run_export, run_inference
 

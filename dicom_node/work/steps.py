@@ -23,7 +23,8 @@ import pydicom
 
 from dicom_node.config import Settings
 from dicom_node.intake.spool import Spool, durable_write
-from dicom_node.jobs.store import JobRecord, JobState, JobStore, is_unreachable
+from dicom_node.jobs.schema import JobRecord, JobState
+from dicom_node.jobs.store import JobStore, is_unreachable
 from dicom_node.logs import audit, uid_hash
 from dicom_node.permissions import private_dir
 
@@ -294,7 +295,8 @@ def run_export(ctx: WorkerContext, job_id: int) -> None:
     success is recorded per destination and per object, each object as soon as the peer acknowledges it, and a
     retry (after a failure or a crash) sends only what is missing.
     """
-    from dicom_node.export.scu import FileResult, Outcome, send_files
+    from dicom_node.export.outcome import FileResult, Outcome
+    from dicom_node.export.scu import send_files
 
     store = ctx.store
     job = store.job(job_id)

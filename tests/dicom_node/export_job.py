@@ -18,7 +18,8 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.devtools.receiver import free_port
-from dicom_node.jobs.store import InstanceRecord, JobState, JobStore
+from dicom_node.jobs.schema import InstanceRecord, JobState
+from dicom_node.jobs.store import JobStore
 from dicom_node.work.steps import outbox_dir
 from tests.conftest import make_study
 

@@ -30,7 +30,8 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.intake.handlers import Status
-from dicom_node.jobs.store import InstanceRecord, JobStore, PatientConflict, patient_key
+from dicom_node.jobs.schema import InstanceRecord, patient_key
+from dicom_node.jobs.store import JobStore, PatientConflict
 from dicom_node.logs import AUDIT_LOGGER
 from dicom_node.node import Node
 from tests.conftest import make_study

@@ -29,9 +29,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy.exc import OperationalError
 
 from dicom_node.config import Settings
-from dicom_node.intake.handlers import Status, _SpooledDataSet, file_head
-from dicom_node.intake.spool import StagingFile
-from dicom_node.jobs.store import JobState
+from dicom_node.intake.handlers import Status
+from dicom_node.intake.spool import StagingFile, file_head
+from dicom_node.intake.transport import _SpooledDataSet
+from dicom_node.jobs.schema import JobState
 from dicom_node.node import Node, RecordingDispatcher
 from tests.conftest import make_study
 from tests.corpus import COMPRESSED, CORPUS, corpus_file

@@ -14,7 +14,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
 from dicom_node.devtools.receiver import Receiver
-from dicom_node.jobs.store import InstanceRecord, JobState, is_unreachable
+from dicom_node.jobs.schema import InstanceRecord, JobState
+from dicom_node.jobs.store import is_unreachable
 from dicom_node.node import Node
 from dicom_node.work.steps import PermanentError, TransientError, WorkerContext, claim_job, run_export, run_inference
 from inference.engine import Engine

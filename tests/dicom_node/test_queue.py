@@ -22,7 +22,8 @@ import yaml
 
 from dicom_node.config import load_settings
 from dicom_node.devtools.receiver import Receiver
-from dicom_node.jobs.store import JobState, JobStore
+from dicom_node.jobs.schema import JobState
+from dicom_node.jobs.store import JobStore
 from dicom_node.node import Node
 from tests.conftest import free_port, make_study
 from tests.dicom_node.export_job import export_job, queued_job

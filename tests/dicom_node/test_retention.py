@@ -18,7 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
-from dicom_node.jobs.store import JobState, StudyState
+from dicom_node.jobs.schema import JobState, StudyState
 from dicom_node.node import Node
 from dicom_node.work.steps import outbox_dir, results_dir
 from tests.conftest import free_port, make_study

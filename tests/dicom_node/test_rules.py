@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from dicom_node.cli import app
 from dicom_node.config import RuleSettings
 from dicom_node.jobs.rules import nested_quantifier, select_rule
-from dicom_node.jobs.store import InstanceRecord, JobState
+from dicom_node.jobs.schema import InstanceRecord, JobState
 from dicom_node.node import Node
 from tests.conftest import make_study
 from tests.dicom_node.test_intake import storescu, wait_for

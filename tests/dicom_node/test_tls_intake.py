@@ -87,7 +87,7 @@ def test_a_port_check_is_no_rejected_association(
     running_node: Callable[..., Node], pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Monitoring and load balancers connect and close (or reset) without a byte: an INFO line, not a warning."""
-    caplog.set_level(logging.INFO, logger="dicom_node.intake.handlers")
+    caplog.set_level(logging.INFO, logger="dicom_node.intake.server")
     node = tls_node(running_node, pki)
     with socket.create_connection(("127.0.0.1", node.port)):
         pass
