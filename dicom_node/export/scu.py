@@ -31,7 +31,6 @@ Per association (every file of the batch gets the association's outcome when it 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import socket
 import ssl
@@ -66,19 +65,15 @@ from dicom_node.export.outcome import (
     classify_store_status,
     status_name,
 )
+from dicom_node.logs import uid_hash
 from dicom_node.tls import TLSConfigError, client_context
 
-__all__ = ["MAX_CONTEXTS", "echo", "peer_label", "send_files", "uid_hash"]
+__all__ = ["MAX_CONTEXTS", "echo", "peer_label", "send_files"]
 
 LOGGER = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # presentation contexts one A-ASSOCIATE-RQ may carry (odd context IDs 1..255)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-
-
-def uid_hash(uid: str) -> str:
-    """A short, stable stand-in for a UID in logs (first 12 hex digits of its SHA-256)."""
-    return hashlib.sha256(uid.encode("ascii", errors="replace")).hexdigest()[:12]
 
 
 def peer_label(destination: DestinationSettings) -> str:
