@@ -28,8 +28,8 @@ from dicom_node.intake.handlers import Intake
 from dicom_node.intake.server import start_scp
 from dicom_node.intake.spool import InvalidUIDError, Spool, check_uid
 from dicom_node.jobs.rules import select_rule
-from dicom_node.jobs.schema import InstanceRecord, JobRecord, JobState, Purged, patient_key
-from dicom_node.jobs.store import JobStore, PatientConflict, describe_error
+from dicom_node.jobs.schema import InstanceRecord, JobRecord, JobState, Purged
+from dicom_node.jobs.store import JobStore, PatientConflict, describe_error, is_unreachable
 from dicom_node.logs import audit, uid_hash
 from dicom_node.permissions import private_data_dir
 from dicom_node.work.steps import outbox_dir, owner_gone, results_dir
@@ -271,9 +271,11 @@ class Node:
         for path in self.spool.root.glob("*/*/*.dcm"):
             if path.stem in known:
                 continue
+            # Each file on its own: one that cannot be read or recorded is logged and left, the others recovered
+            # (a job store that cannot be reached stops the start, as it would a moment later).
             try:
                 record = self._record_from_file(path)
-            except (InvalidUIDError, OSError, ValueError, AttributeError) as exc:
+            except Exception as exc:  # pydicom's many kinds, a bad UID, a missing attribute, an unreadable file
                 log.error("spooled file %s cannot be recovered: %s", self.spool.relative(path), exc)
                 continue
             try:
@@ -283,6 +285,11 @@ class Node:
                 log.error("spooled file %s removed: %s", self.spool.relative(path), exc)
                 self.spool.remove([record.path])
                 continue
+            except Exception as exc:
+                if is_unreachable(exc):
+                    raise
+                log.error("spooled file %s not recorded: %s", self.spool.relative(path), describe_error(exc))
+                continue
             recovered += 1
         if recovered:
             log.warning("recorded %d spooled instance(s) left unrecorded by an interrupted run", recovered)
@@ -290,20 +297,16 @@ class Node:
 
     def _record_from_file(self, path: Path) -> InstanceRecord:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return InstanceRecord(
+        return InstanceRecord.from_header(
+            ds,
             sop_instance_uid=check_uid(ds.SOPInstanceUID, "SOP Instance UID"),
             study_uid=check_uid(ds.StudyInstanceUID, "Study Instance UID"),
             series_uid=check_uid(ds.SeriesInstanceUID, "Series Instance UID"),
             sop_class_uid=str(ds.SOPClassUID),
             transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-            modality=str(ds.get("Modality", "")),
-            body_part=str(ds.get("BodyPartExamined", "")),
-            study_description=str(ds.get("StudyDescription", ""))[:128],
-            series_description=str(ds.get("SeriesDescription", ""))[:128],
             calling_ae=self.spool.source_ae(path),
             path=self.spool.relative(path),
             size=path.stat().st_size,
-            patient_key=patient_key(ds.get("PatientID"), ds.get("IssuerOfPatientID")),
         )
 
     def reconcile(self, startup: bool = False, now: float | None = None) -> int:

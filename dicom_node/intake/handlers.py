@@ -26,7 +26,7 @@ from dicom_node.intake.header import Header, read_header
 from dicom_node.intake.server import AccessPolicy, Refusals
 from dicom_node.intake.spool import InvalidUIDError, Spool, Staged, check_uid, file_head
 from dicom_node.intake.transport import _SpooledDataSet
-from dicom_node.jobs.schema import InstanceRecord, patient_key
+from dicom_node.jobs.schema import InstanceRecord
 from dicom_node.jobs.store import JobStore, PatientConflict, describe_error
 from dicom_node.logs import audit, uid_hash
 
@@ -230,24 +230,16 @@ class Intake:
             return self._refuse(Status.OUT_OF_RESOURCES, calling, sop_uid, f"write failed: {exc.strerror}")
         size = staged.size
 
-        def text(kw: str, limit: int) -> str:
-            value = header.get(kw)
-            return "" if value is None else str(value).strip()[:limit]
-
-        record = InstanceRecord(
+        record = InstanceRecord.from_header(
+            header,
             sop_instance_uid=sop_uid,
             study_uid=study_uid,
             series_uid=series_uid,
             sop_class_uid=sop_class,
             transfer_syntax=syntax,
-            modality=text("Modality", 16),
-            body_part=text("BodyPartExamined", 64),
-            study_description=text("StudyDescription", 128),
-            series_description=text("SeriesDescription", 128),
             calling_ae=calling,
             path=self.spool.relative(path),
             size=size,
-            patient_key=patient_key(header.get("PatientID"), header.get("IssuerOfPatientID")),
         )
         try:
             recorded = self.store.record_instance(record, late_arrivals=self.study.late_arrivals)

@@ -17,12 +17,13 @@ import enum
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
 
 __all__ = [
     "UNFINISHED",
+    "HeaderValues",
     "InstanceRecord",
     "JobRecord",
     "JobState",
@@ -161,6 +162,20 @@ results = Table(
 )
 
 
+#: The length of each header text column of ``instances``, from the table itself (one definition).
+_TEXT_CAPS: dict[str, int] = {
+    name: int(getattr(instances.c[name].type, "length", 0) or 0)
+    for name in ("modality", "body_part", "study_description", "series_description")
+}
+
+
+class HeaderValues(Protocol):
+    """Anything that gives a header value by keyword, or None: the intake's :class:`~dicom_node.intake.header.Header`
+    or a pydicom Dataset."""
+
+    def get(self, keyword: str) -> Any: ...
+
+
 @dataclass(frozen=True)
 class Purged:
     """What retention removed of one study: its instances (count, bytes) and the jobs whose outputs go too."""
@@ -187,6 +202,44 @@ class InstanceRecord:
     size: int
     #: :func:`patient_key` of the instance; "" for records written before the node compared patients.
     patient_key: str = ""
+
+    @classmethod
+    def from_header(
+        cls,
+        header: HeaderValues,
+        *,
+        sop_instance_uid: str,
+        study_uid: str,
+        series_uid: str,
+        sop_class_uid: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        path: str,
+        size: int,
+    ) -> InstanceRecord:
+        """The record of a received instance: the UIDs (checked by the caller), and the header values routing rules
+        use, stripped and cut to their column's length (a peer may send any length; PostgreSQL refuses a longer
+        value where SQLite keeps it). Used by intake and by the start-up recovery of the spool alike."""
+
+        def text(keyword: str, column: str) -> str:
+            value = header.get(keyword)
+            return "" if value is None else str(value).strip()[: _TEXT_CAPS[column]]
+
+        return cls(
+            sop_instance_uid=sop_instance_uid,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_class_uid=sop_class_uid,
+            transfer_syntax=transfer_syntax,
+            modality=text("Modality", "modality"),
+            body_part=text("BodyPartExamined", "body_part"),
+            study_description=text("StudyDescription", "study_description"),
+            series_description=text("SeriesDescription", "series_description"),
+            calling_ae=calling_ae,
+            path=path,
+            size=size,
+            patient_key=patient_key(header.get("PatientID"), header.get("IssuerOfPatientID")),
+        )
 
 
 @dataclass(frozen=True)
