@@ -27,12 +27,13 @@ from dicom_node.config import Settings
 from dicom_node.intake.handlers import Intake
 from dicom_node.intake.server import start_scp
 from dicom_node.intake.spool import InvalidUIDError, Spool, check_uid
+from dicom_node.jobs.lease import fail_if_redelivered_too_often, is_abandoned
 from dicom_node.jobs.rules import select_rule
 from dicom_node.jobs.schema import InstanceRecord, JobRecord, JobState, Purged
 from dicom_node.jobs.store import JobStore, PatientConflict, describe_error, is_unreachable
 from dicom_node.logs import audit, uid_hash
 from dicom_node.permissions import private_data_dir
-from dicom_node.work.steps import outbox_dir, owner_gone, results_dir
+from dicom_node.work.steps import outbox_dir, results_dir
 from dicom_node.work.supervisor import WorkerSupervisor
 
 __all__ = ["Dispatcher", "Node", "RecordingDispatcher"]
@@ -314,7 +315,7 @@ class Node:
 
         The store decides (DESIGN invariant 3): a queued job that no worker took for ``queue.requeue_after_seconds``
         (its message was lost when Redis was flushed or restarted) is enqueued again, as is a job whose worker
-        died (lease over, or its process gone on this host). Duplicate messages are harmless: a worker claims a
+        died (abandoned: :mod:`dicom_node.jobs.lease`). Duplicate messages are harmless: a worker claims a
         job with a compare-and-set and drops messages for jobs that are running or done.
 
         A job the broker does not take is not counted: the failure is logged, the pass stops there (the broker is
@@ -327,15 +328,7 @@ class Node:
         enqueued = 0
         for job in sorted(self.store.unfinished_jobs(), key=lambda j: j.id):
             if job.state is JobState.RUNNING:
-                expired = job.lease_until is not None and job.lease_until < now
-                if not (expired or owner_gone(job.owner)):
-                    continue
-                if job.redeliveries + 1 > q.max_redeliveries:
-                    self.store.transition(
-                        job.id, JobState.FAILED, expect=[JobState.RUNNING],
-                        error=f"the worker stopped {job.redeliveries + 1} times while running this job; more than "
-                        f"queue.max_redeliveries={q.max_redeliveries}",
-                    )
+                if not is_abandoned(job, now) or fail_if_redelivered_too_often(self.store, job, q.max_redeliveries):
                     continue
                 if not self.store.transition(
                     job.id, JobState.QUEUED, expect=[JobState.RUNNING], count_redelivery=True,
