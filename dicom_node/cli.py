@@ -20,6 +20,7 @@ from dicom_node.jobs.store import JobStore, StoreUnavailable
 from dicom_node.logs import configure_logging
 from dicom_node.permissions import private_dir, restrict_umask
 from dicom_node.tls import TLSConfigError, server_context
+from dicom_node.work.queues import INFERENCE_QUEUE, QUEUES
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
@@ -97,7 +98,7 @@ def serve(config: ConfigOption = None) -> None:
 @app.command()
 def worker(
     config: ConfigOption = None,
-    queues: Annotated[str, typer.Option(help="Queues: inference, export, or inference,export.")] = "inference",
+    queues: Annotated[str, typer.Option(help="Queues: inference, export, or inference,export.")] = INFERENCE_QUEUE,
     device: Annotated[str | None, typer.Option(help="Model device (overrides model.device): cpu, cuda:N.")] = None,
     concurrency: Annotated[int, typer.Option(help="Worker processes (inference: one per GPU).")] = 1,
 ) -> None:
@@ -109,9 +110,9 @@ def worker(
 
     settings = _settings(config)
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = [q for q in wanted if q not in ("inference", "export")]
+    unknown = [q for q in wanted if q not in QUEUES]
     if not wanted or unknown:
-        err.print(f"[red]error:[/red] --queues takes inference and/or export, got {queues!r}")
+        err.print(f"[red]error:[/red] --queues takes {' and/or '.join(QUEUES)}, got {queues!r}")
         raise typer.Exit(2)
     if device is not None:
         try:
@@ -122,7 +123,7 @@ def worker(
             raise typer.Exit(2) from None
     configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
     engine_factory = None
-    if "inference" in wanted:
+    if INFERENCE_QUEUE in wanted:
         from inference.engine import Engine
 
         model = settings.model

@@ -12,6 +12,8 @@ from typing import Any
 from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 from pynetdicom.status import code_to_category as _category
 
+from dicom_node.status import Status
+
 __all__ = [
     "AssociationResult",
     "AssociationState",
@@ -22,7 +24,6 @@ __all__ = [
     "RejectResult",
     "RejectSource",
     "SendReport",
-    "StoreStatus",
     "classify_store_status",
     "status_name",
 ]
@@ -34,34 +35,17 @@ class Outcome(enum.StrEnum):
     TRANSIENT = "transient"  # retry later
 
 
-class StoreStatus(enum.IntEnum):
-    """C-STORE status codes the classification names (PS3.4 B.2.3, PS3.7 C); a range starts at its base."""
-
-    SUCCESS = 0x0000
-    COERCION_OF_DATA_ELEMENTS = 0xB000
-    ELEMENTS_DISCARDED = 0xB006
-    DATA_SET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
-    PROCESSING_FAILURE = 0x0110
-    SOP_CLASS_NOT_SUPPORTED = 0x0122
-    NOT_AUTHORISED = 0x0124
-    DUPLICATE_INVOCATION = 0x0210
-    RESOURCE_LIMITATION = 0x0213
-    OUT_OF_RESOURCES = 0xA700  # A700-A7FF
-    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # A900-A9FF
-    CANNOT_UNDERSTAND = 0xC000  # C000-CFFF
-
-
 _RANGE = 0x100  # A7xx / A9xx: a base code and the 255 codes after it
-_TRANSIENT_STATUSES = {StoreStatus.RESOURCE_LIMITATION, StoreStatus.DUPLICATE_INVOCATION}
+_TRANSIENT_STATUSES = {Status.RESOURCE_LIMITATION, Status.DUPLICATE_INVOCATION}
 
 
 def _is_out_of_resources(code: int) -> bool:
-    return StoreStatus.OUT_OF_RESOURCES <= code < StoreStatus.OUT_OF_RESOURCES + _RANGE
+    return Status.OUT_OF_RESOURCES <= code < Status.OUT_OF_RESOURCES + _RANGE
 
 
 def status_name(code: int) -> str:
     """The standard's name for a C-STORE status code (``'Refused: Out of Resources'``), or ``'Unknown'``."""
-    if code == StoreStatus.SUCCESS:
+    if code == Status.SUCCESS:
         return "Success"
     return STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "Unknown status"))[1] or "Unknown status"
 

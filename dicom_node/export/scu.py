@@ -61,11 +61,11 @@ from dicom_node.export.outcome import (
     RejectReason,
     RejectResult,
     SendReport,
-    StoreStatus,
     classify_store_status,
     status_name,
 )
 from dicom_node.logs import uid_hash
+from dicom_node.status import Status
 from dicom_node.tls import TLSConfigError, client_context
 
 __all__ = ["MAX_CONTEXTS", "echo", "peer_label", "send_files"]
@@ -393,7 +393,7 @@ def _send_one(
     comment = str(status.get("ErrorComment", "") or "")[:64]
     name = status_name(code)
     if outcome == Outcome.DELIVERED:
-        reason = "" if code == StoreStatus.SUCCESS else f"stored with warning 0x{code:04X} ({name})"
+        reason = "" if code == Status.SUCCESS else f"stored with warning 0x{code:04X} ({name})"
     elif outcome == Outcome.TRANSIENT:
         reason = f"{peer} is temporarily unable to store: status 0x{code:04X} ({name})"
     else:
@@ -526,7 +526,7 @@ def echo(
         why = _no_response("C-ECHO", peer, destination.timeout, sent_monotonic)
         state = AssociationState.TIMEOUT if why.startswith("no ") else AssociationState.ABORTED
         result = EchoResult(destination.name, peer, False, state, why, None, total_ms())
-    elif int(status.Status) != StoreStatus.SUCCESS:
+    elif int(status.Status) != Status.SUCCESS:
         code = int(status.Status)
         result = EchoResult(
             destination.name, peer, False, release.state,

@@ -29,20 +29,11 @@ from dicom_node.intake.transport import _SpooledDataSet
 from dicom_node.jobs.schema import InstanceRecord
 from dicom_node.jobs.store import JobStore, PatientConflict, describe_error
 from dicom_node.logs import audit, uid_hash
+from dicom_node.status import Status
 
-__all__ = ["Intake", "IntakeCounters", "Status"]
+__all__ = ["Intake", "IntakeCounters"]
 
 log = logging.getLogger(__name__)
-
-
-class Status:
-    """C-STORE / C-ECHO status codes the node answers with (PS3.4 B.2.3 and C.4.2.1.4)."""
-
-    SUCCESS = 0x0000
-    PROCESSING_FAILURE = 0x0110  # Failure: Processing failure (PS3.7 C.4.1.1.4), with an Error Comment
-    OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (storage: disk full, write or record failed)
-    DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class
-    CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (malformed, truncated, bad UIDs)
 
 
 @dataclass

@@ -30,14 +30,13 @@ from dicom_node.config import Settings
 from dicom_node.jobs.schema import JobRecord, JobState
 from dicom_node.jobs.store import describe_error, is_unreachable
 from dicom_node.work import embedded_broker
+from dicom_node.work.queues import EXPORT_QUEUE, INFERENCE_QUEUE
 from dicom_node.work.steps import PermanentError, TransientError, WorkerContext, run_export, run_inference
 
-__all__ = ["EXPORT_QUEUE", "INFERENCE_QUEUE", "CeleryDispatcher", "RetryPolicy", "make_celery"]
+__all__ = ["EXPORT_TASK", "INFERENCE_TASK", "CeleryDispatcher", "RetryPolicy", "make_celery"]
 
 log = logging.getLogger(__name__)
 
-INFERENCE_QUEUE = "inference"
-EXPORT_QUEUE = "export"
 INFERENCE_TASK = "dicom_node.inference"
 EXPORT_TASK = "dicom_node.export"
 

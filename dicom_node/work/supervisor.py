@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from dicom_node.permissions import open_private, private_dir
+from dicom_node.work.queues import QUEUES
 
 __all__ = ["WorkerSupervisor"]
 
@@ -33,8 +34,6 @@ class WorkerSupervisor:
     Used with the embedded broker (or ``queue.start_workers: true``) so that one command runs the whole node.
     A worker that keeps failing (a model that cannot load) is restarted with a growing pause, never in a loop.
     """
-
-    QUEUES = ("inference", "export")
 
     def __init__(self, config_path: Path | None, log_dir: Path) -> None:
         self.config_path = config_path
@@ -64,7 +63,7 @@ class WorkerSupervisor:
         log.info("started %s worker (pid %d); log in %s", queue, self._procs[queue].pid, self.log_dir)
 
     def start(self) -> None:
-        for queue in self.QUEUES:
+        for queue in QUEUES:
             self._spawn(queue)
         self._thread.start()
 

@@ -35,12 +35,12 @@ from dicom_node.export.outcome import (
     AssociationState,
     FileResult,
     Outcome,
-    StoreStatus,
     classify_store_status,
     status_name,
 )
 from dicom_node.export.scu import echo, send_files
 from dicom_node.logs import uid_hash
+from dicom_node.status import Status as StoreStatus
 from tests.conftest import make_study
 from tests.corpus import corpus_file
 from tests.orthanc import Orthanc, StoreRecorder, free_ports, requires_orthanc
