@@ -36,7 +36,7 @@ from dicom_node.permissions import private_data_dir
 from dicom_node.work.steps import outbox_dir, results_dir
 from dicom_node.work.supervisor import WorkerSupervisor
 
-__all__ = ["Dispatcher", "Node", "RecordingDispatcher"]
+__all__ = ["Dispatcher", "Node"]
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +52,6 @@ class Dispatcher(Protocol):
     def queued_job_ids(self) -> set[int] | None:
         """The ids of the jobs whose message the queue holds (waiting or being worked on); None: cannot tell."""
         ...
-
-
-class RecordingDispatcher:
-    """Leaves jobs queued in the store: the node receives and assembles, and no worker runs them."""
-
-    def __init__(self) -> None:
-        self.submitted: list[int] = []
-
-    def submit(self, job: JobRecord) -> bool:
-        self.submitted.append(job.id)
-        log.info("job %d queued (study %s, run %d)", job.id, uid_hash(job.study_uid), job.run)
-        return True
-
-    def queued_job_ids(self) -> set[int] | None:
-        return None
 
 
 class Node:

@@ -70,7 +70,7 @@ from dicom_node.tls import TLSConfigError, client_context
 
 __all__ = ["MAX_CONTEXTS", "echo", "peer_label", "send_files"]
 
-LOGGER = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # presentation contexts one A-ASSOCIATE-RQ may carry (odd context IDs 1..255)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -161,7 +161,7 @@ def _no_delay(event: evt.Event) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
-            LOGGER.debug("cannot set TCP_NODELAY: %s", exc)
+            log.debug("cannot set TCP_NODELAY: %s", exc)
 
 
 def _associate_once(destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]) -> _Attempt:
@@ -433,7 +433,7 @@ def send_files(
         info = _read_info(index, path)
         if isinstance(info, str):
             results[index] = FileResult(path, None, None, Outcome.REJECTED, None, "", info)
-            LOGGER.warning("C-STORE to %s skips an unreadable file: %s", peer, info)
+            log.warning("C-STORE to %s skips an unreadable file: %s", peer, info)
         else:
             infos.append(info)
 
@@ -447,7 +447,7 @@ def send_files(
                 results[info.index] = FileResult(
                     info.path, info.sop_instance, str(info.sop_class), outcome, None, "", assoc_result.reason
                 )
-            LOGGER.warning(
+            log.warning(
                 "C-STORE to %s (%s) from %s: %s, %d files %s: %s",
                 destination.name, peer, calling, assoc_result.state.value, len(batch), outcome.value,
                 assoc_result.reason,
@@ -473,7 +473,7 @@ def send_files(
                     assoc.abort()
                     raise
             if file_result.outcome != Outcome.DELIVERED:
-                LOGGER.warning(
+                log.warning(
                     "C-STORE of instance %s to %s %s: %s",
                     uid_hash(info.sop_instance), peer, file_result.outcome.value, file_result.reason,
                 )  # fmt: skip
@@ -482,7 +482,7 @@ def send_files(
         counts = defaultdict(int, {o: 0 for o in Outcome})
         for info in batch:
             counts[results[info.index].outcome] += 1
-        LOGGER.info(
+        log.info(
             "C-STORE association %s -> %s (%s): %d delivered, %d rejected, %d transient in %.2f s, %s",
             calling, peer, destination.name, counts[Outcome.DELIVERED], counts[Outcome.REJECTED],
             counts[Outcome.TRANSIENT], assoc_result.elapsed_s, assoc_result.state.value,
@@ -513,7 +513,7 @@ def echo(
         result = EchoResult(
             destination.name, peer, False, attempt.result.state, attempt.result.reason, None, total_ms()
         )
-        LOGGER.warning("C-ECHO %s -> %s failed (%s): %s", calling, peer, result.state.value, result.reason)
+        log.warning("C-ECHO %s -> %s failed (%s): %s", calling, peer, result.state.value, result.reason)
         return result
     assoc = attempt.assoc
     assert assoc is not None
@@ -536,7 +536,7 @@ def echo(
     else:
         result = EchoResult(destination.name, peer, True, release.state, "", round_trip, total_ms(), int(status.Status))
     if result.ok:
-        LOGGER.info("C-ECHO %s -> %s ok in %.1f ms", calling, peer, result.round_trip_ms or 0.0)
+        log.info("C-ECHO %s -> %s ok in %.1f ms", calling, peer, result.round_trip_ms or 0.0)
     else:
-        LOGGER.warning("C-ECHO %s -> %s failed (%s): %s", calling, peer, result.state.value, result.reason)
+        log.warning("C-ECHO %s -> %s failed (%s): %s", calling, peer, result.state.value, result.reason)
     return result

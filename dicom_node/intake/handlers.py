@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from threading import Lock
 from typing import Any
@@ -70,7 +69,6 @@ class Intake:
         study: StudySettings,
         spool: Spool,
         store: JobStore,
-        on_stored: Callable[[str], None] | None = None,
     ) -> None:
         self.node = node
         self.study = study
@@ -79,7 +77,6 @@ class Intake:
         self.counters = IntakeCounters()
         self.refusals = Refusals(self.counters)
         self.policy = AccessPolicy(node)
-        self._on_stored = on_stored
         self._min_free = node.min_free_disk_mb * 1024 * 1024
         self._instance_locks = [Lock() for _ in range(64)]
 
@@ -252,8 +249,6 @@ class Intake:
             self.counters.add(duplicates=1)
             return Status.SUCCESS
         self.counters.add(stored=1, bytes=size)
-        if self._on_stored is not None:
-            self._on_stored(study_uid)
         return Status.SUCCESS
 
     def _resent(self, calling: str, sop_uid: str, study_uid: str, staged: Staged) -> None:

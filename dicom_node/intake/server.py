@@ -17,7 +17,6 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from threading import Lock
 from typing import TYPE_CHECKING, Any
 
@@ -439,8 +438,3 @@ def start_scp(intake: Intake) -> ThreadedAssociationServer:
         intake.node.max_associations,
     )
     return server
-
-
-def wait_forever(stop: Callable[[], bool], interval: float = 0.5) -> None:
-    while not stop():
-        time.sleep(interval)

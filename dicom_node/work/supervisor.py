@@ -67,9 +67,6 @@ class WorkerSupervisor:
             self._spawn(queue)
         self._thread.start()
 
-    def pids(self) -> dict[str, int]:
-        return {q: p.pid for q, p in self._procs.items() if p.poll() is None}
-
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
             now = time.monotonic()

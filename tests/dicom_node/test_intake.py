@@ -32,9 +32,9 @@ from dicom_node.config import Settings
 from dicom_node.intake.spool import StagingFile, file_head
 from dicom_node.intake.transport import _SpooledDataSet
 from dicom_node.jobs.schema import JobState
-from dicom_node.node import Node, RecordingDispatcher
+from dicom_node.node import Node
 from dicom_node.status import Status
-from tests.conftest import make_study
+from tests.conftest import RecordingDispatcher, make_study
 from tests.corpus import COMPRESSED, CORPUS, corpus_file
 from tests.dicom_node.peers import send_raw
 

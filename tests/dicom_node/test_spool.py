@@ -11,8 +11,8 @@ import pytest
 from dicom_node.config import Settings
 from dicom_node.intake.spool import Spool
 from dicom_node.jobs.schema import instances
-from dicom_node.node import Node, RecordingDispatcher
-from tests.conftest import make_study
+from dicom_node.node import Node
+from tests.conftest import RecordingDispatcher, make_study
 
 
 def test_a_committed_instance_is_in_place_with_its_source_and_nothing_is_left_staged(tmp_path: Path) -> None:

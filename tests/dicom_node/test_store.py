@@ -278,7 +278,8 @@ def test_node_restarts_the_stable_timer_of_studies_it_was_receiving_and_resends_
     and a PACS re-sending the instances already stored keeps the study open: both ran the study twice (a partial
     run, then a late-arrival run) when the re-send reached the new instances after stable_seconds."""
     from dicom_node.jobs.schema import studies
-    from dicom_node.node import Node, RecordingDispatcher
+    from dicom_node.node import Node
+    from tests.conftest import RecordingDispatcher
 
     settings = make_settings(study={"stable_seconds": 30})
     first, second = make_study(tmp_path / "s", 2)
