@@ -168,7 +168,7 @@ _PYNETDICOM_NO_LIMIT = 1_000_000
 
 class _PolicyACSE(ACSE):
     """ACSE that checks an association request before pynetdicom negotiates its contexts, and refuses it with a
-    proper A-ASSOCIATE-RJ, recorded with its reason (see :meth:`Intake.association_refusal`)."""
+    proper A-ASSOCIATE-RJ, recorded with its reason (see :func:`association_refusal`)."""
 
     def __init__(self, assoc: Association, intake: Intake) -> None:
         super().__init__(assoc)
