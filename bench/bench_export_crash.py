@@ -30,7 +30,8 @@ from pathlib import Path
 from pynetdicom import evt
 from pynetdicom.status import Status
 
-from dicom_node.store import JobState, JobStore
+from dicom_node.jobs.schema import JobState
+from dicom_node.jobs.store import JobStore
 from tests.dicom_node.export_job import EXPORT_SCRIPT, export_job, wait_until
 from tests.orthanc import StoreRecorder
 

@@ -267,7 +267,7 @@ class NodeReceiver(Receiver):
     def count(self) -> int:
         files = sum(1 for _ in (self.data_dir / "spool").glob("*/*/*.dcm"))
         if self.store_url is not None:
-            from dicom_node.store import JobStore
+            from dicom_node.jobs.store import JobStore
 
             store = JobStore(self.store_url)
             recorded = store.counts()["instances"]
@@ -359,7 +359,7 @@ class DiscardReceiver(Receiver):
 
 def _patch_sqlite_normal() -> None:
     """PRAGMA synchronous=NORMAL: in WAL mode a commit no longer waits for an fsync of the WAL."""
-    from dicom_node import store
+    from dicom_node.jobs import store
 
     original = store._sqlite_pragmas
 
@@ -372,69 +372,69 @@ def _patch_sqlite_normal() -> None:
 
 def _patch_noheader() -> None:
     """The C-STORE handler reads no data set header: UIDs come from the request (study and series fixed)."""
-    from dicom_node import scp
-    from dicom_node.header import Header
+    from dicom_node.intake import handlers
+    from dicom_node.intake.header import Header
 
     study = generate_uid(entropy_srcs=["bench-intake", "study"])
     series = generate_uid(entropy_srcs=["bench-intake", "series"])
-    original = scp.Intake._admit
+    original = handlers.Intake._admit
 
     def admit(self: Any, event: Any, calling: str, sop_uid: str, staged: Any, body: Any) -> int:
         values = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": sop_uid}
-        setattr(scp, "read_header", lambda data, syntax: Header(values, None))  # noqa: B010
+        setattr(handlers, "read_header", lambda data, syntax: Header(values, None))  # noqa: B010
         return int(original(self, event, calling, sop_uid, staged, body))
 
-    setattr(scp.Intake, "_admit", admit)  # noqa: B010
+    setattr(handlers.Intake, "_admit", admit)  # noqa: B010
 
 
 def _patch_stockrecv() -> None:
     """The node without its association tuning: pynetdicom's own socket reads (4096 bytes per ``recv``) and its
     polling reactor threads."""
-    from dicom_node import scp
+    from dicom_node.intake import server
 
-    setattr(scp, "tune_association", lambda assoc: None)  # noqa: B010
+    setattr(server, "tune_association", lambda assoc, guard=None: None)  # noqa: B010
 
 
 def _patch_pollreactor() -> None:
     """pynetdicom's polling reactor threads (1 ms sleeps) instead of the node's event-driven waits."""
-    from dicom_node import scp
+    from dicom_node.intake import server
 
-    setattr(scp, "make_event_driven", lambda assoc: None)  # noqa: B010
+    setattr(server, "make_event_driven", lambda assoc: None)  # noqa: B010
 
 
 def _patch_noquickack() -> None:
     """Delayed TCP acknowledgements, as the kernel has them (no TCP_QUICKACK after each read)."""
-    from dicom_node import scp
+    from dicom_node.intake import transport
 
-    setattr(scp, "_QUICKACK", None)  # noqa: B010
+    setattr(transport, "_QUICKACK", None)  # noqa: B010
 
 
 def _patch_synced_records() -> None:
     """Every intake record's commit waits for a WAL sync, as on a spool without extended attributes."""
-    from dicom_node import spool
+    from dicom_node.intake import spool
 
     setattr(spool, "_supports_xattr", lambda folder: False)  # noqa: B010
 
 
 def _patch_keepcache() -> None:
     """No ``POSIX_FADV_DONTNEED``: no early writeback while the header is read, and the pages stay cached."""
-    from dicom_node import spool
+    from dicom_node.intake import spool
 
     setattr(spool, "_drop_cached", lambda fd, offset=0, length=0: None)  # noqa: B010
 
 
 def _patch_inmemory() -> None:
     """Every data set held in memory until its last byte, as pynetdicom does by default (no spooling on arrival)."""
-    from dicom_node import scp
+    from dicom_node.intake import transport
 
-    setattr(scp._SpooledDataSet, "SPOOL_ABOVE", sys.maxsize)  # noqa: B010
+    setattr(transport._SpooledDataSet, "SPOOL_ABOVE", sys.maxsize)  # noqa: B010
 
 
 def _patch_spoolall() -> None:
     """Every C-STORE data set written to the spool as it arrives, whatever its size."""
-    from dicom_node import scp
+    from dicom_node.intake import transport
 
-    setattr(scp._SpooledDataSet, "SPOOL_ABOVE", 0)  # noqa: B010
+    setattr(transport._SpooledDataSet, "SPOOL_ABOVE", 0)  # noqa: B010
 
 
 PATCHES: dict[str, Callable[[], None]] = {
@@ -503,8 +503,8 @@ def _serve_discard(port: int, count_file: Path, patches: list[str]) -> None:
     from pynetdicom import evt
 
     from dicom_node.config import NodeSettings
-    from dicom_node.scp import build_ae, file_head, tune_association
-    from dicom_node.spool import Spool
+    from dicom_node.intake.server import build_ae, tune_association
+    from dicom_node.intake.spool import Spool, file_head
 
     ae = build_ae(NodeSettings(ae_title=DiscardReceiver.aet, max_pdu=MAX_PDU, max_associations=16))
     lock = threading.Lock()
@@ -688,13 +688,16 @@ def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
 
 #: (label, substring of a frame "function (file:line)"); the first matching from the leaf up names a sample.
 CATEGORIES = [
-    ("spool: durable_write (write, fsync, rename, dir fsync)", ("durable_write (dicom_node/spool.py", "_fsync_dir")),
-    ("spool: write/rename/mkdir", ("Spool.store", "Spool._ensure_dir", "store (dicom_node/spool.py")),
+    (
+        "spool: durable_write (write, fsync, rename, dir fsync)",
+        ("durable_write (dicom_node/intake/spool.py", "_fsync_dir"),
+    ),
+    ("spool: write/rename/mkdir", ("Spool.store", "Spool._ensure_dir", "store (dicom_node/intake/spool.py")),
     ("job store: record_instance (SQLite commit)", ("record_instance",)),
     ("job store: known_instance", ("known_instance",)),
     ("handler: file meta", ("file_head", "_short_element")),
-    ("handler: header read", ("dicom_node/header.py",)),
-    ("handler: other", ("_store (dicom_node/scp.py", "on_c_store")),
+    ("handler: header read", ("dicom_node/intake/header.py",)),
+    ("handler: other", ("_store (dicom_node/intake/handlers.py", "on_c_store")),
     ("DIMSE: message decode/assembly", ("dimse_messages.py", "dimse.py")),
     ("DUL/PDU: socket read and PDU decode", ("dul.py", "pdu.py", "transport.py", "pdu_primitives.py")),
     ("association reactor / events", ("association.py", "events.py")),
@@ -749,18 +752,18 @@ STEPS = (
 def handler_breakdown(files: Sequence[Path], root: Path, threads: int = 1) -> dict[str, float]:
     """Milliseconds per instance of each step of the node's C-STORE handler, with its own Spool and JobStore.
 
-    The steps are the ones ``dicom_node.scp.Intake._store`` takes, called directly on the bytes storescu would
-    send (the data set without file meta), fsync on. With ``threads`` > 1 the files are stored by that many threads
-    at once (as concurrent associations do) and only the wall time per instance is meaningful.
+    The steps are the ones ``dicom_node.intake.handlers.Intake._store`` takes, called directly on the bytes storescu
+    would send (the data set without file meta), fsync on. With ``threads`` > 1 the files are stored by that many
+    threads at once (as concurrent associations do) and only the wall time per instance is meaningful.
     """
     from io import BytesIO
 
     from pydicom.filereader import read_preamble
 
-    from dicom_node.header import read_header
-    from dicom_node.scp import file_head
-    from dicom_node.spool import Spool
-    from dicom_node.store import InstanceRecord, JobStore
+    from dicom_node.intake.header import read_header
+    from dicom_node.intake.spool import Spool, file_head
+    from dicom_node.jobs.schema import InstanceRecord
+    from dicom_node.jobs.store import JobStore
 
     work = Path(tempfile.mkdtemp(prefix="breakdown-", dir=root))
     spool = Spool(work / "spool", sync=True)

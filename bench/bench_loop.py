@@ -26,9 +26,10 @@ from pathlib import Path
 import yaml
 
 from dicom_node.config import load_settings
-from dicom_node.orthanc import NodeModality, Orthanc
-from dicom_node.receiver import free_port
-from dicom_node.store import JobState, JobStore
+from dicom_node.devtools.orthanc import NodeModality, Orthanc
+from dicom_node.devtools.receiver import free_port
+from dicom_node.jobs.schema import JobState
+from dicom_node.jobs.store import JobStore
 from tests.conftest import make_study
 
 

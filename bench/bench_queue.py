@@ -1,12 +1,12 @@
 """The queue's own overhead: enqueue to task start, and task end to export start, on Redis and the embedded broker.
 
 What is measured. A bench Celery app is built from the node's own ``make_celery(settings)``: the broker URL and
-transport options come from ``dicom_node.queue.broker_settings`` and every setting ``make_celery`` changes
+transport options come from ``dicom_node.work.celery_app.broker_settings`` and every setting ``make_celery`` changes
 (acks_late, reject on worker lost, prefetch 1, routes, publish retry policy, pool limit, remote control, the
 embedded polling interval...) is copied onto it, found by comparing its configuration with a fresh Celery app's.
 Its two tasks carry the node's task names, queues and time limits, and their bodies only record timestamps:
 ``inference`` records ``time.time()`` at its first line and just before it publishes ``export`` with
-``app.send_task(EXPORT_TASK, args=[job_id], queue=EXPORT_QUEUE)`` exactly as ``queue.py`` does; ``export``
+``app.send_task(EXPORT_TASK, args=[job_id], queue=EXPORT_QUEUE)`` exactly as ``celery_app.py`` does; ``export``
 records its first line. The workers are real Celery workers in their own processes, started like
 ``dicom-node worker`` (prefork, concurrency 1, ``--without-gossip --without-mingle``, one per queue). The model,
 the job store and DICOM work are not measured: only broker and worker overhead with the node's settings.
@@ -53,7 +53,8 @@ from celery import Celery, Task
 from celery.signals import worker_ready
 
 from dicom_node.config import Settings, load_settings
-from dicom_node.queue import EXPORT_QUEUE, EXPORT_TASK, INFERENCE_QUEUE, INFERENCE_TASK, make_celery
+from dicom_node.work.celery_app import EXPORT_TASK, INFERENCE_TASK, make_celery
+from dicom_node.work.queues import EXPORT_QUEUE, INFERENCE_QUEUE
 
 DEFAULT_VARIANTS = "redis,redis-noheartbeat,embedded,embedded-poll0.01,embedded-poll0.005"
 WORKER_FLAGS = ["--without-gossip", "--without-mingle"]  # what `dicom-node worker` passes

@@ -23,7 +23,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicom_node.config import DestinationSettings
-from dicom_node.scu import Outcome, send_files
+from dicom_node.export.outcome import Outcome
+from dicom_node.export.scu import send_files
 from tests.orthanc import ORTHANC_BINARY, Orthanc, StoreRecorder
 
 

@@ -1,0 +1,21 @@
+"""The DICOM AI node: the application that composes the ``inference`` and ``sr_writer`` libraries.
+
+One subpackage per stage, each answering one question:
+
+- :mod:`dicom_node.intake`: what is received and kept. ``handlers`` (the C-STORE decision: validate, write, record),
+  ``server`` (the AE, TLS per connection, association checks and refusals), ``transport`` and ``reactor`` (all the
+  code on pynetdicom's private API: bounded socket reads, event-driven association threads, data sets spooled as they
+  arrive), ``header`` (the few header values read from a received data set), ``spool`` (received files on disk).
+- :mod:`dicom_node.jobs`: what is to be done, and its state. ``schema`` (tables and records), ``store`` (the job
+  store, source of truth), ``rules`` (routing rules), ``lease`` (when a running job counts as abandoned).
+- :mod:`dicom_node.work`: who does it. ``celery_app`` (the Celery app and its tasks), ``queues`` (the queue names),
+  ``steps`` (the inference and export steps the tasks call), ``supervisor`` (the node's own worker processes),
+  ``embedded_broker`` (the broker when there is no Redis).
+- :mod:`dicom_node.export`: results back to the PACS. ``scu`` (C-STORE and C-ECHO), ``outcome`` (send reports,
+  status classification, reasons).
+- :mod:`dicom_node.devtools`: the demo and test harnesses (Orthanc, a receiving SCP), apart from the product.
+
+At the top: ``node`` (the composition root: spool, job store, SCP, assembler, reconciler), ``cli`` (the
+``dicom-node`` command), ``config`` (the settings tree), ``status`` (the DIMSE status codes, for intake and export
+alike), ``logs``, ``tls``, ``metrics``, ``permissions``.
+"""

@@ -15,10 +15,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.jobs.schema import JobState, StudyState
+from dicom_node.jobs.store import JobStore, StoreUnavailable
 from dicom_node.logs import configure_logging
 from dicom_node.permissions import private_dir, restrict_umask
-from dicom_node.store import JobState, JobStore, StoreUnavailable, StudyState
 from dicom_node.tls import TLSConfigError, server_context
+from dicom_node.work.queues import INFERENCE_QUEUE, QUEUES
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
@@ -63,7 +65,7 @@ def _when(ts: float) -> str:
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive studies (C-STORE), assemble them, queue them, run them, send results back."""
-    from dicom_node.service import Node
+    from dicom_node.node import Node
 
     settings = _settings(config)
     configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
@@ -96,21 +98,21 @@ def serve(config: ConfigOption = None) -> None:
 @app.command()
 def worker(
     config: ConfigOption = None,
-    queues: Annotated[str, typer.Option(help="Queues: inference, export, or inference,export.")] = "inference",
+    queues: Annotated[str, typer.Option(help="Queues: inference, export, or inference,export.")] = INFERENCE_QUEUE,
     device: Annotated[str | None, typer.Option(help="Model device (overrides model.device): cpu, cuda:N.")] = None,
     concurrency: Annotated[int, typer.Option(help="Worker processes (inference: one per GPU).")] = 1,
 ) -> None:
     """Run a Celery worker. An inference worker loads its model once per process, warms it up, then consumes."""
     import os
 
-    from dicom_node.pipeline import WorkerContext
-    from dicom_node.queue import install_model_loader, make_celery
+    from dicom_node.work.celery_app import install_model_loader, make_celery
+    from dicom_node.work.steps import WorkerContext
 
     settings = _settings(config)
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = [q for q in wanted if q not in ("inference", "export")]
+    unknown = [q for q in wanted if q not in QUEUES]
     if not wanted or unknown:
-        err.print(f"[red]error:[/red] --queues takes inference and/or export, got {queues!r}")
+        err.print(f"[red]error:[/red] --queues takes {' and/or '.join(QUEUES)}, got {queues!r}")
         raise typer.Exit(2)
     if device is not None:
         try:
@@ -121,7 +123,7 @@ def worker(
             raise typer.Exit(2) from None
     configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
     engine_factory = None
-    if "inference" in wanted:
+    if INFERENCE_QUEUE in wanted:
         from inference.engine import Engine
 
         model = settings.model
@@ -157,7 +159,7 @@ def demo(
     keep_running: Annotated[bool, typer.Option(help="Keep the node and the PACS running afterwards.")] = False,
 ) -> None:
     """Start the node with the demo model, send it a real study through a PACS, and show the results."""
-    from dicom_node.demo import run_demo
+    from dicom_node.devtools.demo import run_demo
 
     settings = _settings(config)
     configure_logging("WARNING", False, None)
@@ -170,7 +172,7 @@ def echo(
     config: ConfigOption = None,
 ) -> None:
     """C-ECHO a configured destination: success and round trip, or the exact failure."""
-    from dicom_node.scu import echo as c_echo
+    from dicom_node.export.scu import echo as c_echo
 
     settings = _settings(config)
     by_name = {d.name: d for d in settings.destinations}
@@ -220,7 +222,7 @@ def config_check(config: ConfigOption = None) -> None:
         f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
         highlight=False,
     )
-    from dicom_node.rules import risky_patterns
+    from dicom_node.jobs.rules import risky_patterns
 
     for line in risky_patterns(settings.rules):
         out.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)

@@ -1,13 +1,13 @@
 """Logging for the node: configured once by the application; library code only calls ``logging.getLogger``.
 
-No patient data in logs (DESIGN invariant 8): UIDs are logged as short hashes (:func:`uid_hash`), names and IDs
+No patient data in logs (DESIGN invariant 8): UIDs are logged as short hashes (:func:`uid_hash`, defined with the
+findings contract so that the workers' libraries hash alike), names and IDs
 never. The audit log (``<data_dir>/audit.log``, one JSON object per line) records every association and every
 export.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -17,18 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.permissions import private_dir, private_file
+from sr_writer.findings import uid_hash  # the one definition, shared with the workers' libraries
 
 __all__ = ["AUDIT_LOGGER", "HashQuotedValues", "audit", "configure_logging", "hash_quoted", "uid_hash"]
 
 AUDIT_LOGGER = "dicom_node.audit"
 _audit = logging.getLogger(AUDIT_LOGGER)
-
-
-def uid_hash(uid: str | None) -> str:
-    """A short, stable stand-in for a UID in logs: the same UID always gives the same 12 hex characters."""
-    if not uid:
-        return "-"
-    return hashlib.sha256(str(uid).encode("ascii", "replace")).hexdigest()[:12]
 
 
 _QUOTED = re.compile(r"'([^']*)'")

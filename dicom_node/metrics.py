@@ -14,10 +14,11 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from dicom_node.store import JobState, StudyState, describe_error
+from dicom_node.jobs.schema import JobState, StudyState
+from dicom_node.jobs.store import describe_error
 
 if TYPE_CHECKING:
-    from dicom_node.service import Node
+    from dicom_node.node import Node
 
 __all__ = ["NodeCollector", "serve_metrics"]
 

@@ -27,7 +27,6 @@ from inference.errors import PoisonInputError
 from inference.pixels import (
     ImageCandidate,
     InstanceHeader,
-    hashed_uid,
     load_candidates,
     read_header,
     select_images,
@@ -35,7 +34,16 @@ from inference.pixels import (
 from inference.regions import region_from_dataset
 from inference.registry import adapter_class, backend_class
 from inference.types import ModelImage, ParsedAnswer, PreparedInput, Profile, RegionInput, TaskRequest
-from sr_writer.findings import AlgorithmIdentity, BoundingBox, Finding, ImageRef, InferenceResult, Language, Report
+from sr_writer.findings import (
+    AlgorithmIdentity,
+    BoundingBox,
+    Finding,
+    ImageRef,
+    InferenceResult,
+    Language,
+    Report,
+    uid_hash,
+)
 
 __all__ = ["Engine", "compose_report"]
 
@@ -151,7 +159,7 @@ class Engine:
             if answer.problems:
                 logger.info(
                     "image %s: %d parse notes: %s",
-                    hashed_uid(item.image.ref.sop_instance_uid),
+                    uid_hash(item.image.ref.sop_instance_uid),
                     len(answer.problems),
                     "; ".join(answer.problems[:5]),
                 )
@@ -200,6 +208,6 @@ class Engine:
                     break
                 return [ImageCandidate(header, region.ref.frame_number)]
         raise PoisonInputError(
-            f"the marked region refers to image {hashed_uid(region.ref.sop_instance_uid)} frame "
+            f"the marked region refers to image {uid_hash(region.ref.sop_instance_uid)} frame "
             f"{region.ref.frame_number}, which is not in the study"
         )

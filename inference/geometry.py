@@ -125,9 +125,3 @@ class ImageTransform:
         x1, y1 = self.point_to_source(box.x1, box.y1)
         out = BoundingBox(x0, y0, x1, y1)
         return out.clipped(*self.source_size) if clip else out
-
-    def source_region_in_model(self) -> tuple[float, float, float, float]:
-        """Where the source image lies in model-input pixel edges (x0, y0, x1, y1): excludes padding."""
-        x0, y0 = self.point_to_model(0, 0)
-        x1, y1 = self.point_to_model(*self.source_size)
-        return x0, y0, x1, y1

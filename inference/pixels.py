@@ -33,14 +33,13 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel
 
 from inference.errors import PoisonInputError
 from inference.types import ModelImage
-from sr_writer.findings import ImageRef
+from sr_writer.findings import ImageRef, uid_hash
 
 __all__ = [
     "CT_WINDOWS",
     "ImageCandidate",
     "InstanceHeader",
     "evenly_spaced",
-    "hashed_uid",
     "load_candidates",
     "load_image",
     "pad",
@@ -65,13 +64,6 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RG", "IO", "PX", "XA", "RF", "OT", "SC", "XC", "ES", "GM"})
 #: Objects that carry pixels but are not images to read (segmentations, dose grids, presentation states).
 NON_IMAGE_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "SR", "PR", "KO", "REG", "DOC"})
-
-
-def hashed_uid(uid: str) -> str:
-    """A short hash of a UID for logs (no patient-identifying data in logs)."""
-    import hashlib
-
-    return hashlib.sha256(uid.encode()).hexdigest()[:10]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,7 +319,7 @@ def load_image(
         raise PoisonInputError("image has no SOPInstanceUID")
     if "PixelData" not in ds:
         kinds = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
-        raise PoisonInputError(f"image {hashed_uid(sop_uid)} has no integer PixelData ({kinds or 'none'})")
+        raise PoisonInputError(f"image {uid_hash(sop_uid)} has no integer PixelData ({kinds or 'none'})")
     try:
         arr = _decode_frame(ds, frame_number - 1)
         rgb, used = render_frame(arr, ds, frame_number - 1, window)
@@ -336,12 +328,12 @@ def load_image(
     except Exception as exc:  # decoders raise anything from ValueError to RuntimeError on corrupt data
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise PoisonInputError(
-            f"pixels of image {hashed_uid(sop_uid)} frame {frame_number} (transfer syntax {ts}) cannot be "
+            f"pixels of image {uid_hash(sop_uid)} frame {frame_number} (transfer syntax {ts}) cannot be "
             f"decoded: {type(exc).__name__}: {exc}"
         ) from exc
     if rgb.ndim != 3 or rgb.shape[:2] != (int(ds.Rows), int(ds.Columns)):
         raise PoisonInputError(
-            f"decoded image {hashed_uid(sop_uid)} has shape {rgb.shape}, expected ({ds.Rows}, {ds.Columns}, 3)"
+            f"decoded image {uid_hash(sop_uid)} has shape {rgb.shape}, expected ({ds.Rows}, {ds.Columns}, 3)"
         )
     return ModelImage(
         pixels=rgb,
@@ -366,7 +358,7 @@ def load_candidates(candidates: Sequence[ImageCandidate], window: str = "auto") 
             cache[path] = ds
             images.append(load_image(ds, candidate.frame_number, window))
         except (PoisonInputError, InvalidDicomError, OSError) as exc:
-            reason = f"image {hashed_uid(candidate.header.sop_instance_uid)} frame {candidate.frame_number}: {exc}"
+            reason = f"image {uid_hash(candidate.header.sop_instance_uid)} frame {candidate.frame_number}: {exc}"
             logger.warning("skipping unusable image: %s", reason)
             problems.append(reason)
     return images, problems

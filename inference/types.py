@@ -70,11 +70,6 @@ class ModelImage:
     def columns(self) -> int:
         return int(self.pixels.shape[1])
 
-    @property
-    def source_shape(self) -> tuple[int, int]:
-        """(rows, columns) of the source image."""
-        return self.rows, self.columns
-
 
 @dataclass(frozen=True)
 class RegionInput:

@@ -34,6 +34,7 @@ __all__ = [
     "Language",
     "Report",
     "result_uid",
+    "uid_hash",
 ]
 
 
@@ -287,6 +288,15 @@ class InferenceResult:
             report=Report(**data["report"]),
             findings=tuple(Finding.from_dict(f) for f in data["findings"]),
         )
+
+
+def uid_hash(uid: str | None) -> str:
+    """A short, stable stand-in for a UID in logs and error messages (no patient data in logs, DESIGN invariant 8):
+    the first 12 hex digits of its SHA-256, ``-`` for none. The one definition: the node, the workers and both
+    libraries name a UID by the same 12 characters, so one grep follows an instance through every log."""
+    if not uid:
+        return "-"
+    return hashlib.sha256(str(uid).encode("ascii", "replace")).hexdigest()[:12]
 
 
 def result_uid(*parts: str | int) -> str:

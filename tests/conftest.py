@@ -12,11 +12,26 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.config import Settings, load_settings
-from dicom_node.receiver import free_port
-from dicom_node.service import Dispatcher, Node, RecordingDispatcher
+from dicom_node.devtools.receiver import free_port
+from dicom_node.jobs.schema import JobRecord
+from dicom_node.node import Dispatcher, Node
 from tests.corpus import corpus_file
 from tests.pki import make_pki
 from tests.postgres import PostgresServer, postgres_bin
+
+
+class RecordingDispatcher:
+    """Leaves jobs queued in the store: the node receives and assembles, and no worker runs them."""
+
+    def __init__(self) -> None:
+        self.submitted: list[int] = []
+
+    def submit(self, job: JobRecord) -> bool:
+        self.submitted.append(job.id)
+        return True
+
+    def queued_job_ids(self) -> set[int] | None:
+        return None
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Orthanc for the tests: :mod:`dicom_node.orthanc` re-exported, the ``orthanc_factory`` fixture, the
+"""Orthanc for the tests: :mod:`dicom_node.devtools.orthanc` re-exported, the ``orthanc_factory`` fixture, the
 ``requires_orthanc`` mark, and :class:`StoreRecorder`, a Storage SCP that answers chosen statuses."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import Status
 
-from dicom_node.orthanc import *  # noqa: F403  (the Orthanc helpers, re-exported for the tests)
-from dicom_node.orthanc import ORTHANC_BINARY, Orthanc, free_ports, wait_until
+from dicom_node.devtools.orthanc import *  # noqa: F403  (the Orthanc helpers, re-exported for the tests)
+from dicom_node.devtools.orthanc import ORTHANC_BINARY, Orthanc, free_ports, wait_until
 
 LOGGER = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from dicom_node.receiver import free_port
+from dicom_node.devtools.receiver import free_port
 
 
 def postgres_bin() -> Path | None:

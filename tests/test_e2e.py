@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from dicom_node.config import load_settings
-from dicom_node.orthanc import NodeModality, Orthanc
-from dicom_node.store import JobState, JobStore
+from dicom_node.devtools.orthanc import NodeModality, Orthanc
+from dicom_node.jobs.schema import JobState
+from dicom_node.jobs.store import JobStore
 from tests.conftest import free_port, make_study
 from tests.corpus import corpus_file
 from tests.orthanc import requires_orthanc

@@ -17,15 +17,16 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import Settings, load_settings
-from dicom_node.pipeline import outbox_dir
-from dicom_node.receiver import free_port
-from dicom_node.store import InstanceRecord, JobState, JobStore
+from dicom_node.devtools.receiver import free_port
+from dicom_node.jobs.schema import InstanceRecord, JobState
+from dicom_node.jobs.store import JobStore
+from dicom_node.work.steps import outbox_dir
 from tests.conftest import make_study
 
 EXPORT_SCRIPT = """
 import sys
 from dicom_node.config import load_settings
-from dicom_node.pipeline import WorkerContext, run_export
+from dicom_node.work.steps import WorkerContext, run_export
 run_export(WorkerContext(load_settings(sys.argv[1])), int(sys.argv[2]))
 """
 

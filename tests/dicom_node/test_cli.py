@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
-from dicom_node.service import Node
-from dicom_node.store import JobState
+from dicom_node.jobs.schema import JobState
+from dicom_node.node import Node
 from tests.conftest import free_port, make_study
 from tests.dicom_node.test_intake import storescu, wait_for
 

@@ -18,7 +18,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.config import load_settings
-from dicom_node.store import JobStore
+from dicom_node.jobs.store import JobStore
 from tests.conftest import free_port, make_study
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from dicom_node import embedded_broker
+from dicom_node.work import embedded_broker
 
 pytestmark = pytest.mark.integration
 
 _CONSUMER = """
 import json, sys
 from kombu import Connection
-import dicom_node.embedded_broker
+import dicom_node.work.embedded_broker
 folder, expected = sys.argv[1], int(sys.argv[2])
 options = {"data_folder_in": folder + "/m", "data_folder_out": folder + "/m", "control_folder": folder + "/c",
            "polling_interval": 0.001}
 seen, errors = [], []
-with Connection(f"{dicom_node.embedded_broker.SCHEME}://localhost//", transport_options=options) as conn:
+with Connection(f"{dicom_node.work.embedded_broker.SCHEME}://localhost//", transport_options=options) as conn:
     queue = conn.SimpleQueue("inference")
     while len(seen) + len(errors) < expected:
         try:

@@ -10,8 +10,9 @@ import pytest
 from pynetdicom import evt
 from pynetdicom.status import Status
 
-from dicom_node.pipeline import WorkerContext, run_export
-from dicom_node.store import JobState, JobStore
+from dicom_node.jobs.schema import JobState
+from dicom_node.jobs.store import JobStore
+from dicom_node.work.steps import WorkerContext, run_export
 from tests.dicom_node.export_job import export_job, wait_until
 from tests.orthanc import StoreRecorder
 

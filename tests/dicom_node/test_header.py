@@ -15,7 +15,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom.dsutils import encode
 
-from dicom_node.header import _WANTED, HeaderError, _walk, read_header
+from dicom_node.intake.header import _WANTED, HeaderError, _walk, read_header
 from tests.corpus import corpus_file
 
 KEYWORDS = [kw for kw, _ in _WANTED.values() if kw != "SpecificCharacterSet"]

@@ -29,10 +29,11 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node.jobs.schema import InstanceRecord, patient_key
+from dicom_node.jobs.store import JobStore, PatientConflict
 from dicom_node.logs import AUDIT_LOGGER
-from dicom_node.scp import Status
-from dicom_node.service import Node
-from dicom_node.store import InstanceRecord, JobStore, PatientConflict, patient_key
+from dicom_node.node import Node
+from dicom_node.status import Status
 from tests.conftest import make_study
 from tests.corpus import corpus_file
 from tests.dicom_node.peers import associate_rq, closed_by_peer, pdu_header, read_pdu, send_raw

@@ -29,11 +29,12 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy.exc import OperationalError
 
 from dicom_node.config import Settings
-from dicom_node.scp import Status, _SpooledDataSet, file_head
-from dicom_node.service import Node, RecordingDispatcher
-from dicom_node.spool import StagingFile
-from dicom_node.store import JobState
-from tests.conftest import make_study
+from dicom_node.intake.spool import StagingFile, file_head
+from dicom_node.intake.transport import _SpooledDataSet
+from dicom_node.jobs.schema import JobState
+from dicom_node.node import Node
+from dicom_node.status import Status
+from tests.conftest import RecordingDispatcher, make_study
 from tests.corpus import COMPRESSED, CORPUS, corpus_file
 from tests.dicom_node.peers import send_raw
 
@@ -462,7 +463,7 @@ def test_pynetdicom_dataset_send_and_max_associations(running_node: Callable[...
 def test_metrics_show_what_the_scp_did(running_node: Callable[..., Node], tmp_path: Path) -> None:
     import urllib.request
 
-    from dicom_node.receiver import free_port
+    from dicom_node.devtools.receiver import free_port
 
     port = free_port()
     node = running_node(node={"metrics_port": port})

@@ -10,7 +10,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.config import DestinationSettings
-from dicom_node.scu import AssociationState, Outcome, echo, send_files
+from dicom_node.export.outcome import AssociationState, Outcome
+from dicom_node.export.scu import echo, send_files
 from tests.corpus import corpus_file
 from tests.orthanc import (
     NodeModality,

@@ -13,10 +13,11 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from dicom_node.pipeline import PermanentError, TransientError, WorkerContext, claim_job, run_export, run_inference
-from dicom_node.receiver import Receiver
-from dicom_node.service import Node
-from dicom_node.store import InstanceRecord, JobState, is_unreachable
+from dicom_node.devtools.receiver import Receiver
+from dicom_node.jobs.schema import InstanceRecord, JobState
+from dicom_node.jobs.store import is_unreachable
+from dicom_node.node import Node
+from dicom_node.work.steps import PermanentError, TransientError, WorkerContext, claim_job, run_export, run_inference
 from inference.engine import Engine
 from tests.conftest import make_study
 from tests.dicom_node.test_intake import storescu, wait_for
@@ -91,7 +92,7 @@ def test_rebuilt_results_have_byte_identical_uids(
     assert run_inference(ctx, job_id)
     job = node.store.job(job_id)
     assert job is not None
-    from dicom_node.pipeline import _write_outbox
+    from dicom_node.work.steps import _write_outbox
 
     first = _write_outbox(ctx, job)
     first_uids = {(uid, str(pydicom.dcmread(p).SeriesInstanceUID)) for uid, _k, p in first}

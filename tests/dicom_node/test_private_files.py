@@ -19,10 +19,11 @@ import pytest
 import yaml
 from kombu import Connection
 
-from dicom_node import embedded_broker
 from dicom_node.config import load_settings
+from dicom_node.jobs.schema import JobState
+from dicom_node.jobs.store import JobStore
 from dicom_node.permissions import DIR_MODE, FILE_MODE, open_private, private_dir, private_file
-from dicom_node.store import JobState, JobStore
+from dicom_node.work import embedded_broker
 from tests.conftest import free_port, make_study
 
 REPO = Path(__file__).resolve().parents[2]

@@ -21,9 +21,10 @@ import pytest
 import yaml
 
 from dicom_node.config import load_settings
-from dicom_node.receiver import Receiver
-from dicom_node.service import Node
-from dicom_node.store import JobState, JobStore
+from dicom_node.devtools.receiver import Receiver
+from dicom_node.jobs.schema import JobState
+from dicom_node.jobs.store import JobStore
+from dicom_node.node import Node
 from tests.conftest import free_port, make_study
 from tests.dicom_node.export_job import export_job, queued_job
 from tests.dicom_node.test_intake import storescu
@@ -188,7 +189,7 @@ def test_a_replacement_worker_process_may_take_worker_start_seconds_to_load_its_
     """Celery kills a pool process that has not reported up within worker_proc_alive_timeout (default 4 s); the
     replacement of a killed inference process loads the model first, so the node sets it from the configuration.
     With the default, the test below stalled whenever the tiny model's load took longer than 4 s."""
-    from dicom_node.queue import make_celery
+    from dicom_node.work.celery_app import make_celery
 
     settings = load_settings(None, {"queue": {"worker_start_seconds": 1234}, "node": {"data_dir": str(tmp_path)}})
     assert make_celery(settings).conf.worker_proc_alive_timeout == 1234

@@ -1,4 +1,5 @@
-"""The accepted associations' threads wait for work instead of polling (dicom_node.reactor), on real associations.
+"""The accepted associations' threads wait for work instead of polling (dicom_node.intake.reactor), on real
+associations.
 
 A wake-up the reactor threads miss costs a whole :data:`IDLE_WAIT`. The first tests raise it to two minutes, so
 that a missed wake-up shows as a transfer or an association end that does not finish in the minute the test allows
@@ -17,8 +18,8 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node import reactor
-from dicom_node.service import Node
+from dicom_node.intake import reactor
+from dicom_node.node import Node
 from tests.conftest import make_study
 
 pytestmark = pytest.mark.integration

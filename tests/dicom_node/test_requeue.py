@@ -7,8 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node.config import Settings
-from dicom_node.service import Node
-from dicom_node.store import JobRecord, JobStore
+from dicom_node.jobs.schema import JobRecord
+from dicom_node.jobs.store import JobStore
+from dicom_node.node import Node
 from tests.conftest import make_study
 from tests.dicom_node.export_job import queued_job
 

@@ -18,9 +18,9 @@ import yaml
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
-from dicom_node.pipeline import outbox_dir, results_dir
-from dicom_node.service import Node
-from dicom_node.store import JobState, StudyState
+from dicom_node.jobs.schema import JobState, StudyState
+from dicom_node.node import Node
+from dicom_node.work.steps import outbox_dir, results_dir
 from tests.conftest import free_port, make_study
 from tests.dicom_node.test_intake import storescu, wait_for
 from tests.dicom_node.test_store import scrape

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from dicom_node.cli import app
 from dicom_node.config import RuleSettings
-from dicom_node.rules import nested_quantifier, select_rule
-from dicom_node.service import Node
-from dicom_node.store import InstanceRecord, JobState
+from dicom_node.jobs.rules import nested_quantifier, select_rule
+from dicom_node.jobs.schema import InstanceRecord, JobState
+from dicom_node.node import Node
 from tests.conftest import make_study
 from tests.dicom_node.test_intake import storescu, wait_for
 
@@ -45,7 +45,7 @@ def test_a_pattern_that_backtracks_forever_times_out_and_the_reason_names_the_ru
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     rules = [rule("slow", series_description=SLOW), rule("rest", modality=["MR"])]
-    with caplog.at_level(logging.WARNING, logger="dicom_node.rules"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.jobs.rules"):
         decision = select_rule(rules, study(CRAFTED), "MODALITY")
     assert decision.rule is None
     assert decision.reason.startswith("no rule matched (slow: SeriesDescription pattern /(a|a)+$/ timed out after")

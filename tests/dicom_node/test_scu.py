@@ -31,17 +31,16 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import DestinationSettings
-from dicom_node.scu import (
+from dicom_node.export.outcome import (
     AssociationState,
     FileResult,
     Outcome,
-    StoreStatus,
     classify_store_status,
-    echo,
-    send_files,
     status_name,
-    uid_hash,
 )
+from dicom_node.export.scu import echo, send_files
+from dicom_node.logs import uid_hash
+from dicom_node.status import Status as StoreStatus
 from tests.conftest import make_study
 from tests.corpus import corpus_file
 from tests.orthanc import Orthanc, StoreRecorder, free_ports, requires_orthanc

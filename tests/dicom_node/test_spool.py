@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
 import pytest
 
-from dicom_node.spool import Spool
+from dicom_node.config import Settings
+from dicom_node.intake.spool import Spool
+from dicom_node.jobs.schema import instances
+from dicom_node.node import Node
+from tests.conftest import RecordingDispatcher, make_study
 
 
 def test_a_committed_instance_is_in_place_with_its_source_and_nothing_is_left_staged(tmp_path: Path) -> None:
@@ -68,3 +74,30 @@ def test_a_staging_file_takes_pieces_as_they_arrive_and_refuses_writes_once_drop
     with pytest.raises(OSError):
         aborted.finish()
     assert list(spool.incoming.iterdir()) == []
+
+
+def test_start_up_recovers_over_long_values_and_passes_over_a_bad_file(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Files spooled but never recorded (a crash between the two) are recorded at start-up, cut to the job store's
+    column lengths as intake cuts them; a file that cannot be read is logged and left, and the node starts."""
+    [source] = make_study(tmp_path / "s", 1)
+    ds = pydicom.dcmread(source)
+    ds.Modality = "M" * 70
+    ds.StudyDescription = "D" * 200
+    settings = make_settings()
+    node = Node(settings, dispatcher=RecordingDispatcher())
+    target = node.spool.path_for(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    target.parent.mkdir(parents=True)
+    ds.save_as(target, enforce_file_format=True)
+    garbage = node.spool.path_for(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "1.2.3.4")
+    garbage.write_bytes(b"not DICOM at all")
+    node.start()
+    try:
+        [record] = node.store.study_instances(str(ds.StudyInstanceUID))
+        assert record.sop_instance_uid == ds.SOPInstanceUID
+        assert record.modality == "M" * instances.c.modality.type.length
+        assert record.study_description == "D" * instances.c.study_description.type.length
+        assert garbage.exists()  # left for an administrator, not deleted
+    finally:
+        node.stop()

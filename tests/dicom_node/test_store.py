@@ -15,7 +15,8 @@ import pydicom
 import pytest
 from sqlalchemy import select, update
 
-from dicom_node.store import InstanceRecord, JobState, JobStore, StoreUnavailable, StudyState
+from dicom_node.jobs.schema import InstanceRecord, JobState, StudyState
+from dicom_node.jobs.store import JobStore, StoreUnavailable
 from tests.conftest import free_port, make_study
 from tests.dicom_node.test_intake import storescu, wait_for
 from tests.postgres import PostgresServer, postgres_bin
@@ -140,7 +141,7 @@ def test_an_instance_recorded_while_its_study_closes_is_in_the_closed_run_or_the
 
 def runs_of(store: JobStore, study: str) -> dict[str, int]:
     """SOP Instance UID -> the run it was recorded against."""
-    from dicom_node.store import instances
+    from dicom_node.jobs.schema import instances
 
     with store.engine.connect() as conn:
         rows = conn.execute(
@@ -276,8 +277,9 @@ def test_node_restarts_the_stable_timer_of_studies_it_was_receiving_and_resends_
     """A node that stopped mid-study does not complete the study at start-up on the strength of its own downtime,
     and a PACS re-sending the instances already stored keeps the study open: both ran the study twice (a partial
     run, then a late-arrival run) when the re-send reached the new instances after stable_seconds."""
-    from dicom_node.service import Node, RecordingDispatcher
-    from dicom_node.store import studies
+    from dicom_node.jobs.schema import studies
+    from dicom_node.node import Node
+    from tests.conftest import RecordingDispatcher
 
     settings = make_settings(study={"stable_seconds": 30})
     first, second = make_study(tmp_path / "s", 2)

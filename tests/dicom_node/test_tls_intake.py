@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from dicom_node.cli import app
 from dicom_node.config import ConfigError, load_settings
-from dicom_node.service import Node
+from dicom_node.node import Node
 from tests.conftest import make_study
 from tests.dicom_node.test_intake import wait_for
 
@@ -87,7 +87,7 @@ def test_a_port_check_is_no_rejected_association(
     running_node: Callable[..., Node], pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Monitoring and load balancers connect and close (or reset) without a byte: an INFO line, not a warning."""
-    caplog.set_level(logging.INFO, logger="dicom_node.scp")
+    caplog.set_level(logging.INFO, logger="dicom_node.intake.server")
     node = tls_node(running_node, pki)
     with socket.create_connection(("127.0.0.1", node.port)):
         pass

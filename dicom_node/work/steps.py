@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 import pydicom
 
 from dicom_node.config import Settings
+from dicom_node.intake.spool import Spool, durable_write
+from dicom_node.jobs.lease import fail_if_redelivered_too_often, is_abandoned
+from dicom_node.jobs.schema import JobRecord, JobState
+from dicom_node.jobs.store import JobStore, is_unreachable
 from dicom_node.logs import audit, uid_hash
 from dicom_node.permissions import private_dir
-from dicom_node.spool import Spool, durable_write
-from dicom_node.store import JobRecord, JobState, JobStore, is_unreachable
 
 if TYPE_CHECKING:
     from inference.engine import Engine
@@ -36,7 +38,6 @@ __all__ = [
     "WorkerContext",
     "claim_job",
     "outbox_dir",
-    "owner_gone",
     "results_dir",
     "run_export",
     "run_inference",
@@ -117,28 +118,11 @@ def outbox_dir(data_dir: Path, job_id: int) -> Path:
     return data_dir / "outbox" / f"job-{job_id}"
 
 
-def owner_gone(owner: str | None) -> bool:
-    """True when ``owner`` (host:pid) is a process on this host that no longer exists."""
-    if not owner or ":" not in owner:
-        return False
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def claim_job(ctx: WorkerContext, job_id: int, lease_seconds: float) -> JobRecord | None:
     """Take the job for this worker, or None when there is nothing to do (done, cancelled, running elsewhere).
 
-    A job found ``running`` whose owner died (same host) or whose lease ran out was redelivered after a crash; it
-    is taken over and counted. One redelivered more than ``queue.max_redeliveries`` times is failed, so a study
-    that kills its worker (out of memory, say) does not loop forever.
+    A job found ``running`` and abandoned (:mod:`dicom_node.jobs.lease`) was redelivered after a crash; it is taken
+    over and counted, or failed when redelivered more than ``queue.max_redeliveries`` times.
     """
     store = ctx.store
     job = store.job(job_id)
@@ -167,17 +151,10 @@ def claim_job(ctx: WorkerContext, job_id: int, lease_seconds: float) -> JobRecor
         ):
             return store.job(job_id)
         return None
-    expired = job.lease_until is not None and job.lease_until < now
-    if not (expired or owner_gone(job.owner)):
+    if not is_abandoned(job, now):
         log.info("job %d already running on %s; duplicate message dropped", job_id, job.owner)
         return None
-    max_redeliveries = ctx.settings.queue.max_redeliveries
-    if job.redeliveries + 1 > max_redeliveries:
-        store.transition(
-            job_id, JobState.FAILED, expect=[JobState.RUNNING],
-            error=f"the worker stopped {job.redeliveries + 1} times while running this job (killed, out of "
-            f"memory or over its time limit); more than queue.max_redeliveries={max_redeliveries}",
-        )
+    if fail_if_redelivered_too_often(store, job, ctx.settings.queue.max_redeliveries):
         return None
     if store.transition(
         job_id, JobState.RUNNING, expect=[JobState.RUNNING], count_attempt=True, count_redelivery=True,
@@ -294,7 +271,8 @@ def run_export(ctx: WorkerContext, job_id: int) -> None:
     success is recorded per destination and per object, each object as soon as the peer acknowledges it, and a
     retry (after a failure or a crash) sends only what is missing.
     """
-    from dicom_node.scu import FileResult, Outcome, send_files
+    from dicom_node.export.outcome import FileResult, Outcome
+    from dicom_node.export.scu import send_files
 
     store = ctx.store
     job = store.job(job_id)

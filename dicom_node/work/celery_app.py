@@ -7,7 +7,7 @@ Tasks carry a job id, never pixels (DESIGN invariant 4). The job store decides w
 (invariant 3): messages may be lost (Redis flushed) or duplicated (redelivery, reconciler) and nothing breaks.
 
 ``queue.broker_url: embedded`` uses kombu's filesystem transport under ``<data_dir>/broker`` (with atomic message
-writes: :mod:`dicom_node.embedded_broker`): the same tasks and workers, with no service to install.
+writes: :mod:`dicom_node.work.embedded_broker`): the same tasks and workers, with no service to install.
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ from celery.signals import worker_process_init
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
-from dicom_node import embedded_broker
 from dicom_node.config import Settings
-from dicom_node.pipeline import PermanentError, TransientError, WorkerContext, run_export, run_inference
-from dicom_node.store import JobRecord, JobState, describe_error, is_unreachable
+from dicom_node.jobs.schema import JobRecord, JobState
+from dicom_node.jobs.store import describe_error, is_unreachable
+from dicom_node.work import embedded_broker
+from dicom_node.work.queues import EXPORT_QUEUE, INFERENCE_QUEUE
+from dicom_node.work.steps import PermanentError, TransientError, WorkerContext, run_export, run_inference
 
-__all__ = ["EXPORT_QUEUE", "INFERENCE_QUEUE", "CeleryDispatcher", "RetryPolicy", "make_celery"]
+__all__ = ["EXPORT_TASK", "INFERENCE_TASK", "CeleryDispatcher", "RetryPolicy", "make_celery"]
 
 log = logging.getLogger(__name__)
 
-INFERENCE_QUEUE = "inference"
-EXPORT_QUEUE = "export"
 INFERENCE_TASK = "dicom_node.inference"
 EXPORT_TASK = "dicom_node.export"
 

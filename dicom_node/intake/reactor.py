@@ -39,7 +39,7 @@ import pynetdicom.dul
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
-from dicom_node.transport import guard_of
+from dicom_node.intake.transport import guard_of
 
 __all__ = ["IDLE_WAIT", "make_event_driven"]
 

@@ -18,9 +18,12 @@ import mmap
 import os
 import re
 import shutil
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from dicom_node.logs import uid_hash
 
@@ -32,6 +35,7 @@ __all__ = [
     "StagingFile",
     "check_uid",
     "durable_write",
+    "file_head",
 ]
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -360,3 +364,37 @@ class Spool:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _short_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element in explicit VR little endian with a 2-byte length (UL, UI, SH)."""
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def file_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information (PS3.10 7.1) of a received instance.
+
+    The same elements and bytes as pynetdicom's ``Event.file_meta`` written by pydicom, which took 0.2 to 0.5 ms per
+    instance on the C-STORE path; a test holds the two equal.
+    """
+
+    def padded(text: str, pad: bytes) -> bytes:
+        raw = text.encode("ascii")
+        return raw + pad if len(raw) % 2 else raw
+
+    elements = b"".join(
+        (
+            struct.pack("<HH2s2sI", 0x0002, 0x0001, b"OB", b"\0\0", 2) + b"\x00\x01",
+            _short_element(0x0002, b"UI", padded(sop_class_uid, b"\0")),
+            _short_element(0x0003, b"UI", padded(sop_instance_uid, b"\0")),
+            _short_element(0x0010, b"UI", padded(transfer_syntax, b"\0")),
+            _short_element(0x0012, b"UI", padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+            _short_element(0x0013, b"SH", padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    return _PREAMBLE + _short_element(0x0000, b"UL", struct.pack("<I", len(elements))) + elements
+
+

@@ -13,11 +13,7 @@ enqueues again the jobs whose message Redis lost.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,24 +24,19 @@ import pydicom
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Settings
+from dicom_node.intake.handlers import Intake
+from dicom_node.intake.server import start_scp
+from dicom_node.intake.spool import InvalidUIDError, Spool, check_uid
+from dicom_node.jobs.lease import fail_if_redelivered_too_often, is_abandoned
+from dicom_node.jobs.rules import select_rule
+from dicom_node.jobs.schema import InstanceRecord, JobRecord, JobState, Purged
+from dicom_node.jobs.store import JobStore, PatientConflict, describe_error, is_unreachable
 from dicom_node.logs import audit, uid_hash
-from dicom_node.permissions import open_private, private_data_dir, private_dir
-from dicom_node.pipeline import outbox_dir, owner_gone, results_dir
-from dicom_node.rules import select_rule
-from dicom_node.scp import Intake, start_scp
-from dicom_node.spool import InvalidUIDError, Spool, check_uid
-from dicom_node.store import (
-    InstanceRecord,
-    JobRecord,
-    JobState,
-    JobStore,
-    PatientConflict,
-    Purged,
-    describe_error,
-    patient_key,
-)
+from dicom_node.permissions import private_data_dir
+from dicom_node.work.steps import outbox_dir, results_dir
+from dicom_node.work.supervisor import WorkerSupervisor
 
-__all__ = ["Dispatcher", "Node", "RecordingDispatcher", "WorkerSupervisor"]
+__all__ = ["Dispatcher", "Node"]
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +52,6 @@ class Dispatcher(Protocol):
     def queued_job_ids(self) -> set[int] | None:
         """The ids of the jobs whose message the queue holds (waiting or being worked on); None: cannot tell."""
         ...
-
-
-class RecordingDispatcher:
-    """Leaves jobs queued in the store: the node receives and assembles, and no worker runs them."""
-
-    def __init__(self) -> None:
-        self.submitted: list[int] = []
-
-    def submit(self, job: JobRecord) -> bool:
-        self.submitted.append(job.id)
-        log.info("job %d queued (study %s, run %d)", job.id, uid_hash(job.study_uid), job.run)
-        return True
-
-    def queued_job_ids(self) -> set[int] | None:
-        return None
 
 
 class Node:
@@ -94,7 +70,7 @@ class Node:
         if not self.spool.carries_source:
             log.info("the spool's file system keeps no extended attributes: intake records are synced one by one")
         if dispatcher is None:
-            from dicom_node.queue import CeleryDispatcher, make_celery
+            from dicom_node.work.celery_app import CeleryDispatcher, make_celery
 
             dispatcher = CeleryDispatcher(make_celery(settings), self.store)
         self.dispatcher: Dispatcher = dispatcher
@@ -281,9 +257,11 @@ class Node:
         for path in self.spool.root.glob("*/*/*.dcm"):
             if path.stem in known:
                 continue
+            # Each file on its own: one that cannot be read or recorded is logged and left, the others recovered
+            # (a job store that cannot be reached stops the start, as it would a moment later).
             try:
                 record = self._record_from_file(path)
-            except (InvalidUIDError, OSError, ValueError, AttributeError) as exc:
+            except Exception as exc:  # pydicom's many kinds, a bad UID, a missing attribute, an unreadable file
                 log.error("spooled file %s cannot be recovered: %s", self.spool.relative(path), exc)
                 continue
             try:
@@ -293,6 +271,11 @@ class Node:
                 log.error("spooled file %s removed: %s", self.spool.relative(path), exc)
                 self.spool.remove([record.path])
                 continue
+            except Exception as exc:
+                if is_unreachable(exc):
+                    raise
+                log.error("spooled file %s not recorded: %s", self.spool.relative(path), describe_error(exc))
+                continue
             recovered += 1
         if recovered:
             log.warning("recorded %d spooled instance(s) left unrecorded by an interrupted run", recovered)
@@ -300,20 +283,16 @@ class Node:
 
     def _record_from_file(self, path: Path) -> InstanceRecord:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return InstanceRecord(
+        return InstanceRecord.from_header(
+            ds,
             sop_instance_uid=check_uid(ds.SOPInstanceUID, "SOP Instance UID"),
             study_uid=check_uid(ds.StudyInstanceUID, "Study Instance UID"),
             series_uid=check_uid(ds.SeriesInstanceUID, "Series Instance UID"),
             sop_class_uid=str(ds.SOPClassUID),
             transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-            modality=str(ds.get("Modality", "")),
-            body_part=str(ds.get("BodyPartExamined", "")),
-            study_description=str(ds.get("StudyDescription", ""))[:128],
-            series_description=str(ds.get("SeriesDescription", ""))[:128],
             calling_ae=self.spool.source_ae(path),
             path=self.spool.relative(path),
             size=path.stat().st_size,
-            patient_key=patient_key(ds.get("PatientID"), ds.get("IssuerOfPatientID")),
         )
 
     def reconcile(self, startup: bool = False, now: float | None = None) -> int:
@@ -321,7 +300,7 @@ class Node:
 
         The store decides (DESIGN invariant 3): a queued job that no worker took for ``queue.requeue_after_seconds``
         (its message was lost when Redis was flushed or restarted) is enqueued again, as is a job whose worker
-        died (lease over, or its process gone on this host). Duplicate messages are harmless: a worker claims a
+        died (abandoned: :mod:`dicom_node.jobs.lease`). Duplicate messages are harmless: a worker claims a
         job with a compare-and-set and drops messages for jobs that are running or done.
 
         A job the broker does not take is not counted: the failure is logged, the pass stops there (the broker is
@@ -334,15 +313,7 @@ class Node:
         enqueued = 0
         for job in sorted(self.store.unfinished_jobs(), key=lambda j: j.id):
             if job.state is JobState.RUNNING:
-                expired = job.lease_until is not None and job.lease_until < now
-                if not (expired or owner_gone(job.owner)):
-                    continue
-                if job.redeliveries + 1 > q.max_redeliveries:
-                    self.store.transition(
-                        job.id, JobState.FAILED, expect=[JobState.RUNNING],
-                        error=f"the worker stopped {job.redeliveries + 1} times while running this job; more than "
-                        f"queue.max_redeliveries={q.max_redeliveries}",
-                    )
+                if not is_abandoned(job, now) or fail_if_redelivered_too_often(self.store, job, q.max_redeliveries):
                     continue
                 if not self.store.transition(
                     job.id, JobState.QUEUED, expect=[JobState.RUNNING], count_redelivery=True,
@@ -410,92 +381,3 @@ class Node:
     def wait(self) -> None:
         while not self._stop.is_set():
             time.sleep(0.5)
-
-
-def _die_with_parent() -> None:
-    """In a child: ask Linux to send SIGTERM when the node dies (even by SIGKILL), so no orphan worker stays."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-class WorkerSupervisor:
-    """Runs an inference and an export worker as child processes and restarts them when they stop.
-
-    Used with the embedded broker (or ``queue.start_workers: true``) so that one command runs the whole node.
-    A worker that keeps failing (a model that cannot load) is restarted with a growing pause, never in a loop.
-    """
-
-    QUEUES = ("inference", "export")
-
-    def __init__(self, config_path: Path | None, log_dir: Path) -> None:
-        self.config_path = config_path
-        self.log_dir = log_dir
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._failures: dict[str, int] = {}
-        self._next_start: dict[str, float] = {}
-        self._started_at: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
-
-    def _command(self, queue: str) -> list[str]:
-        cmd = [sys.executable, "-m", "dicom_node.cli", "worker", "--queues", queue]
-        if self.config_path is not None:
-            cmd += ["--config", str(self.config_path)]
-        return cmd
-
-    def _spawn(self, queue: str) -> None:
-        private_dir(self.log_dir)
-        log_file = open_private(self.log_dir / f"worker-{queue}.log")
-        self._procs[queue] = subprocess.Popen(
-            self._command(queue), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        log_file.close()
-        self._started_at[queue] = time.monotonic()
-        log.info("started %s worker (pid %d); log in %s", queue, self._procs[queue].pid, self.log_dir)
-
-    def start(self) -> None:
-        for queue in self.QUEUES:
-            self._spawn(queue)
-        self._thread.start()
-
-    def pids(self) -> dict[str, int]:
-        return {q: p.pid for q, p in self._procs.items() if p.poll() is None}
-
-    def _watch(self) -> None:
-        while not self._stop.wait(1.0):
-            now = time.monotonic()
-            for queue, proc in list(self._procs.items()):
-                code = proc.poll()
-                if code is None:
-                    if now - self._started_at[queue] > 60:
-                        self._failures[queue] = 0  # it stayed up: forget earlier failures
-                    continue
-                if queue not in self._next_start:
-                    failures = self._failures.get(queue, 0) + 1
-                    self._failures[queue] = failures
-                    pause = min(60.0, 2.0 ** (failures - 1))
-                    self._next_start[queue] = now + pause
-                    log.warning(
-                        "%s worker exited with code %s; restarting in %.0f s (see %s)",
-                        queue, code, pause, self.log_dir / f"worker-{queue}.log",
-                    )
-                if now >= self._next_start[queue] and not self._stop.is_set():
-                    del self._next_start[queue]
-                    self._spawn(queue)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for proc in self._procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in self._procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()

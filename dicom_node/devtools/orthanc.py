@@ -56,7 +56,7 @@ __all__ = [
     "wait_until",
 ]
 
-LOGGER = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 ORTHANC_BINARY = Path(os.environ.get("ORTHANC_BINARY", "/usr/sbin/Orthanc"))
 NODE_MODALITY = "node"  # the node's name in Orthanc's DicomModalities and REST API (/modalities/node)
@@ -238,17 +238,17 @@ class Orthanc:
         """Start Orthanc (again, on the same ports and storage) and wait until REST and DICOM answer."""
         if self.running:
             return self
-        log = open(self.log_path, "ab")
+        log_file = open(self.log_path, "ab")
         try:
             self._process = subprocess.Popen(
                 [str(self.binary), f"--logfile={self.log_path}", str(self.config_path)],
-                stdout=log,
+                stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # own process group: stop() can kill it and anything it spawned
             )
         finally:
-            log.close()
+            log_file.close()
         try:
             wait_until(
                 self._ready,
@@ -283,7 +283,7 @@ class Orthanc:
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            LOGGER.warning("Orthanc did not stop within %s s; killing it", timeout)
+            log.warning("Orthanc did not stop within %s s; killing it", timeout)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=timeout)

@@ -6,43 +6,22 @@ workers on this host) opens its own engine on the same file. SQLite serialises w
 PostgreSQL runs transactions side by side, so each read-then-write locks the row it changes (``FOR UPDATE``) and
 an intake record that collides with another writer's new row is tried again.
 
-Tables (SQLAlchemy Core, so that PostgreSQL works by URL):
-
-- ``instances``: one row per received SOP Instance (idempotent by SOP Instance UID), with the few header values that
-  routing rules need and the spool path.
-- ``studies``: one row per Study Instance UID: whether it is still receiving, when it started and last changed, and
-  how many runs it has had.
-- ``jobs``: one row per run of one study: the rule and profile chosen, its state, attempts and a readable error.
-- ``events``: the history of every state transition, with timestamps and a detail text.
-- ``results``: the result objects a job produced (SOP Instance UID, file, per-destination delivery state).
+The tables and the records they hold are :mod:`dicom_node.jobs.schema`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
-import hashlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    Column,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
     and_,
     bindparam,
     create_engine,
@@ -59,20 +38,28 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from dicom_node.jobs.schema import (
+    UNFINISHED,
+    InstanceRecord,
+    JobRecord,
+    JobState,
+    Purged,
+    StudyState,
+    events,
+    instances,
+    jobs,
+    metadata,
+    results,
+    studies,
+)
 from dicom_node.permissions import private_dir, private_file
 
 __all__ = [
-    "InstanceRecord",
-    "JobRecord",
-    "JobState",
     "JobStore",
     "PatientConflict",
-    "Purged",
     "StoreUnavailable",
-    "StudyState",
     "describe_error",
     "is_unreachable",
-    "patient_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,15 +76,6 @@ class PatientConflict(ValueError):
     def __init__(self, study_uid: str) -> None:
         super().__init__("Patient ID or Issuer of Patient ID differs from the study's earlier instances")
         self.study_uid = study_uid
-
-
-def patient_key(patient_id: object, issuer: object) -> str:
-    """A stand-in for a patient's identity, to compare instances without keeping the ID itself: a hash of Patient ID
-    (0010,0020) and Issuer of Patient ID (0010,0021), each stripped of padding. Absent values count as empty, so a
-    study whose instances all lack a Patient ID is one patient, and one that lacks it beside one that has it is not.
-    """
-    text = f"{'' if issuer is None else str(issuer).strip()}\x00{'' if patient_id is None else str(patient_id).strip()}"
-    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:32]
 
 
 class StoreUnavailable(RuntimeError):
@@ -126,201 +104,6 @@ def _pipelined(driver_connection: Any) -> contextlib.AbstractContextManager[Any]
     it; nothing for SQLite, whose statements run in this process anyway."""
     pipeline = getattr(driver_connection, "pipeline", None)
     return pipeline() if pipeline is not None else contextlib.nullcontext()
-
-
-class StudyState(str, enum.Enum):
-    RECEIVING = "receiving"
-    COMPLETE = "complete"
-    #: Its files were removed by retention (``retention.keep_days``); its jobs and history stay. An instance that
-    #: arrives again is a new arrival (``study.late_arrivals`` decides).
-    PURGED = "purged"
-
-
-class JobState(str, enum.Enum):
-    """A run of one study. ``queued`` -> ``running`` -> ``succeeded`` -> ``delivered``; or ``failed``,
-    ``skipped`` (no rule matched), ``cancelled`` (by an administrator)."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (JobState.DELIVERED, JobState.FAILED, JobState.SKIPPED, JobState.CANCELLED)
-
-
-UNFINISHED = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.SUCCEEDED.value)
-
-metadata = MetaData()
-
-instances = Table(
-    "instances",
-    metadata,
-    Column("sop_instance_uid", String(64), primary_key=True),
-    Column("study_uid", String(64), nullable=False),
-    Column("series_uid", String(64), nullable=False),
-    Column("sop_class_uid", String(64), nullable=False),
-    Column("transfer_syntax", String(64), nullable=False),
-    Column("modality", String(16), nullable=False, default=""),
-    Column("body_part", String(64), nullable=False, default=""),
-    Column("study_description", String(128), nullable=False, default=""),
-    Column("series_description", String(128), nullable=False, default=""),
-    Column("calling_ae", String(16), nullable=False, default=""),
-    Column("patient_key", String(32), nullable=True),
-    Column("path", Text, nullable=False),
-    Column("size", Integer, nullable=False),
-    Column("run", Integer, nullable=False),
-    Column("received_at", Float, nullable=False),
-    Index("ix_instances_study", "study_uid"),
-)
-
-studies = Table(
-    "studies",
-    metadata,
-    Column("study_uid", String(64), primary_key=True),
-    Column("state", String(16), nullable=False),
-    Column("window_started_at", Float, nullable=False),
-    Column("last_received_at", Float, nullable=False),
-    Column("runs", Integer, nullable=False, default=0),
-    Column("calling_ae", String(16), nullable=False, default=""),
-    # The patient of the study's first instance (see patient_key); every later instance must carry the same.
-    Column("patient_key", String(32), nullable=True),
-    Index("ix_studies_state", "state"),
-)
-
-jobs = Table(
-    "jobs",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("study_uid", String(64), ForeignKey("studies.study_uid"), nullable=False),
-    Column("run", Integer, nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("rule", String(128), nullable=True),
-    Column("profile", String(32), nullable=True),
-    Column("language", String(8), nullable=True),
-    Column("targets", Text, nullable=False, default="[]"),
-    Column("outputs", Text, nullable=False, default="[]"),
-    Column("destinations", Text, nullable=False, default="[]"),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("redeliveries", Integer, nullable=False, default=0),
-    Column("owner", String(128), nullable=True),
-    Column("lease_until", Float, nullable=True),
-    Column("enqueued_at", Float, nullable=True),
-    Column("error", Text, nullable=True),
-    Column("result_path", Text, nullable=True),
-    Column("created_at", Float, nullable=False),
-    Column("updated_at", Float, nullable=False),
-    UniqueConstraint("study_uid", "run", name="uq_jobs_study_run"),
-    Index("ix_jobs_state", "state"),
-)
-
-events = Table(
-    "events",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", Float, nullable=False),
-    Column("study_uid", String(64), nullable=True),
-    Column("job_id", Integer, nullable=True),
-    Column("kind", String(32), nullable=False),
-    Column("detail", Text, nullable=False, default=""),
-    Index("ix_events_job", "job_id"),
-)
-
-results = Table(
-    "results",
-    metadata,
-    Column("sop_instance_uid", String(64), primary_key=True),
-    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
-    Column("kind", String(8), nullable=False),
-    Column("path", Text, nullable=False),
-    Column("delivered_to", Text, nullable=False, default="[]"),
-    Index("ix_results_job", "job_id"),
-)
-
-
-@dataclass(frozen=True)
-class Purged:
-    """What retention removed of one study: its instances (count, bytes) and the jobs whose outputs go too."""
-
-    study_uid: str
-    instances: int
-    size: int
-    job_ids: list[int]
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    modality: str
-    body_part: str
-    study_description: str
-    series_description: str
-    calling_ae: str
-    path: str
-    size: int
-    #: :func:`patient_key` of the instance; "" for records written before the node compared patients.
-    patient_key: str = ""
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: int
-    study_uid: str
-    run: int
-    state: JobState
-    rule: str | None
-    profile: str | None
-    language: str | None
-    targets: list[str]
-    outputs: list[str]
-    destinations: list[str]
-    attempts: int
-    redeliveries: int
-    owner: str | None
-    lease_until: float | None
-    enqueued_at: float | None
-    error: str | None
-    result_path: str | None
-    created_at: float
-    updated_at: float
-
-    @classmethod
-    def from_row(cls, row: Any) -> JobRecord:
-        m = row._mapping
-        return cls(
-            id=m["id"],
-            study_uid=m["study_uid"],
-            run=m["run"],
-            state=JobState(m["state"]),
-            rule=m["rule"],
-            profile=m["profile"],
-            language=m["language"],
-            targets=json.loads(m["targets"]),
-            outputs=json.loads(m["outputs"]),
-            destinations=json.loads(m["destinations"]),
-            attempts=m["attempts"],
-            redeliveries=m["redeliveries"],
-            owner=m["owner"],
-            lease_until=m["lease_until"],
-            enqueued_at=m["enqueued_at"],
-            error=m["error"],
-            result_path=m["result_path"],
-            created_at=m["created_at"],
-            updated_at=m["updated_at"],
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out["state"] = self.state.value
-        return out
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

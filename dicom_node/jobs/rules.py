@@ -20,8 +20,8 @@ import regex
 from pydicom.uid import UID
 
 from dicom_node.config import MatchSettings, RuleSettings
+from dicom_node.jobs.schema import InstanceRecord
 from dicom_node.logs import uid_hash
-from dicom_node.store import InstanceRecord
 
 __all__ = ["PATTERN_TIME_LIMIT", "RuleDecision", "nested_quantifier", "risky_patterns", "select_rule"]
 

@@ -10,8 +10,8 @@ Here a message is written under a name the consumers ignore (it starts with a do
 sees the whole message or none of it. Everything else is kombu's. The job store stays the source of truth: a
 message lost some other way is sent again by the reconciler (DESIGN invariant 3).
 
-The transport is registered under the URL scheme ``nodefs://``; :func:`dicom_node.queue.broker_settings` uses it for
-``queue.broker_url: embedded``.
+The transport is registered under the URL scheme ``nodefs://``; :func:`dicom_node.work.celery_app.broker_settings`
+uses it for ``queue.broker_url: embedded``.
 """
 
 from __future__ import annotations

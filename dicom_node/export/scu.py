@@ -30,16 +30,14 @@ Per association (every file of the batch gets the association's outcome when it 
 
 from __future__ import annotations
 
-import enum
 import errno
-import hashlib
 import logging
 import socket
 import ssl
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,295 +50,35 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
-from pynetdicom.status import code_to_category as _category
 
 from dicom_node.config import DestinationSettings
+from dicom_node.export.outcome import (
+    AssociationResult,
+    AssociationState,
+    EchoResult,
+    FileResult,
+    Outcome,
+    RejectReason,
+    RejectResult,
+    SendReport,
+    classify_store_status,
+    status_name,
+)
+from dicom_node.logs import uid_hash
+from dicom_node.status import Status
 from dicom_node.tls import TLSConfigError, client_context
 
-__all__ = [
-    "MAX_CONTEXTS",
-    "AssociationResult",
-    "AssociationState",
-    "EchoResult",
-    "FileResult",
-    "Outcome",
-    "RejectReason",
-    "SendReport",
-    "StoreStatus",
-    "classify_store_status",
-    "echo",
-    "peer_label",
-    "send_files",
-    "uid_hash",
-]
+__all__ = ["MAX_CONTEXTS", "echo", "peer_label", "send_files"]
 
-LOGGER = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # presentation contexts one A-ASSOCIATE-RQ may carry (odd context IDs 1..255)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
-def uid_hash(uid: str) -> str:
-    """A short, stable stand-in for a UID in logs (first 12 hex digits of its SHA-256)."""
-    return hashlib.sha256(uid.encode("ascii", errors="replace")).hexdigest()[:12]
-
-
 def peer_label(destination: DestinationSettings) -> str:
     """``AE@host:port``, how an administrator names a DICOM peer."""
     return f"{destination.ae_title}@{destination.host}:{destination.port}"
-
-
-class Outcome(enum.StrEnum):
-    DELIVERED = "delivered"
-    REJECTED = "rejected"  # permanent: retrying the same object to the same peer will not help
-    TRANSIENT = "transient"  # retry later
-
-
-class StoreStatus(enum.IntEnum):
-    """C-STORE status codes the classification names (PS3.4 B.2.3, PS3.7 C); a range starts at its base."""
-
-    SUCCESS = 0x0000
-    COERCION_OF_DATA_ELEMENTS = 0xB000
-    ELEMENTS_DISCARDED = 0xB006
-    DATA_SET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
-    PROCESSING_FAILURE = 0x0110
-    SOP_CLASS_NOT_SUPPORTED = 0x0122
-    NOT_AUTHORISED = 0x0124
-    DUPLICATE_INVOCATION = 0x0210
-    RESOURCE_LIMITATION = 0x0213
-    OUT_OF_RESOURCES = 0xA700  # A700-A7FF
-    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # A900-A9FF
-    CANNOT_UNDERSTAND = 0xC000  # C000-CFFF
-
-
-_RANGE = 0x100  # A7xx / A9xx: a base code and the 255 codes after it
-_TRANSIENT_STATUSES = {StoreStatus.RESOURCE_LIMITATION, StoreStatus.DUPLICATE_INVOCATION}
-
-
-def _is_out_of_resources(code: int) -> bool:
-    return StoreStatus.OUT_OF_RESOURCES <= code < StoreStatus.OUT_OF_RESOURCES + _RANGE
-
-
-def status_name(code: int) -> str:
-    """The standard's name for a C-STORE status code (``'Refused: Out of Resources'``), or ``'Unknown'``."""
-    if code == StoreStatus.SUCCESS:
-        return "Success"
-    return STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "Unknown status"))[1] or "Unknown status"
-
-
-def classify_store_status(code: int) -> Outcome:
-    """What a C-STORE response status means for the sender (see the module docstring)."""
-    category = _category(code)
-    if category in (STATUS_SUCCESS, STATUS_WARNING):
-        return Outcome.DELIVERED
-    if category == STATUS_FAILURE and (_is_out_of_resources(code) or code in _TRANSIENT_STATUSES):
-        return Outcome.TRANSIENT
-    return Outcome.REJECTED
-
-
-class AssociationState(enum.StrEnum):
-    """How the association with the peer went."""
-
-    RELEASED = "released"  # established, used, released
-    NOT_ATTEMPTED = "not_attempted"  # nothing sendable in the batch
-    REFUSED = "refused"  # TCP connection refused: nothing listens on host:port
-    UNREACHABLE = "unreachable"  # no route, host down, name not resolved
-    TIMEOUT = "timeout"  # no TCP connection, association answer or response in time
-    REJECTED = "rejected"  # A-ASSOCIATE-RJ, permanent: configuration error (AE titles, protocol)
-    BUSY = "busy"  # A-ASSOCIATE-RJ, transient: peer congested or at its association limit
-    ABORTED = "aborted"  # A-ABORT / A-P-ABORT / connection dropped
-    NO_CONTEXTS = "no_contexts"  # association accepted, but none of the SOP classes offered
-    TLS_FAILED = "tls_failed"  # TLS files unusable or handshake failed
-
-    @property
-    def permanent(self) -> bool:
-        return self in (AssociationState.REJECTED, AssociationState.NO_CONTEXTS, AssociationState.TLS_FAILED)
-
-
-class RejectSource(enum.IntEnum):
-    """A-ASSOCIATE-RJ source (PS3.8 9.3.4)."""
-
-    SERVICE_USER = 1
-    SERVICE_PROVIDER_ACSE = 2
-    SERVICE_PROVIDER_PRESENTATION = 3
-
-
-class RejectResult(enum.IntEnum):
-    PERMANENT = 1
-    TRANSIENT = 2
-
-
-class RejectReason(enum.Enum):
-    """A-ASSOCIATE-RJ (source, reason/diag.) pairs, worded for the administrator, with what to check."""
-
-    NO_REASON = (RejectSource.SERVICE_USER, 1, "no reason given")
-    APPLICATION_CONTEXT_NOT_SUPPORTED = (
-        RejectSource.SERVICE_USER,
-        2,
-        "application context name not supported",
-    )
-    CALLING_AE_NOT_RECOGNISED = (
-        RejectSource.SERVICE_USER,
-        3,
-        "calling AE title {calling} not recognised (register it as a modality in the PACS)",
-    )
-    CALLED_AE_NOT_RECOGNISED = (
-        RejectSource.SERVICE_USER,
-        7,
-        "called AE title {called} not recognised (check the destination's ae_title)",
-    )
-    ACSE_NO_REASON = (RejectSource.SERVICE_PROVIDER_ACSE, 1, "no reason given (ACSE)")
-    PROTOCOL_VERSION_NOT_SUPPORTED = (RejectSource.SERVICE_PROVIDER_ACSE, 2, "protocol version not supported")
-    TEMPORARY_CONGESTION = (RejectSource.SERVICE_PROVIDER_PRESENTATION, 1, "temporary congestion")
-    LOCAL_LIMIT_EXCEEDED = (
-        RejectSource.SERVICE_PROVIDER_PRESENTATION,
-        2,
-        "local limit exceeded (too many associations)",
-    )
-
-    @classmethod
-    def describe(cls, source: int, diagnostic: int, calling: str, called: str) -> str:
-        for member in cls:
-            if member.value[0] == source and member.value[1] == diagnostic:
-                return str(member.value[2]).format(calling=calling, called=called)
-        return f"reason {diagnostic} from source {source}"
-
-
-@dataclass(frozen=True)
-class AssociationResult:
-    state: AssociationState
-    reason: str  # empty when released normally
-    elapsed_s: float
-
-    @property
-    def established(self) -> bool:
-        return self.state == AssociationState.RELEASED
-
-    @property
-    def permanent(self) -> bool:
-        return self.state.permanent
-
-
-@dataclass(frozen=True)
-class FileResult:
-    path: Path
-    sop_instance_uid: str | None  # None when the file could not be read
-    sop_class_uid: str | None
-    outcome: Outcome
-    status: int | None  # the peer's C-STORE status; None when no response was received
-    status_name: str  # the standard's name of ``status``, or "" without one
-    reason: str
-    transfer_syntax: str | None = None  # the transfer syntax the object was sent in
-
-    @property
-    def status_hex(self) -> str:
-        return "" if self.status is None else f"0x{self.status:04X}"
-
-
-@dataclass
-class SendReport:
-    """What happened to each file of one :func:`send_files` call."""
-
-    destination: str
-    peer: str
-    associations: list[AssociationResult] = field(default_factory=list)
-    files: list[FileResult] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-    def _with(self, outcome: Outcome) -> list[FileResult]:
-        return [f for f in self.files if f.outcome == outcome]
-
-    @property
-    def delivered(self) -> list[FileResult]:
-        return self._with(Outcome.DELIVERED)
-
-    @property
-    def rejected(self) -> list[FileResult]:
-        return self._with(Outcome.REJECTED)
-
-    @property
-    def transient(self) -> list[FileResult]:
-        return self._with(Outcome.TRANSIENT)
-
-    @property
-    def association(self) -> AssociationResult | None:
-        """The first association that was not released normally, else the last one (None: none attempted)."""
-        failed = [a for a in self.associations if a.state not in (AssociationState.RELEASED,)]
-        return failed[0] if failed else (self.associations[-1] if self.associations else None)
-
-    @property
-    def outcome(self) -> Outcome:
-        """``rejected`` if any file was rejected, else ``transient`` if any is to retry, else delivered."""
-        if self.rejected:
-            return Outcome.REJECTED
-        if self.transient:
-            return Outcome.TRANSIENT
-        return Outcome.DELIVERED
-
-    @property
-    def reason(self) -> str:
-        """One line for a job's failure reason: the association's problem, else the first failed file's."""
-        assoc = self.association
-        if assoc is not None and assoc.reason and not assoc.established:
-            return assoc.reason
-        for result in self.rejected + self.transient:
-            return result.reason
-        return ""
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready form, for the job store and ``dicom-node jobs show``."""
-        return {
-            "destination": self.destination,
-            "peer": self.peer,
-            "outcome": self.outcome.value,
-            "reason": self.reason,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "associations": [
-                {"state": a.state.value, "reason": a.reason, "elapsed_s": round(a.elapsed_s, 3)}
-                for a in self.associations
-            ],
-            "files": [
-                {
-                    "path": str(f.path),
-                    "sop_instance_uid": f.sop_instance_uid,
-                    "sop_class_uid": f.sop_class_uid,
-                    "outcome": f.outcome.value,
-                    "status": f.status,
-                    "status_name": f.status_name,
-                    "reason": f.reason,
-                    "transfer_syntax": f.transfer_syntax,
-                }
-                for f in self.files
-            ],
-        }
-
-    def summary(self) -> str:
-        return (
-            f"{self.destination} ({self.peer}): {len(self.delivered)} delivered, "
-            f"{len(self.rejected)} rejected, "
-            f"{len(self.transient)} transient in {self.elapsed_s:.2f} s"
-        )
-
-
-@dataclass(frozen=True)
-class EchoResult:
-    destination: str
-    peer: str
-    ok: bool
-    state: AssociationState
-    reason: str  # "" when ok
-    round_trip_ms: float | None  # C-ECHO request to response; None when no echo was exchanged
-    total_ms: float  # connect, associate, echo, release
-    status: int | None = None
-
-    def __str__(self) -> str:
-        if self.ok:
-            return (
-                f"{self.destination} ({self.peer}): C-ECHO ok, round trip {self.round_trip_ms:.1f} ms "
-                f"({self.total_ms:.1f} ms with association set-up and release)"
-            )
-        return f"{self.destination} ({self.peer}): C-ECHO failed ({self.state.value}): {self.reason}"
 
 
 # -- association ---------------------------------------------------------------------------------------------
@@ -423,7 +161,7 @@ def _no_delay(event: evt.Event) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
-            LOGGER.debug("cannot set TCP_NODELAY: %s", exc)
+            log.debug("cannot set TCP_NODELAY: %s", exc)
 
 
 def _associate_once(destination: DestinationSettings, calling_ae: str, contexts: list[PresentationContext]) -> _Attempt:
@@ -655,7 +393,7 @@ def _send_one(
     comment = str(status.get("ErrorComment", "") or "")[:64]
     name = status_name(code)
     if outcome == Outcome.DELIVERED:
-        reason = "" if code == StoreStatus.SUCCESS else f"stored with warning 0x{code:04X} ({name})"
+        reason = "" if code == Status.SUCCESS else f"stored with warning 0x{code:04X} ({name})"
     elif outcome == Outcome.TRANSIENT:
         reason = f"{peer} is temporarily unable to store: status 0x{code:04X} ({name})"
     else:
@@ -695,7 +433,7 @@ def send_files(
         info = _read_info(index, path)
         if isinstance(info, str):
             results[index] = FileResult(path, None, None, Outcome.REJECTED, None, "", info)
-            LOGGER.warning("C-STORE to %s skips an unreadable file: %s", peer, info)
+            log.warning("C-STORE to %s skips an unreadable file: %s", peer, info)
         else:
             infos.append(info)
 
@@ -709,7 +447,7 @@ def send_files(
                 results[info.index] = FileResult(
                     info.path, info.sop_instance, str(info.sop_class), outcome, None, "", assoc_result.reason
                 )
-            LOGGER.warning(
+            log.warning(
                 "C-STORE to %s (%s) from %s: %s, %d files %s: %s",
                 destination.name, peer, calling, assoc_result.state.value, len(batch), outcome.value,
                 assoc_result.reason,
@@ -735,7 +473,7 @@ def send_files(
                     assoc.abort()
                     raise
             if file_result.outcome != Outcome.DELIVERED:
-                LOGGER.warning(
+                log.warning(
                     "C-STORE of instance %s to %s %s: %s",
                     uid_hash(info.sop_instance), peer, file_result.outcome.value, file_result.reason,
                 )  # fmt: skip
@@ -744,7 +482,7 @@ def send_files(
         counts = defaultdict(int, {o: 0 for o in Outcome})
         for info in batch:
             counts[results[info.index].outcome] += 1
-        LOGGER.info(
+        log.info(
             "C-STORE association %s -> %s (%s): %d delivered, %d rejected, %d transient in %.2f s, %s",
             calling, peer, destination.name, counts[Outcome.DELIVERED], counts[Outcome.REJECTED],
             counts[Outcome.TRANSIENT], assoc_result.elapsed_s, assoc_result.state.value,
@@ -775,7 +513,7 @@ def echo(
         result = EchoResult(
             destination.name, peer, False, attempt.result.state, attempt.result.reason, None, total_ms()
         )
-        LOGGER.warning("C-ECHO %s -> %s failed (%s): %s", calling, peer, result.state.value, result.reason)
+        log.warning("C-ECHO %s -> %s failed (%s): %s", calling, peer, result.state.value, result.reason)
         return result
     assoc = attempt.assoc
     assert assoc is not None
@@ -788,7 +526,7 @@ def echo(
         why = _no_response("C-ECHO", peer, destination.timeout, sent_monotonic)
         state = AssociationState.TIMEOUT if why.startswith("no ") else AssociationState.ABORTED
         result = EchoResult(destination.name, peer, False, state, why, None, total_ms())
-    elif int(status.Status) != StoreStatus.SUCCESS:
+    elif int(status.Status) != Status.SUCCESS:
         code = int(status.Status)
         result = EchoResult(
             destination.name, peer, False, release.state,
@@ -798,7 +536,7 @@ def echo(
     else:
         result = EchoResult(destination.name, peer, True, release.state, "", round_trip, total_ms(), int(status.Status))
     if result.ok:
-        LOGGER.info("C-ECHO %s -> %s ok in %.1f ms", calling, peer, result.round_trip_ms or 0.0)
+        log.info("C-ECHO %s -> %s ok in %.1f ms", calling, peer, result.round_trip_ms or 0.0)
     else:
-        LOGGER.warning("C-ECHO %s -> %s failed (%s): %s", calling, peer, result.state.value, result.reason)
+        log.warning("C-ECHO %s -> %s failed (%s): %s", calling, peer, result.state.value, result.reason)
     return result

@@ -20,9 +20,10 @@ from rich.console import Console
 from rich.table import Table
 
 from dicom_node.config import Settings, load_settings
+from dicom_node.devtools.receiver import Receiver, free_port
+from dicom_node.jobs.schema import JobState
+from dicom_node.jobs.store import JobStore
 from dicom_node.logs import configure_logging
-from dicom_node.receiver import Receiver, free_port
-from dicom_node.store import JobState, JobStore
 
 __all__ = ["DEMO_STUDY", "run_demo"]
 
@@ -74,7 +75,7 @@ def _send(port: int, ae_title: str, path: Path) -> None:
 
 def run_demo(base: Settings, console: Console, keep_running: bool = False, timeout: float = 600) -> int:
     """Run the demo; returns the process exit code (0 when results came back)."""
-    from dicom_node.service import Node
+    from dicom_node.node import Node
 
     source = get_testdata_file(DEMO_STUDY, download=False)
     if source is None:
@@ -89,7 +90,7 @@ def run_demo(base: Settings, console: Console, keep_running: bool = False, timeo
     orthanc = None
     receiver = None
     if ORTHANC_BINARY.exists():
-        from dicom_node.orthanc import NodeModality, Orthanc
+        from dicom_node.devtools.orthanc import NodeModality, Orthanc
 
         node_port = base.node.port if _port_free(base.node.port) else free_port()
         base = base.model_copy(update={"node": base.node.model_copy(update={"port": node_port})})

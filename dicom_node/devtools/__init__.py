@@ -1,0 +1,1 @@
+"""Demo and test harnesses (Orthanc, a receiving SCP, the demo command): not part of the product's path."""

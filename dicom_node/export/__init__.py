@@ -1,0 +1,1 @@
+"""Export: results back to the PACS over DIMSE, and what each send came to."""

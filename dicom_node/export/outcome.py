@@ -1,0 +1,264 @@
+"""What a send came to: C-STORE status names and their classification, association outcomes, and the per-file
+and per-batch reports :func:`dicom_node.export.scu.send_files` returns (the rules are in that module's docstring).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
+from pynetdicom.status import code_to_category as _category
+
+from dicom_node.status import Status
+
+__all__ = [
+    "AssociationResult",
+    "AssociationState",
+    "EchoResult",
+    "FileResult",
+    "Outcome",
+    "RejectReason",
+    "RejectResult",
+    "RejectSource",
+    "SendReport",
+    "classify_store_status",
+    "status_name",
+]
+
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    REJECTED = "rejected"  # permanent: retrying the same object to the same peer will not help
+    TRANSIENT = "transient"  # retry later
+
+
+_RANGE = 0x100  # A7xx / A9xx: a base code and the 255 codes after it
+_TRANSIENT_STATUSES = {Status.RESOURCE_LIMITATION, Status.DUPLICATE_INVOCATION}
+
+
+def _is_out_of_resources(code: int) -> bool:
+    return Status.OUT_OF_RESOURCES <= code < Status.OUT_OF_RESOURCES + _RANGE
+
+
+def status_name(code: int) -> str:
+    """The standard's name for a C-STORE status code (``'Refused: Out of Resources'``), or ``'Unknown'``."""
+    if code == Status.SUCCESS:
+        return "Success"
+    return STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "Unknown status"))[1] or "Unknown status"
+
+
+def classify_store_status(code: int) -> Outcome:
+    """What a C-STORE response status means for the sender (see the module docstring)."""
+    category = _category(code)
+    if category in (STATUS_SUCCESS, STATUS_WARNING):
+        return Outcome.DELIVERED
+    if category == STATUS_FAILURE and (_is_out_of_resources(code) or code in _TRANSIENT_STATUSES):
+        return Outcome.TRANSIENT
+    return Outcome.REJECTED
+
+
+class AssociationState(enum.StrEnum):
+    """How the association with the peer went."""
+
+    RELEASED = "released"  # established, used, released
+    NOT_ATTEMPTED = "not_attempted"  # nothing sendable in the batch
+    REFUSED = "refused"  # TCP connection refused: nothing listens on host:port
+    UNREACHABLE = "unreachable"  # no route, host down, name not resolved
+    TIMEOUT = "timeout"  # no TCP connection, association answer or response in time
+    REJECTED = "rejected"  # A-ASSOCIATE-RJ, permanent: configuration error (AE titles, protocol)
+    BUSY = "busy"  # A-ASSOCIATE-RJ, transient: peer congested or at its association limit
+    ABORTED = "aborted"  # A-ABORT / A-P-ABORT / connection dropped
+    NO_CONTEXTS = "no_contexts"  # association accepted, but none of the SOP classes offered
+    TLS_FAILED = "tls_failed"  # TLS files unusable or handshake failed
+
+    @property
+    def permanent(self) -> bool:
+        return self in (AssociationState.REJECTED, AssociationState.NO_CONTEXTS, AssociationState.TLS_FAILED)
+
+
+class RejectSource(enum.IntEnum):
+    """A-ASSOCIATE-RJ source (PS3.8 9.3.4)."""
+
+    SERVICE_USER = 1
+    SERVICE_PROVIDER_ACSE = 2
+    SERVICE_PROVIDER_PRESENTATION = 3
+
+
+class RejectResult(enum.IntEnum):
+    PERMANENT = 1
+    TRANSIENT = 2
+
+
+class RejectReason(enum.Enum):
+    """A-ASSOCIATE-RJ (source, reason/diag.) pairs, worded for the administrator, with what to check."""
+
+    NO_REASON = (RejectSource.SERVICE_USER, 1, "no reason given")
+    APPLICATION_CONTEXT_NOT_SUPPORTED = (
+        RejectSource.SERVICE_USER,
+        2,
+        "application context name not supported",
+    )
+    CALLING_AE_NOT_RECOGNISED = (
+        RejectSource.SERVICE_USER,
+        3,
+        "calling AE title {calling} not recognised (register it as a modality in the PACS)",
+    )
+    CALLED_AE_NOT_RECOGNISED = (
+        RejectSource.SERVICE_USER,
+        7,
+        "called AE title {called} not recognised (check the destination's ae_title)",
+    )
+    ACSE_NO_REASON = (RejectSource.SERVICE_PROVIDER_ACSE, 1, "no reason given (ACSE)")
+    PROTOCOL_VERSION_NOT_SUPPORTED = (RejectSource.SERVICE_PROVIDER_ACSE, 2, "protocol version not supported")
+    TEMPORARY_CONGESTION = (RejectSource.SERVICE_PROVIDER_PRESENTATION, 1, "temporary congestion")
+    LOCAL_LIMIT_EXCEEDED = (
+        RejectSource.SERVICE_PROVIDER_PRESENTATION,
+        2,
+        "local limit exceeded (too many associations)",
+    )
+
+    @classmethod
+    def describe(cls, source: int, diagnostic: int, calling: str, called: str) -> str:
+        for member in cls:
+            if member.value[0] == source and member.value[1] == diagnostic:
+                return str(member.value[2]).format(calling=calling, called=called)
+        return f"reason {diagnostic} from source {source}"
+
+
+@dataclass(frozen=True)
+class AssociationResult:
+    state: AssociationState
+    reason: str  # empty when released normally
+    elapsed_s: float
+
+    @property
+    def established(self) -> bool:
+        return self.state == AssociationState.RELEASED
+
+    @property
+    def permanent(self) -> bool:
+        return self.state.permanent
+
+
+@dataclass(frozen=True)
+class FileResult:
+    path: Path
+    sop_instance_uid: str | None  # None when the file could not be read
+    sop_class_uid: str | None
+    outcome: Outcome
+    status: int | None  # the peer's C-STORE status; None when no response was received
+    status_name: str  # the standard's name of ``status``, or "" without one
+    reason: str
+    transfer_syntax: str | None = None  # the transfer syntax the object was sent in
+
+    @property
+    def status_hex(self) -> str:
+        return "" if self.status is None else f"0x{self.status:04X}"
+
+
+@dataclass
+class SendReport:
+    """What happened to each file of one :func:`send_files` call."""
+
+    destination: str
+    peer: str
+    associations: list[AssociationResult] = field(default_factory=list)
+    files: list[FileResult] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def _with(self, outcome: Outcome) -> list[FileResult]:
+        return [f for f in self.files if f.outcome == outcome]
+
+    @property
+    def delivered(self) -> list[FileResult]:
+        return self._with(Outcome.DELIVERED)
+
+    @property
+    def rejected(self) -> list[FileResult]:
+        return self._with(Outcome.REJECTED)
+
+    @property
+    def transient(self) -> list[FileResult]:
+        return self._with(Outcome.TRANSIENT)
+
+    @property
+    def association(self) -> AssociationResult | None:
+        """The first association that was not released normally, else the last one (None: none attempted)."""
+        failed = [a for a in self.associations if a.state not in (AssociationState.RELEASED,)]
+        return failed[0] if failed else (self.associations[-1] if self.associations else None)
+
+    @property
+    def outcome(self) -> Outcome:
+        """``rejected`` if any file was rejected, else ``transient`` if any is to retry, else delivered."""
+        if self.rejected:
+            return Outcome.REJECTED
+        if self.transient:
+            return Outcome.TRANSIENT
+        return Outcome.DELIVERED
+
+    @property
+    def reason(self) -> str:
+        """One line for a job's failure reason: the association's problem, else the first failed file's."""
+        assoc = self.association
+        if assoc is not None and assoc.reason and not assoc.established:
+            return assoc.reason
+        for result in self.rejected + self.transient:
+            return result.reason
+        return ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form, for the job store and ``dicom-node jobs show``."""
+        return {
+            "destination": self.destination,
+            "peer": self.peer,
+            "outcome": self.outcome.value,
+            "reason": self.reason,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "associations": [
+                {"state": a.state.value, "reason": a.reason, "elapsed_s": round(a.elapsed_s, 3)}
+                for a in self.associations
+            ],
+            "files": [
+                {
+                    "path": str(f.path),
+                    "sop_instance_uid": f.sop_instance_uid,
+                    "sop_class_uid": f.sop_class_uid,
+                    "outcome": f.outcome.value,
+                    "status": f.status,
+                    "status_name": f.status_name,
+                    "reason": f.reason,
+                    "transfer_syntax": f.transfer_syntax,
+                }
+                for f in self.files
+            ],
+        }
+
+    def summary(self) -> str:
+        return (
+            f"{self.destination} ({self.peer}): {len(self.delivered)} delivered, "
+            f"{len(self.rejected)} rejected, "
+            f"{len(self.transient)} transient in {self.elapsed_s:.2f} s"
+        )
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    destination: str
+    peer: str
+    ok: bool
+    state: AssociationState
+    reason: str  # "" when ok
+    round_trip_ms: float | None  # C-ECHO request to response; None when no echo was exchanged
+    total_ms: float  # connect, associate, echo, release
+    status: int | None = None
+
+    def __str__(self) -> str:
+        if self.ok:
+            return (
+                f"{self.destination} ({self.peer}): C-ECHO ok, round trip {self.round_trip_ms:.1f} ms "
+                f"({self.total_ms:.1f} ms with association set-up and release)"
+            )
+        return f"{self.destination} ({self.peer}): C-ECHO failed ({self.state.value}): {self.reason}"

@@ -1,0 +1,53 @@
+"""When a running job counts as abandoned, and what happens to one redelivered too often: the one rule that the
+worker claiming a job and the node's reconciler both apply.
+
+A job is ``running`` under its worker's name (``host:pid``) until ``lease_until``. It is abandoned when the lease has
+run out or its worker is a process on this host that no longer exists; it is then run again (taken over by the
+worker that finds it, or queued again by the reconciler) and the redelivery counted. A job abandoned more than
+``queue.max_redeliveries`` times is failed, so a study that kills its worker (out of memory, say) does not loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from dicom_node.jobs.schema import JobRecord, JobState
+from dicom_node.jobs.store import JobStore
+
+__all__ = ["fail_if_redelivered_too_often", "is_abandoned", "owner_gone"]
+
+
+def owner_gone(owner: str | None) -> bool:
+    """True when ``owner`` (host:pid) is a process on this host that no longer exists."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def is_abandoned(job: JobRecord, now: float) -> bool:
+    """Whether a ``running`` job's worker is gone: its lease ran out, or its process on this host no longer exists."""
+    expired = job.lease_until is not None and job.lease_until < now
+    return expired or owner_gone(job.owner)
+
+
+def fail_if_redelivered_too_often(store: JobStore, job: JobRecord, max_redeliveries: int) -> bool:
+    """Fail an abandoned job whose next run would be one redelivery more than ``queue.max_redeliveries``; True when
+    it was failed (or is no longer running), so the caller leaves it."""
+    if job.redeliveries + 1 <= max_redeliveries:
+        return False
+    store.transition(
+        job.id, JobState.FAILED, expect=[JobState.RUNNING],
+        error=f"the worker stopped {job.redeliveries + 1} times while running this job (killed, out of memory or "
+        f"over its time limit); more than queue.max_redeliveries={max_redeliveries}",
+    )  # fmt: skip
+    return True
