@@ -20,11 +20,12 @@ from sr_writer.findings import (
     Report,
     result_uid,
 )
+from sr_writer.kinds import ObjectKind
 from sr_writer.uids import ResultUIDs
 
 if TYPE_CHECKING:
     from sr_writer.api import build_result_objects, write_result_objects
-    from sr_writer.context import ObjectKind, ResultOptions
+    from sr_writer.context import ResultOptions
     from sr_writer.prepare import MixedSourcesError
     from sr_writer.render import read_findings, render_sr
 
@@ -52,7 +53,6 @@ _LAZY = {
     "build_result_objects": "sr_writer.api",
     "write_result_objects": "sr_writer.api",
     "MixedSourcesError": "sr_writer.prepare",
-    "ObjectKind": "sr_writer.context",
     "ResultOptions": "sr_writer.context",
     "read_findings": "sr_writer.render",
     "render_sr": "sr_writer.render",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from sr_writer.findings import InferenceResult
+from sr_writer.kinds import ObjectKind
 from sr_writer.prepare import PreparedFinding, SourceIndex, prepare_findings
 from sr_writer.text import LO_MAX, needs_utf8, single_line
 from sr_writer.uids import ResultUIDs
@@ -20,15 +20,6 @@ __all__ = ["UTF8", "BuildContext", "ObjectKind", "ResultOptions"]
 UTF8 = "ISO_IR 192"
 WRITER_NAME = "sr_writer"
 WRITER_VERSION = "0.1.0"
-
-
-class ObjectKind(str, Enum):
-    """The result object types; the value is the short name used in UIDs, options and file names."""
-
-    SR = "sr"
-    GSPS = "gsps"
-    SEG = "seg"
-    SC = "sc"
 
 
 # Series numbers are fixed per kind (never random) so a retry lands in the same series.
