@@ -29,6 +29,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from inference.config import ModelSettings
+from inference.types import Profile
+from sr_writer.findings import Language
+from sr_writer.kinds import ObjectKind
 
 __all__ = [
     "ConfigError",
@@ -36,7 +39,6 @@ __all__ = [
     "LoggingSettings",
     "MatchSettings",
     "NodeSettings",
-    "OutputKind",
     "QueueSettings",
     "RetentionSettings",
     "RuleSettings",
@@ -50,9 +52,6 @@ DEFAULT_CONFIG = Path(__file__).with_name("defaults.yaml")
 ENV_PREFIX = "DICOM_NODE__"
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
-
-OutputKind = Literal["sr", "gsps", "seg", "sc"]
-Profile = Literal["grounded_report", "text_to_region", "region_to_text", "vqa"]
 
 
 def _check_ae_title(value: str, what: str) -> str:
@@ -275,10 +274,10 @@ class RuleSettings(_Section):
 
     name: str
     match: MatchSettings = Field(default_factory=MatchSettings)
-    profile: Profile = "grounded_report"
-    language: Literal["en", "zh"] = "en"
+    profile: Profile = Profile.GROUNDED_REPORT
+    language: Language = Language.ENGLISH
     targets: list[str] = Field(default_factory=list, description="structures to locate (text_to_region)")
-    outputs: list[OutputKind] = Field(default_factory=lambda: list[OutputKind](["sr", "gsps"]))
+    outputs: list[ObjectKind] = Field(default_factory=lambda: [ObjectKind.SR, ObjectKind.GSPS])
     destinations: list[str] = Field(default_factory=list, description="destination names; empty: all")
 
 

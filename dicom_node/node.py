@@ -225,10 +225,10 @@ class Node:
         job_id = self.store.complete_study(
             study_uid,
             rule=rule.name,
-            profile=rule.profile,
-            language=rule.language,
+            profile=rule.profile.value,
+            language=rule.language.value,
             targets=rule.targets,
-            outputs=rule.outputs,
+            outputs=[kind.value for kind in rule.outputs],
             destinations=destinations,
         )
         if job_id is None:
