@@ -9,11 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = ["ModelSettings", "WindowName"]
 
-#: Which VOI window a grey-scale image gets. ``auto``: the header's first window (or VOI LUT) when there is
-#: one,
-#: else the modality default (CT: soft tissue); ``header``: the header's window, else the full pixel range;
-#: a preset name (CT presets in Hounsfield units) forces that window on CT and falls back to ``auto``
-#: elsewhere.
+#: Which VOI window a grey-scale image gets. ``auto``: the header's first window (or VOI LUT) when there is one,
+#: else the modality default (CT: soft tissue); ``header``: the header's window, else the full pixel range; a
+#: preset name (CT presets in Hounsfield units) forces that window on CT and falls back to ``auto`` elsewhere.
 WindowName = Literal["auto", "header", "full_range", "lung", "soft_tissue", "bone", "brain", "liver"]
 
 

@@ -2,16 +2,14 @@
 
 Two published answer formats cover the supported families:
 
-* ref/box tags (MedRegA, InternVL, and the demo model): ``<ref>label</ref><box>[[x1, y1, x2, y2],
-...]</box>``,
+* ref/box tags (MedRegA, InternVL, and the demo model): ``<ref>label</ref><box>[[x1, y1, x2, y2], ...]</box>``,
   several labels joined by ``, ``, a description after ``:`` or the full-width ``：``;
 * JSON lists (Qwen2.5-VL, Qwen3-VL, MedGemma): ``[{"bbox_2d": [...], "label": "..."}]``, often inside a
   ```` ```json ```` fence, possibly truncated.
 
 :func:`parse_ref_boxes` and :func:`parse_json_boxes` read the model's numbers as written (no coordinate system
 yet); :class:`BoxSpace` says what the numbers mean for one family and :func:`regions_to_findings` turns them
-into findings in source pixel space. Nothing here raises on model text: what cannot be read becomes a
-text-only
+into findings in source pixel space. Nothing here raises on model text: what cannot be read becomes a text-only
 finding or is dropped, and the reason is logged and returned.
 """
 
@@ -46,8 +44,7 @@ RawBox = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class RawRegion:
-    """A label with the boxes the model wrote for it (x0, y0, x1, y1 in the model's own numbers) and its
-    text."""
+    """A label with the boxes the model wrote for it (x0, y0, x1, y1 in the model's own numbers) and its text."""
 
     label: str
     boxes: tuple[RawBox, ...] = ()
@@ -92,9 +89,8 @@ def parse_ref_boxes(text: str) -> ParsedRegions:
     """Read ``<ref>label</ref><box>[[x1, y1, x2, y2], ...]</box>`` answers (MedRegA, InternVL, demo).
 
     Labels listed one after another (``<ref>a</ref><box>..</box>, <ref>b</ref><box>..</box>: text``) share the
-    text that follows them; a box without a label gets the label ``""`` (the adapter names it); a truncated
-    tag is
-    read as far as it goes. Never raises.
+    text that follows them; a box without a label gets the label ``""`` (the adapter names it); a truncated tag
+    is read as far as it goes. Never raises.
     """
     if not isinstance(text, str):
         return ParsedRegions(problems=(f"answer is not text ({type(text).__name__})",))
@@ -235,8 +231,7 @@ def parse_json_boxes(text: str, key: str = "bbox_2d", order: Literal["xyxy", "yx
 class BoxSpace:
     """What a family's box numbers mean.
 
-    ``scale``: the numbers are relative to the model-input image on 0..``scale`` (MedRegA 999, InternVL3,
-    Qwen3-VL
+    ``scale``: the numbers are relative to the model-input image on 0..``scale`` (MedRegA 999, InternVL3, Qwen3-VL
     and MedGemma 1000): pixel edge = value / scale x size. ``None``: absolute pixels of the model-input image
     (Qwen2.5-VL). ``tolerance``: how far outside the range (fraction of it) a value may be before the box is
     dropped; values within it are clipped.
@@ -270,8 +265,7 @@ class BoxSpace:
         return BoundingBox(x0, y0, x1, y1)
 
     def from_source(self, box: BoundingBox, transform: ImageTransform) -> tuple[float, float, float, float]:
-        """A source-space box in this family's numbers (for prompts that carry a region); integers when
-        scaled."""
+        """A source-space box in this family's numbers (for prompts that carry a region); integers when scaled."""
         model = transform.box_to_model(box)
         columns, rows = transform.output_size
         if self.scale is None:

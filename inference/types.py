@@ -43,9 +43,8 @@ class Profile(StrEnum):
 class ModelImage:
     """One display-ready image taken from a DICOM object, before any model-specific geometry.
 
-    ``pixels`` is uint8 RGB of shape (rows, columns, 3), at source resolution, grey-scale images replicated
-    on the
-    three channels, after Modality LUT, VOI LUT/window and MONOCHROME1 inversion.
+    ``pixels`` is uint8 RGB of shape (rows, columns, 3), at source resolution, grey-scale images replicated on
+    the three channels, after Modality LUT, VOI LUT/window and MONOCHROME1 inversion.
     """
 
     pixels: np.ndarray

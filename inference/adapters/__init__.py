@@ -1,7 +1,6 @@
 """Model adapters, one per family: model-specific geometry, prompts and answer parsing.
 
-Adapters are looked up by ``model.family`` through :mod:`inference.registry`; importing this package
-imports no
+Adapters are looked up by ``model.family`` through :mod:`inference.registry`; importing this package imports no
 adapter module.
 """
 

@@ -4,15 +4,12 @@ An adapter owns everything model-specific (DESIGN invariant 7, STYLE "no if/elif
 
 * **checkpoint**: which files a checkpoint directory must hold (:attr:`ModelAdapter.required_files`), its
   fingerprint (the model version recorded in the SR and in result UIDs);
-* **pre-process**: :meth:`ModelAdapter.prepare_image` resizes/pads the display-ready :class:`ModelImage`
-into the
-  geometry the model was trained on and records it in an :class:`ImageTransform`;
+* **pre-process**: :meth:`ModelAdapter.prepare_image` resizes/pads the display-ready :class:`ModelImage` into
+  the geometry the model was trained on and records it in an :class:`ImageTransform`;
   :meth:`ModelAdapter.build_prompt` writes the family's prompt for a :class:`TaskRequest`;
-* **post-process**: :meth:`ModelAdapter.parse` turns one answer into findings in source pixel space (never
-raises);
-* **runtime hooks** per backend: for the ``transformers`` backend the ``hf_*`` methods below (load, encode
-a batch,
-  decode). The defaults fit Hugging Face image-text-to-text checkpoints (AutoProcessor +
+* **post-process**: :meth:`ModelAdapter.parse` turns one answer into findings in source pixel space (never raises);
+* **runtime hooks** per backend: for the ``transformers`` backend the ``hf_*`` methods below (load, encode a
+  batch, decode). The defaults fit Hugging Face image-text-to-text checkpoints (AutoProcessor +
   AutoModelForImageTextToText + chat template); families override what differs.
 
 Writing a new adapter (the demo model's, for instance): subclass :class:`ModelAdapter` (or an existing family,
@@ -51,8 +48,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WeightFiles:
-    """One requirement on a checkpoint directory: at least one of ``names`` must exist (``what`` explains
-    it)."""
+    """One requirement on a checkpoint directory: at least one of ``names`` must exist (``what`` explains it)."""
 
     what: str
     names: tuple[str, ...]
@@ -94,9 +90,8 @@ class HFHandle:
 def checkpoint_fingerprint(directory: Path) -> str:
     """A short, stable hash of a checkpoint directory, cheap even for 80 GB of weights.
 
-    Small files (config, tokenizer, processor, weight index: under 8 MiB) are hashed whole; large weight
-    files by
-    name, size and their first and last MiB (a fine-tune rewrites both the safetensors header and its
+    Small files (config, tokenizer, processor, weight index: under 8 MiB) are hashed whole; large weight files
+    by name, size and their first and last MiB (a fine-tune rewrites both the safetensors header and its
     tensors).
     """
     digest = hashlib.sha256()
@@ -129,8 +124,7 @@ class ModelAdapter(ABC):
 
     # -- checkpoint --
     def checkpoint_dir(self) -> Path:
-        """The directory the weights load from (``model.path``; the demo adapter supplies its packaged
-        one)."""
+        """The directory the weights load from (``model.path``; the demo adapter supplies its packaged one)."""
         if self.settings.path is None:
             raise ModelLoadError(f"model.path is required for family {self.family!r}, got None")
         return Path(self.settings.path).expanduser()
@@ -178,8 +172,7 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def build_prompt(self, request: TaskRequest, transform: ImageTransform) -> Prompt:
-        """The family's prompt for ``request`` (``transform`` converts a request region into model
-        numbers)."""
+        """The family's prompt for ``request`` (``transform`` converts a request region into model numbers)."""
 
     def prepare(self, image: ModelImage, request: TaskRequest) -> PreparedInput:
         """Pre-process one image for one request."""
