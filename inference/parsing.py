@@ -32,7 +32,9 @@ __all__ = [
     "ParsedRegions",
     "RawRegion",
     "build_answer",
+    "format_ref_box",
     "parse_json_boxes",
+    "parse_ref_box_answer",
     "parse_ref_boxes",
     "regions_to_findings",
 ]
@@ -139,6 +141,12 @@ def parse_ref_boxes(text: str) -> ParsedRegions:
     for problem in problems:
         logger.info("model answer: %s", problem)
     return ParsedRegions(tuple(regions), readable, tuple(problems))
+
+
+def format_ref_box(label: str, box: Sequence[float]) -> str:
+    """``<ref>label</ref><box>[[x1, y1, x2, y2]]</box>`` with integer coordinates (a region in a prompt)."""
+    numbers = ", ".join(str(round(v)) for v in box)
+    return f"<ref>{label}</ref><box>[[{numbers}]]</box>"
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -357,3 +365,18 @@ def build_answer(
         parsed, space, item.transform, item.image.ref, language, fallback_labels=request.targets
     )
     return ParsedAnswer(findings=tuple(findings), narrative=parsed.narrative, problems=tuple(problems))
+
+
+#: ChatML's end of turn (MedRegA's Hermes-2 template, InternVL's): an answer ends there when the decoder kept it.
+_END_OF_TURN = "<|im_end|>"
+
+
+def parse_ref_box_answer(text: str, item: PreparedInput, space: BoxSpace) -> ParsedAnswer:
+    """The :class:`ParsedAnswer` of a ``<ref>/<box>`` answer, its boxes in ``space``; never raises.
+
+    The answer is read up to the first ``<|im_end|>``, then as :func:`parse_ref_boxes` and :func:`build_answer`.
+    """
+    if not isinstance(text, str):
+        text = ""
+    text = text.split(_END_OF_TURN, 1)[0]
+    return build_answer(parse_ref_boxes(text), space, item, text)

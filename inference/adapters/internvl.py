@@ -14,9 +14,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from inference.adapters.base import HFHandle, ModelAdapter
-from inference.adapters.medrega import format_ref_box, parse_ref_box_answer
 from inference.geometry import ImageTransform
-from inference.parsing import BoxSpace
+from inference.parsing import BoxSpace, format_ref_box, parse_ref_box_answer
 from inference.pixels import resample
 from inference.profiles import DEFAULT_TARGETS, modality_noun
 from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest

@@ -13,7 +13,8 @@ Facts from the model's repository (see shared/reference/model-formats.md):
 The prompts below are the published ones, verbatim, where the repository has them (English grounded report,
 detection, recognition, report generation and VQA; Chinese grounded diagnosis, report generation and VQA); the
 Chinese detection and recognition prompts follow the published Chinese wording of the same sentences.
-:func:`parse_ref_box_answer` is the reusable parser (the demo model answers in the same format).
+:func:`inference.parsing.parse_ref_box_answer` reads the answers (InternVL3 and the demo model answer in the same
+format).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from inference.adapters.base import HF_CHECKPOINT_FILES, HFHandle, ModelAdapter, WeightFiles
 from inference.geometry import ImageTransform
-from inference.parsing import BoxSpace, build_answer, parse_ref_boxes
+from inference.parsing import BoxSpace, format_ref_box, parse_ref_box_answer
 from inference.pixels import resample
 from inference.profiles import DEFAULT_TARGETS
 from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
@@ -36,9 +37,7 @@ from sr_writer.findings import Language
 __all__ = [
     "MEDREGA_BOX_SPACE",
     "MedRegAAdapter",
-    "format_ref_box",
     "medrega_prompt",
-    "parse_ref_box_answer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,12 +67,6 @@ _EN_SCAN = {"CR": "X-ray image", "DX": "X-ray image", "CT": "CT scan", "MR": "MR
 
 def _article(noun: str) -> str:
     return ("an " if noun[:1].lower() in "aeiou" or noun.startswith(("MRI", "X-ray")) else "a ") + noun
-
-
-def format_ref_box(label: str, box: Sequence[float]) -> str:
-    """``<ref>label</ref><box>[[x1, y1, x2, y2]]</box>`` with integer coordinates."""
-    numbers = ", ".join(str(round(v)) for v in box)
-    return f"<ref>{label}</ref><box>[[{numbers}]]</box>"
 
 
 def medrega_prompt(request: TaskRequest, modality: str = "", region_numbers: Sequence[float] | None = None) -> str:
@@ -148,14 +141,6 @@ def medrega_prompt(request: TaskRequest, modality: str = "", region_numbers: Seq
         "You are a helpful medical assistant. You are required to answer the question based on the medical image. "
         f"{IMAGE_PLACEHOLDER}\n{request.question.strip()}"
     )
-
-
-def parse_ref_box_answer(text: str, item: PreparedInput, space: BoxSpace = MEDREGA_BOX_SPACE) -> ParsedAnswer:
-    """Findings (source pixel space) from a ``<ref>/<box>`` answer; never raises. Reused by the demo adapter."""
-    if not isinstance(text, str):
-        text = ""
-    text = text.split(IM_END, 1)[0]
-    return build_answer(parse_ref_boxes(text), space, item, text)
 
 
 class MedRegAAdapter(ModelAdapter):

@@ -12,10 +12,10 @@ import pytest
 from inference.adapters.base import ModelAdapter
 from inference.adapters.internvl import InternVLAdapter
 from inference.adapters.medgemma import MedGemmaAdapter
-from inference.adapters.medrega import MedRegAAdapter, parse_ref_box_answer
+from inference.adapters.medrega import MEDREGA_BOX_SPACE, MedRegAAdapter
 from inference.adapters.qwen import Qwen3VLAdapter, Qwen25VLAdapter
 from inference.config import ModelSettings
-from inference.parsing import BoxSpace, parse_json_boxes, parse_ref_boxes
+from inference.parsing import BoxSpace, parse_json_boxes, parse_ref_box_answer, parse_ref_boxes
 from inference.types import ModelImage, PreparedInput, Profile, RegionInput, TaskRequest
 from sr_writer.findings import BoundingBox, ImageRef, Language
 
@@ -65,7 +65,7 @@ def expect_box(box: BoundingBox | None, x0: float, y0: float, x1: float, y1: flo
 # --------------------------------------------------------------------------------------------------------------
 def test_medrega_grounded_report_two_labels_share_the_description(tmp_path: Path) -> None:
     item = make_item(adapter_for(MedRegAAdapter, tmp_path), Profile.GROUNDED_REPORT)
-    answer = parse_ref_box_answer(MEDREGA_GROUNDED, item)
+    answer = parse_ref_box_answer(MEDREGA_GROUNDED, item, MEDREGA_BOX_SPACE)
     assert [f.label for f in answer.findings] == ["right lung", "left lung"]
     # pixel = value / 999 x size, relative to the original image
     expect_box(answer.findings[0].box, 102 / 999 * COLUMNS, 106 / 999 * ROWS, 481 / 999 * COLUMNS, 910 / 999 * ROWS)
@@ -78,7 +78,7 @@ def test_medrega_grounded_report_two_labels_share_the_description(tmp_path: Path
 
 def test_medrega_several_boxes_for_one_label_give_one_finding_each(tmp_path: Path) -> None:
     item = make_item(adapter_for(MedRegAAdapter, tmp_path), columns=432, rows=432, modality="MR")
-    answer = parse_ref_box_answer(MEDREGA_DETECTION, item)
+    answer = parse_ref_box_answer(MEDREGA_DETECTION, item, MEDREGA_BOX_SPACE)
     assert [f.label for f in answer.findings] == ["carotid vessel wall"] * 2
     expect_box(answer.findings[1].box, 596 / 999 * 432, 316 / 999 * 432, 635 / 999 * 432, 464 / 999 * 432)
 
@@ -93,7 +93,7 @@ def test_medrega_chinese_answer_with_full_width_colon(tmp_path: Path) -> None:
         ("胰腺癌",),
         modality="CT",
     )
-    answer = parse_ref_box_answer(MEDREGA_CHINESE, item)
+    answer = parse_ref_box_answer(MEDREGA_CHINESE, item, MEDREGA_BOX_SPACE)
     (finding,) = answer.findings
     assert finding.label == "胰腺癌"
     assert finding.language is Language.CHINESE
@@ -103,7 +103,7 @@ def test_medrega_chinese_answer_with_full_width_colon(tmp_path: Path) -> None:
 
 def test_medrega_truncated_output_keeps_what_is_complete(tmp_path: Path) -> None:
     item = make_item(adapter_for(MedRegAAdapter, tmp_path), Profile.GROUNDED_REPORT)
-    answer = parse_ref_box_answer(MEDREGA_GROUNDED[:94], item)  # cut inside the second box
+    answer = parse_ref_box_answer(MEDREGA_GROUNDED[:94], item, MEDREGA_BOX_SPACE)  # cut inside the second box
     assert MEDREGA_GROUNDED[:94].endswith("[[535, 128, 9")
     right, left = answer.findings
     assert right.box is not None and right.label == "right lung"
@@ -117,7 +117,7 @@ def test_medrega_out_of_range_and_degenerate_boxes_are_dropped(tmp_path: Path) -
         "<ref>heart</ref><box>[[300, 400, 1500, 700]]</box>, <ref>aorta</ref><box>[[500, 500, 500, 600]]</box>, "
         "<ref>spine</ref><box>[[480, 0, 520, 1001]]</box>"
     )
-    answer = parse_ref_box_answer(text, item)
+    answer = parse_ref_box_answer(text, item, MEDREGA_BOX_SPACE)
     heart, aorta, spine = answer.findings
     assert heart.box is None and aorta.box is None  # text-only, with a reason each
     assert spine.box is not None and spine.box.y1 == pytest.approx(ROWS)  # 1001 is within tolerance: clipped
@@ -131,7 +131,7 @@ def test_medrega_region_to_text_labels_the_asked_region(tmp_path: Path) -> None:
         adapter_for(MedRegAAdapter, tmp_path), Profile.REGION_TO_TEXT, 512, 512, region=region, modality="CT"
     )
     assert "What is <ref>this</ref><box>[[195, 390, 585, 780]]</box> in this CT scan?" in item.prompt.text
-    answer = parse_ref_box_answer("right mandible", item)
+    answer = parse_ref_box_answer("right mandible", item, MEDREGA_BOX_SPACE)
     (finding,) = answer.findings
     assert finding.label == "right mandible" and finding.box == region.box and finding.source == REF
 
