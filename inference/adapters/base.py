@@ -7,17 +7,19 @@ An adapter owns everything model-specific (DESIGN invariant 7, STYLE "no if/elif
 * **pre-process**: :meth:`ModelAdapter.prepare_image` resizes/pads the display-ready :class:`ModelImage` into
   the geometry the model was trained on and records it in an :class:`ImageTransform`;
   :meth:`ModelAdapter.build_prompt` writes the family's prompt for a :class:`TaskRequest`;
+* **box numbers**: :attr:`ModelAdapter.box_space` says what the numbers in the family's prompts and answers mean;
 * **post-process**: :meth:`ModelAdapter.parse` turns one answer into findings in source pixel space (never raises);
 * **runtime hooks** per backend: for the ``transformers`` backend the ``hf_*`` methods below (load, encode a
   batch, decode). The defaults fit Hugging Face image-text-to-text checkpoints (AutoProcessor +
   AutoModelForImageTextToText + chat template); families override what differs.
 
 Writing a new adapter (the demo model's, for instance): subclass :class:`ModelAdapter` (or an existing family,
-e.g. ``MedRegAAdapter`` when the answers use ``<ref>/<box>`` tags), set :attr:`family`, implement the three
-abstract methods, override the ``hf_*`` hooks the checkpoint needs, and add ``"family": "module:Class"`` to
-:data:`inference.registry.ADAPTERS`. Reusable pieces: :func:`inference.parsing.parse_ref_boxes`,
-:func:`inference.parsing.parse_json_boxes`, :func:`inference.parsing.regions_to_findings`,
-:func:`inference.profiles.default_max_new_tokens`.
+e.g. ``MedRegAAdapter`` when the answers use ``<ref>/<box>`` tags), set :attr:`family` and :attr:`box_space`,
+implement the three abstract methods, override the ``hf_*`` hooks the checkpoint needs, and add
+``"family": "module:Class"`` to :data:`inference.registry.ADAPTERS`. Reusable pieces:
+:func:`inference.parsing.parse_ref_boxes`, :func:`inference.parsing.parse_ref_box_answer`,
+:func:`inference.parsing.format_ref_box`, :func:`inference.parsing.parse_json_boxes`,
+:func:`inference.parsing.regions_to_findings`, :func:`inference.profiles.default_max_new_tokens`.
 
 This module imports neither torch nor transformers at import time.
 """
@@ -37,6 +39,7 @@ import numpy as np
 from inference.config import ModelSettings
 from inference.errors import ModelLoadError
 from inference.geometry import ImageTransform
+from inference.parsing import BoxSpace
 from inference.profiles import default_max_new_tokens
 from inference.types import ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
 from sr_writer.findings import AlgorithmIdentity
@@ -118,6 +121,12 @@ class ModelAdapter(ABC):
     required_files: ClassVar[tuple[WeightFiles, ...]] = HF_CHECKPOINT_FILES
     #: True when the checkpoint ships its own modelling code (loading then needs ``trust_remote_code: true``).
     needs_remote_code: ClassVar[bool] = False
+    #: The coordinate space of the box numbers in the family's prompts and answers: relative to the model-input
+    #: image on 0..``scale`` (MedRegA and the demo model 0..999; InternVL3, Qwen3-VL and MedGemma 0..1000), or
+    #: absolute pixels of the model-input image (``scale=None``: Qwen2.5-VL). :meth:`parse` maps answers' boxes
+    #: from it to source pixels and :meth:`build_prompt` writes a request's region in it, so the coordinate system
+    #: never leaves the adapter (DESIGN invariant 7). Every adapter sets it.
+    box_space: ClassVar[BoxSpace]
 
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings

@@ -61,7 +61,7 @@ def test_boxes_map_both_ways_on_every_corpus_shape(
     image = ModelImage(np.zeros((rows, columns, 3), np.uint8), ImageRef("1.2.3"))
     pixels, transform = adapter.prepare_image(image)
     assert pixels.shape[:2] == (transform.output_size[1], transform.output_size[0])
-    space: BoxSpace = cls.box_space  # type: ignore[attr-defined]
+    space: BoxSpace = cls.box_space
     for box in random_boxes(columns, rows):
         # exact: float through the transform and back
         back = transform.box_to_source(transform.box_to_model(box), clip=False)
