@@ -309,12 +309,9 @@ def run_export(ctx: WorkerContext, job_id: int) -> None:
             rejected=len(report.rejected), transient=len(report.transient),
         )
         store.note(job_id, "send", report.summary())
-        if report.outcome is Outcome.REJECTED:
+        if report.outcome is Outcome.REJECTED:  # the one classification: dicom_node.export.outcome
             raise PermanentError(f"{name}: {report.reason}")
         if report.outcome is Outcome.TRANSIENT:
-            assoc = report.association
-            if assoc is not None and assoc.permanent:
-                raise PermanentError(f"{name}: {report.reason}")
             transient.append(f"{name}: {report.reason}")
     if transient:
         raise TransientError("; ".join(transient))
