@@ -41,6 +41,7 @@ __all__ = [
     "NodeSettings",
     "QueueSettings",
     "RetentionSettings",
+    "RetryPolicy",
     "RuleSettings",
     "Settings",
     "StoreSettings",
@@ -158,6 +159,30 @@ class RetentionSettings(_Section):
     check_seconds: float = Field(600, gt=0, description="how often to look for studies past keep_days")
 
 
+class RetryPolicy(_Section):
+    """When a transient failure is tried again, and how often: exponential backoff with a cap.
+
+    The one export retry policy (PACS down or busy, an association lost), also used when the job store cannot be
+    reached from a task. Attempt ``n`` (0 for the first retry) waits ``min(cap_seconds, base_seconds * 2**n)``.
+    """
+
+    base_seconds: float = Field(5.0, gt=0, description="wait before the first retry; doubled for each next one")
+    cap_seconds: float = Field(300.0, gt=0, description="no wait between two attempts is longer than this")
+    max_retries: int = Field(8, ge=0, description="retries of transient failures before a job fails")
+
+    def delay(self, retries: int) -> float:
+        """Seconds to wait before the retry that follows ``retries`` retries already made."""
+        return float(min(self.cap_seconds, self.base_seconds * (2**retries)))
+
+    def exhausted(self, retries: int) -> bool:
+        """Whether ``retries`` retries already made leave none to try: the failure is final."""
+        return retries >= self.max_retries
+
+    def delays(self) -> list[float]:
+        """Every wait, in order, of a failure that never clears (for the administrator and the tests)."""
+        return [self.delay(n) for n in range(self.max_retries)]
+
+
 class QueueSettings(_Section):
     """The Celery broker: ``embedded`` needs nothing installed; ``redis://host:6379/0`` scales out."""
 
@@ -165,7 +190,7 @@ class QueueSettings(_Section):
     inference_time_limit: float = Field(1800, gt=0, description="hard limit of one inference task, seconds")
     export_time_limit: float = Field(600, gt=0, description="hard limit of one export task, seconds")
     max_redeliveries: int = Field(3, ge=1, description="a job redelivered more often than this is failed")
-    max_retries: int = Field(8, ge=0, description="retries of transient failures before a job fails")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy, description="backoff of transient failures")
     worker_start_seconds: float = Field(
         900, gt=0, description="how long a worker process may take to load and warm up its model before it is restarted"
     )
@@ -182,6 +207,24 @@ class QueueSettings(_Section):
         description="how often queued jobs are checked against the messages Redis holds: a job whose message is "
         "gone (Redis restarted empty, flushed) is enqueued again when two checks in a row miss it",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_max_retries(cls, data: Any) -> Any:
+        """``queue.max_retries`` (before the ``queue.retry`` section): read as ``queue.retry.max_retries``."""
+        if isinstance(data, Mapping) and "max_retries" in data:
+            data = dict(data)
+            legacy = data.pop("max_retries")
+            retry = data.get("retry")
+            retry = dict(retry) if isinstance(retry, Mapping) else {}
+            if "max_retries" in retry and retry["max_retries"] != legacy:
+                raise ValueError(
+                    f"queue.max_retries ({legacy}) and queue.retry.max_retries ({retry['max_retries']}) disagree; "
+                    "keep queue.retry.max_retries only"
+                )
+            retry.setdefault("max_retries", legacy)
+            data["retry"] = retry
+        return data
 
     @field_validator("broker_url")
     @classmethod

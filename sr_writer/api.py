@@ -1,7 +1,13 @@
-"""The entry points the node calls: build every result object of one inference run, or build and write them."""
+"""The entry points the node calls: build every result object of one inference run, or build and write them.
+
+:func:`build_result_objects` returns the datasets; :func:`result_file_name` and :func:`encode_result_object` give a
+caller that keeps files its own way (the node's outbox, synced) the name and bytes :func:`write_result_objects`
+uses, so that each object is encoded and written once.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from collections.abc import Sequence
@@ -18,7 +24,13 @@ from sr_writer.seg import build_segmentations
 from sr_writer.sr import build_sr
 from sr_writer.uids import ResultUIDs
 
-__all__ = ["build_result_objects", "object_kind", "write_result_objects"]
+__all__ = [
+    "build_result_objects",
+    "encode_result_object",
+    "object_kind",
+    "result_file_name",
+    "write_result_objects",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +101,27 @@ def write_result_objects(
     outdir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for ds in build_result_objects(result, sources, uids, options):
-        uid = str(ds.SOPInstanceUID)
-        if not _UID.match(uid) or len(uid) > 64:
-            raise ValueError(f"SOP Instance UID {uid!r} is not a valid UID; refusing to use it as a file name")
-        path = outdir / f"{uid}.dcm"
-        partial = outdir / f".{uid}.dcm.partial"
+        name = result_file_name(ds)
+        path = outdir / name
+        partial = outdir / f".{name}.partial"
         ds.save_as(partial, enforce_file_format=True)
         partial.replace(path)
         paths.append(path)
     return paths
+
+
+def result_file_name(ds: Dataset) -> str:
+    """The file name of a result object: ``<SOP Instance UID>.dcm``, the UID checked to be a plain UID (digits
+    and dots, at most 64 characters) before it is used as a path."""
+    uid = str(ds.SOPInstanceUID)
+    if not _UID.match(uid) or len(uid) > 64:
+        raise ValueError(f"SOP Instance UID {uid!r} is not a valid UID; refusing to use it as a file name")
+    return f"{uid}.dcm"
+
+
+def encode_result_object(ds: Dataset) -> bytes:
+    """``ds`` encoded as a DICOM Part 10 file: the bytes :func:`write_result_objects` writes, for a caller that
+    writes them its own way (the node's outbox writes each object once, synced, from memory)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

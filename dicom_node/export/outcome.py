@@ -1,5 +1,10 @@
 """What a send came to: C-STORE status names and their classification, association outcomes, and the per-file
 and per-batch reports :func:`dicom_node.export.scu.send_files` returns (the rules are in that module's docstring).
+
+Every transient-or-permanent decision of the export is made here, without Celery: :func:`classify_store_status`
+for a C-STORE response, :func:`classify_association` for an association that was not established, and
+:attr:`SendReport.outcome` for a destination's whole batch, which the export step turns into a retry (transient)
+or a failed job (rejected).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ __all__ = [
     "RejectResult",
     "RejectSource",
     "SendReport",
+    "classify_association",
     "classify_store_status",
     "status_name",
 ]
@@ -76,7 +82,18 @@ class AssociationState(enum.StrEnum):
 
     @property
     def permanent(self) -> bool:
-        return self in (AssociationState.REJECTED, AssociationState.NO_CONTEXTS, AssociationState.TLS_FAILED)
+        """A configuration error that retrying cannot fix (see :func:`classify_association`)."""
+        return classify_association(self) is Outcome.REJECTED
+
+
+_PERMANENT_ASSOCIATIONS = {AssociationState.REJECTED, AssociationState.NO_CONTEXTS, AssociationState.TLS_FAILED}
+
+
+def classify_association(state: AssociationState) -> Outcome:
+    """What an association that was not established, in ``state``, means for every file of its batch: ``rejected``
+    for a configuration error that retrying cannot fix (A-ASSOCIATE-RJ permanent, none of the SOP classes accepted,
+    TLS), else ``transient`` (refused, unreachable, time-out, busy, aborted)."""
+    return Outcome.REJECTED if state in _PERMANENT_ASSOCIATIONS else Outcome.TRANSIENT
 
 
 class RejectSource(enum.IntEnum):
@@ -192,10 +209,14 @@ class SendReport:
 
     @property
     def outcome(self) -> Outcome:
-        """``rejected`` if any file was rejected, else ``transient`` if any is to retry, else delivered."""
+        """``rejected`` if any file was rejected or the association failed for good, else ``transient`` if any file
+        is to retry, else delivered: the export retries a destination only when this is ``transient``."""
         if self.rejected:
             return Outcome.REJECTED
         if self.transient:
+            assoc = self.association
+            if assoc is not None and assoc.permanent:
+                return Outcome.REJECTED
             return Outcome.TRANSIENT
         return Outcome.DELIVERED
 

@@ -1,10 +1,11 @@
-"""The Celery application: two queues, thin tasks, one retry policy, and the dispatcher the node uses.
+"""The Celery application: two queues, thin tasks, the settings' retry policy, and the dispatcher the node uses.
 
 - ``inference``: GPU work, one worker process per GPU, one job at a time.
 - ``export``: CPU work: build the result objects and send them to the PACS.
 
 Tasks carry a job id, never pixels (DESIGN invariant 4). The job store decides what still has to run
 (invariant 3): messages may be lost (Redis flushed) or duplicated (redelivery, reconciler) and nothing breaks.
+A transient failure is retried as ``queue.retry`` (:class:`dicom_node.config.RetryPolicy`) says.
 
 ``queue.broker_url: embedded`` uses kombu's filesystem transport under ``<data_dir>/broker`` (with atomic message
 writes: :mod:`dicom_node.work.embedded_broker`): the same tasks and workers, with no service to install.
@@ -17,7 +18,6 @@ import json
 import logging
 import os
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +33,12 @@ from dicom_node.work import embedded_broker
 from dicom_node.work.queues import EXPORT_QUEUE, INFERENCE_QUEUE
 from dicom_node.work.steps import PermanentError, TransientError, WorkerContext, run_export, run_inference
 
-__all__ = ["EXPORT_TASK", "INFERENCE_TASK", "CeleryDispatcher", "RetryPolicy", "make_celery"]
+__all__ = ["EXPORT_TASK", "INFERENCE_TASK", "CeleryDispatcher", "make_celery"]
 
 log = logging.getLogger(__name__)
 
 INFERENCE_TASK = "dicom_node.inference"
 EXPORT_TASK = "dicom_node.export"
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with a cap, for transient failures (PACS down, broker hiccup). The one place it lives."""
-
-    base_seconds: float = 5.0
-    cap_seconds: float = 300.0
-    max_retries: int = 8
-
-    def delay(self, retries: int) -> float:
-        return float(min(self.cap_seconds, self.base_seconds * (2**retries)))
 
 
 def broker_settings(settings: Settings) -> tuple[str, dict[str, Any]]:
@@ -120,13 +108,13 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
         # (measured per hop: 0.05 s gave 24-27 ms, 0.01 s gave 5-8 ms), for about 100 folder listings a second.
         app.conf.broker_transport_options["polling_interval"] = 0.01
     holder = ctx or WorkerContext(settings)
-    policy = RetryPolicy(max_retries=q.max_retries)
+    policy = q.retry  # the one retry policy (config.RetryPolicy): export failures and job store outages alike
 
     def store_unreachable(task: Task, job_id: int, what: str, exc: BaseException) -> None:
         """The job store could not be reached, so nothing about the job could be recorded, a failure included: the
         task runs again later. Past the retries, the reconciler queues the job again once the store is back."""
         retries = int(task.request.retries or 0)
-        if retries >= policy.max_retries:
+        if policy.exhausted(retries):
             log.error(
                 "%s of job %d: job store unreachable after %d attempts (%s); left to the reconciler",
                 what, job_id, retries + 1, describe_error(exc),
@@ -176,7 +164,7 @@ def make_celery(settings: Settings, ctx: WorkerContext | None = None) -> Celery:
             retries = int(self.request.retries or 0)
             store.set_error(job_id, f"attempt {retries + 1}: {exc}")
             store.note(job_id, "retry", str(exc))
-            if retries >= policy.max_retries:
+            if policy.exhausted(retries):
                 store.transition(
                     job_id, JobState.FAILED, expect=[JobState.SUCCEEDED],
                     error=f"export gave up after {retries + 1} attempts: {exc}",

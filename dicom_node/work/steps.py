@@ -229,8 +229,9 @@ def _result_sources(files: list[Path]) -> list[pydicom.Dataset]:
 
 
 def _write_outbox(ctx: WorkerContext, job: JobRecord) -> list[tuple[str, str, Path]]:
-    """Build the result objects into the outbox once; later attempts reuse the files already there."""
-    from sr_writer.api import object_kind, write_result_objects
+    """Build the result objects and write each once, synced, into the outbox; later attempts reuse the files
+    already there. SOP Instance UID and kind come from the datasets in memory, not from reading the files back."""
+    from sr_writer.api import build_result_objects, encode_result_object, object_kind, result_file_name
     from sr_writer.context import ResultOptions
     from sr_writer.findings import InferenceResult
     from sr_writer.prepare import MixedSourcesError
@@ -251,14 +252,14 @@ def _write_outbox(ctx: WorkerContext, job: JobRecord) -> list[tuple[str, str, Pa
     options = ResultOptions(sr="sr" in outputs, gsps="gsps" in outputs, seg="seg" in outputs, sc="sc" in outputs)
     private_dir(outbox)
     try:
-        paths = write_result_objects(result, sources, uids, outbox, options)
+        objects = build_result_objects(result, sources, uids, options)
     except MixedSourcesError as exc:  # the study itself is wrong (DESIGN invariant 10): no retry can mend it
         raise PermanentError(f"the study's images cannot make one result: {exc}") from exc
     made = []
-    for path in paths:
-        data = path.read_bytes()
-        durable_write(path, data, sync=ctx.settings.node.fsync)  # the outbox survives a crash (invariant 1)
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    for ds in objects:  # each object encoded and written once, from memory; its UID and kind read there too
+        path = outbox / result_file_name(ds)
+        # Synced before it is recorded: the outbox survives a crash (invariant 1); a retry rewrites the same names.
+        durable_write(path, encode_result_object(ds), sync=ctx.settings.node.fsync)
         made.append((str(ds.SOPInstanceUID), object_kind(ds).value, path))
     ctx.store.record_results(job.id, [(uid, kind, str(p)) for uid, kind, p in made])
     return made
@@ -309,12 +310,9 @@ def run_export(ctx: WorkerContext, job_id: int) -> None:
             rejected=len(report.rejected), transient=len(report.transient),
         )
         store.note(job_id, "send", report.summary())
-        if report.outcome is Outcome.REJECTED:
+        if report.outcome is Outcome.REJECTED:  # the one classification: dicom_node.export.outcome
             raise PermanentError(f"{name}: {report.reason}")
         if report.outcome is Outcome.TRANSIENT:
-            assoc = report.association
-            if assoc is not None and assoc.permanent:
-                raise PermanentError(f"{name}: {report.reason}")
             transient.append(f"{name}: {report.reason}")
     if transient:
         raise TransientError("; ".join(transient))

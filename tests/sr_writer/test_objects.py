@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import highdicom as hd
 import numpy as np
 import pytest
@@ -152,6 +154,30 @@ def test_retry_gives_the_same_uids_and_overwrites_files(tmp_path):
         result, [source], ResultUIDs(result.study_instance_uid, ALGORITHM, result.profile, run=4)
     )
     assert not {ds.SOPInstanceUID for ds in rerun} & {p.stem for p in first}
+
+
+def test_encoded_objects_are_the_files_written_under_the_same_names(tmp_path):
+    """The node writes each object once from :func:`encode_result_object`: the file a library user gets (the same
+    name, UIDs and encoding; creation times differ between two builds)."""
+    from sr_writer.api import encode_result_object, result_file_name
+
+    source = read("RG3_UNCI.dcm")
+    result = synthetic_result(source, STUDIES["RG3"][1])
+    uids = ResultUIDs(result.study_instance_uid, ALGORITHM, result.profile, run=1)
+    written = write_result_objects(result, [source], uids, tmp_path, ResultOptions.all())
+    built = build_result_objects(result, [source], uids, ResultOptions.all())
+    assert [result_file_name(ds) for ds in built] == [p.name for p in written]
+    for ds, path in zip(built, written, strict=True):
+        data = encode_result_object(ds)
+        assert data[:132] == path.read_bytes()[:132] == b"\0" * 128 + b"DICM"  # Part 10, as the library writes
+        decoded, on_disk = dcmread(io.BytesIO(data)), dcmread(path)
+        assert decoded.file_meta.TransferSyntaxUID == on_disk.file_meta.TransferSyntaxUID
+        assert (decoded.SOPClassUID, decoded.SOPInstanceUID) == (on_disk.SOPClassUID, on_disk.SOPInstanceUID)
+        assert decoded.Modality == on_disk.Modality
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):  # pydicom says so, and lets it be set
+        built[0].SOPInstanceUID = "../1.2.3"
+    with pytest.raises(ValueError, match="not a valid UID"):
+        result_file_name(built[0])
 
 
 def test_series_numbers_are_fixed_per_kind(built_studies: dict[str, BuiltStudy]):
