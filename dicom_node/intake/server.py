@@ -49,7 +49,7 @@ from dicom_node.intake.transport import (
     drop_unfinished,
     guard_of,
     install_guard,
-    quiet_refused_threads,
+    install_log_filters,
     spool_large_data_sets,
 )
 from dicom_node.logs import audit
@@ -411,7 +411,7 @@ def start_scp(intake: Intake) -> ThreadedAssociationServer:
     # counts established associations only.
     ae.require_called_aet = False
     ae.maximum_associations = _PYNETDICOM_NO_LIMIT
-    quiet_refused_threads()
+    install_log_filters()
     handlers: list[Any] = [
         (evt.EVT_C_STORE, intake.on_c_store),
         (evt.EVT_C_ECHO, intake.on_c_echo),

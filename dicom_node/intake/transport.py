@@ -17,7 +17,7 @@ byte at a time. :class:`GuardedSocket` reads the same way, with these bounds:
 
 Each refusal is reported once to the connection's :class:`ConnectionGuard` (reason, detail), which the intake
 records; pynetdicom then sees a closed connection and ends the association its usual way, with no log lines of its
-own for the refused connection (see :func:`quiet_refused_threads`).
+own for the refused connection (see :func:`install_log_filters`).
 
 Also, for speed: a PDU is read with ``recv_into`` straight into its buffer (pynetdicom reads 4096-byte pieces and
 appends each), and quick acknowledgements are re-armed after each read (see :meth:`GuardedSocket.recv`).
@@ -60,8 +60,8 @@ __all__ = [
     "drop_unfinished",
     "guard_of",
     "install_guard",
+    "install_log_filters",
     "printable_ae",
-    "quiet_refused_threads",
     "spool_large_data_sets",
 ]
 
@@ -255,7 +255,7 @@ _quiet = _RefusedThreadFilter()
 _hashed = HashQuotedValues()
 
 
-def quiet_refused_threads() -> None:
+def install_log_filters() -> None:
     """Install the node's filters on pynetdicom's loggers (idempotent): nothing from the thread of a connection the
     node refused (it logged the refusal), and values pynetdicom quotes from what a peer sent (a non-conformant UID)
     as their hashes (pydicom's too). A logger's filters apply to the records created on it, not its children's, so
