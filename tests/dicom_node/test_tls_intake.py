@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import ssl
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,3 +135,42 @@ def test_tls_settings_are_checked_and_name_the_key(pki: Path, tmp_path: Path) ->
     checked = CliRunner().invoke(app, ["config", "check", "--config", str(config)])
     assert checked.exit_code == 0, checked.output
     assert "DICOM TLS, peer certificates signed by" in checked.output
+
+
+def _client_hello() -> bytes:
+    """The first flight of a TLS client, as bytes (made in memory: no connection)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_side=False)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
+
+
+def test_a_peer_that_trickles_its_tls_handshake_is_cut_off_at_the_acse_timeout(
+    running_node: Callable[..., Node], pki: Path
+) -> None:
+    """The handshake has one deadline, not one per read (CPython's ``do_handshake`` counts the socket's time-out
+    from its start), so a ClientHello sent a byte every 0.25 s cannot hold the connection's thread."""
+    node = tls_node(running_node, pki, acse_timeout=2)
+    hello = _client_hello()
+    began = time.monotonic()
+    closed = False
+    with socket.create_connection(("127.0.0.1", node.port)) as peer:
+        peer.settimeout(0.25)
+        for byte in hello:  # hundreds of bytes: over a minute at this pace
+            try:
+                peer.sendall(bytes((byte,)))
+                if peer.recv(4096) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = True
+                break
+            if time.monotonic() - began > 30:
+                break
+    assert closed, "the node kept the handshake open while the ClientHello trickled in"
+    wait_for(lambda: node.intake.refusals.by_reason["tls_handshake"] == 1)
