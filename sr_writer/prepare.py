@@ -107,6 +107,13 @@ class SourceIndex:
     """
 
     REQUIRED = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
+    #: Type 2 attributes of the Patient and General Study modules that highdicom's constructors read from a source
+    #: (an image that conforms has them, possibly empty; some real ones lack them, and highdicom then fails with an
+    #: AttributeError). A source lacking some is used through a copy of its element table that has them empty.
+    TYPE_2_READ = (
+        "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+        "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    )
 
     def __init__(self, sources: Sequence[Dataset], study_instance_uid: str):
         if not sources:
@@ -125,8 +132,24 @@ class SourceIndex:
             if uid in self._by_uid:
                 logger.warning("sources[%d] repeats a SOP Instance UID already given; the first one is used", position)
                 continue
-            self._by_uid[uid] = ds
+            self._by_uid[uid] = self._with_type_2(position, ds)
         check_one_patient(sources)
+
+    def _with_type_2(self, position: int, ds: Dataset) -> Dataset:
+        """``ds``, or a new dataset over the same elements (the caller's is not changed) with the Type 2 attributes
+        it lacks present and empty."""
+        missing = [k for k in self.TYPE_2_READ if k not in ds]
+        if not missing:
+            return ds
+        logger.warning("sources[%d] lacks Type 2 attributes %s; the results carry them empty", position, missing)
+        filled = Dataset()
+        for element in ds:  # the same element objects: no value (pixel data included) is copied
+            filled.add(element)
+        if hasattr(ds, "file_meta"):
+            filled.file_meta = ds.file_meta
+        for keyword in missing:
+            setattr(filled, keyword, "")
+        return filled
 
     def get(self, sop_instance_uid: str) -> Dataset | None:
         return self._by_uid.get(sop_instance_uid)

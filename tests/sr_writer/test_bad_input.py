@@ -182,3 +182,24 @@ def test_an_instance_given_twice_is_used_once(source):
     uids = ResultUIDs(result.study_instance_uid, result.algorithm, result.profile)
     objects = build_result_objects(result, [source, source], uids, ResultOptions(seg=False))
     assert [ds.Modality for ds in objects] == ["SR", "PR"]
+
+
+def test_a_source_without_type_2_patient_and_study_attributes_still_gets_valid_results(source, tmp_path: Path):
+    """Some real images lack Patient ID, Birth Date or Accession Number altogether (Type 2: present, possibly
+    empty); highdicom failed on them with an AttributeError and the job's reason said nothing useful."""
+    lacking = read("RG3_UNCI.dcm")
+    for keyword in ("PatientID", "PatientBirthDate", "AccessionNumber", "ReferringPhysicianName"):
+        if keyword in lacking:
+            delattr(lacking, keyword)
+    result = synthetic_result(lacking, STUDIES["RG3"][1])
+    uids = ResultUIDs(result.study_instance_uid, result.algorithm, result.profile)
+    paths = write_result_objects(result, [lacking], uids, tmp_path, ResultOptions.all())
+    assert "PatientID" not in lacking, "the caller's dataset is not changed"
+    kinds = set()
+    for path in paths:
+        ds = dcmread(path)
+        kinds.add(str(ds.Modality))
+        assert ds.PatientID == "" and ds.AccessionNumber == ""
+        if have_tool("dciodvfy"):
+            assert dciodvfy(path).errors == [], path.name
+    assert {"SR", "PR", "SEG", "OT"} <= kinds
