@@ -8,7 +8,9 @@ then lets a last worker finish. Figure: C-STOREs the PACS received / N (1.0: not
 cost at most the one object whose response was in flight when delivery is recorded per object).
 
 ``--code DIR`` runs the worker on another checkout of the node (``git archive <commit> | tar -x -C DIR``), to
-measure the code before a change in the same run; the job store schema must be the same.
+measure the code before a change in the same run; the job store schema, the module paths and the configuration
+keys the bench writes must be the same (a checkout from before the layout by stage, or before ``queue.retry``
+and ``node.max_pending_per_host``, cannot run its worker: its clean run fails with the worker's log named).
 
     .venv/bin/python -m bench.bench_export_crash
     .venv/bin/python -m bench.bench_export_crash --code /tmp/before --objects 48 --kills 5 --delay 0.1
