@@ -6,7 +6,9 @@
 * Qwen3-VL: coordinates relative on 0..1000; sides multiples of 32 (patch 16 x merge 2).
 
 The chat template writes ``<|vision_start|><|image_pad|><|vision_end|>``; ``<|image_pad|>`` expands to
-``prod(image_grid_thw) / merge_size**2`` tokens as Qwen's processor does.
+``prod(image_grid_thw) / merge_size**2`` tokens as Qwen's processor does. The model inputs also carry the
+processor's ``mm_token_type_ids`` (1 on image tokens): transformers 5 gives the image tokens their 3-D M-RoPE
+positions (and the text after them the shifted ones) only when it is present, and silently 1-D ones otherwise.
 """
 
 from __future__ import annotations
@@ -135,6 +137,18 @@ class Qwen25VLAdapter(ModelAdapter):
         merge = int(getattr(handle.processor, "merge_size", 2))
         count = int(image_inputs["image_grid_thw"][index].prod()) // (merge * merge)
         return text.replace(IMAGE_PAD, IMAGE_PAD * count, 1)
+
+    def hf_model_inputs(
+        self, handle: HFHandle, image_inputs: dict[str, Any], text_inputs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Text and image inputs plus ``mm_token_type_ids``, as the processor's ``return_mm_token_type_ids``.
+
+        ``get_rope_index`` reads it to find the image tokens; without it generation gives them 1-D positions.
+        Only image tokens are marked (the adapter sends no video; the processor would mark a video token 2).
+        """
+        ids = text_inputs["input_ids"]
+        token_types = (ids == int(handle.model.config.image_token_id)).long()
+        return {**text_inputs, **image_inputs, "mm_token_type_ids": token_types}
 
 
 class Qwen3VLAdapter(Qwen25VLAdapter):

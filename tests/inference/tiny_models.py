@@ -137,6 +137,50 @@ def build_qwen2_5_vl(directory: Path) -> Path:
     return _save(Qwen2_5_VLForConditionalGeneration(config).eval(), image_processor, directory)
 
 
+def build_qwen2_5_vl_7b_rope(directory: Path) -> Path:
+    """A small random Qwen2.5-VL whose attention heads are Qwen2.5-VL-7B's: head_dim 128, M-RoPE sections
+    [16, 24, 24], rope_theta 1e6, and weights drawn wider than the 0.02 default (std 0.1, nearer trained weights).
+
+    At these widths a wrong position changes the logits by several units and the greedy tokens, where the tiny
+    model above (head_dim 8) moves them by under 1e-3; still 2 layers and a few MB, fast on CPU.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer, ids = _qwen_tokenizer(directory)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "initializer_range": 0.1,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 4,
+            "out_hidden_size": 256,
+            "fullatt_block_indexes": [0],
+            "window_size": 56,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
+    torch.manual_seed(0)
+    return _save(Qwen2_5_VLForConditionalGeneration(config).eval(), image_processor, directory)
+
+
 def build_qwen3_vl(directory: Path) -> Path:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -185,7 +229,7 @@ def build_internvl(directory: Path) -> Path:
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
     template = CHATML_TEMPLATE.replace("{{ IMAGE }}", "<IMG_CONTEXT>\n")
     tokenizer = build_tokenizer(
         directory,
@@ -198,6 +242,7 @@ def build_internvl(directory: Path) -> Path:
                 "start_image_token": "<img>",
                 "end_image_token": "</img>",
                 "context_image_token": "<IMG_CONTEXT>",
+                "video_token": "<video>",  # as the published -hf tokenizers; InternVLProcessor needs it
             }
         },
     )
