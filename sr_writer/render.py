@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from sr_writer.findings import BoundingBox, Code
+from sr_writer.sr import QUALITATIVE_EVALUATIONS
 
 __all__ = ["ReportedFinding", "SRContents", "read_findings", "read_sr", "render_sr"]
 
@@ -27,7 +28,9 @@ _TRACKING = re.compile(r"^F(\d+): (.*)$", re.DOTALL)
 
 @dataclass(frozen=True)
 class ReportedFinding:
-    """One measurement group of the report, as written by :mod:`sr_writer.sr`."""
+    """One finding of the report, as written by :mod:`sr_writer.sr`: a Planar ROI Measurement Group (a finding
+    with a box), a TID 1501 Measurement Group (reports written before findings without a region moved), or a
+    ``(121071, DCM) Finding`` in Qualitative Evaluations (a finding without a region)."""
 
     tracking_id: str
     tracking_uid: str
@@ -109,6 +112,35 @@ def _reported(group: Any) -> ReportedFinding:
     )
 
 
+def _is(concept: Dataset, name: Any) -> bool:
+    return bool(concept.CodeValue == name.value and concept.CodingSchemeDesignator == name.scheme_designator)
+
+
+def _evaluated(item: Any) -> ReportedFinding | None:
+    """A ``(121071, DCM) Finding`` CODE or TEXT item of Qualitative Evaluations as a finding without a region;
+    ``None`` for an item that does not carry a Tracking Unique Identifier (not one this writer produced)."""
+    children = list(item.get("ContentSequence", []))
+    uids = [str(c.UID) for c in children if c.ValueType == "UIDREF" and _is(
+        c.ConceptNameCodeSequence[0], codes.DCM.TrackingUniqueIdentifier)]
+    if not uids:
+        return None
+    tracking = _text_items(children, codes.DCM.TrackingIdentifier)
+    tracking_id = tracking[0] if tracking else ""
+    match = _TRACKING.match(tracking_id)
+    comments = _text_items(children, codes.DCM.Comment)
+    sites = [c for c in children if c.ValueType == "CODE" and _is(c.ConceptNameCodeSequence[0], codes.SCT.FindingSite)]
+    finding_type = _code(item.ConceptCodeSequence[0]) if item.ValueType == "CODE" else None
+    label = match.group(2) if match else (str(item.TextValue) if item.ValueType == "TEXT" else tracking_id)
+    return ReportedFinding(
+        tracking_id=tracking_id,
+        tracking_uid=uids[0],
+        label=label,
+        comment=comments[0] if comments else "",
+        finding_type=finding_type,
+        site=_code(sites[0].ConceptCodeSequence[0]) if sites else None,
+    )
+
+
 def read_sr(path_or_dataset: str | PathLike[str] | Dataset) -> SRContents:
     """The report's findings (in document order), narrative and identity, through highdicom."""
     ds = path_or_dataset if isinstance(path_or_dataset, Dataset) else dcmread(Path(path_or_dataset))
@@ -121,13 +153,20 @@ def read_sr(path_or_dataset: str | PathLike[str] | Dataset) -> SRContents:
             codes.DCM.ImagingMeasurements.value
         ):
             groups = [*report.get_planar_roi_measurement_groups(), *report.get_image_measurement_groups()]
-    findings = sorted((_reported(g) for g in groups), key=lambda f: _order(f.tracking_id))
+    reported = [_reported(g) for g in groups]
     narrative: list[tuple[str, str]] = []
     for item in root.ContentSequence:
-        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "C0034375":
+        if item.ValueType == "CONTAINER" and _is(item.ConceptNameCodeSequence[0], QUALITATIVE_EVALUATIONS):
             for child in item.get("ContentSequence", []):
+                concept = child.ConceptNameCodeSequence[0]
+                if child.ValueType in ("CODE", "TEXT") and _is(concept, codes.DCM.Finding):
+                    finding = _evaluated(child)
+                    if finding is not None:
+                        reported.append(finding)
+                        continue
                 if child.ValueType == "TEXT":
-                    narrative.append((str(child.ConceptNameCodeSequence[0].CodeMeaning), str(child.TextValue)))
+                    narrative.append((str(concept.CodeMeaning), str(child.TextValue)))
+    findings = sorted(reported, key=lambda f: _order(f.tracking_id))
     language = ""
     device = ""
     for item in root.ContentSequence:
@@ -148,7 +187,8 @@ def read_sr(path_or_dataset: str | PathLike[str] | Dataset) -> SRContents:
 
 
 def read_findings(path_or_dataset: str | PathLike[str] | Dataset) -> list[ReportedFinding]:
-    """The measurement groups of a report written by this package, in finding order."""
+    """The findings of a report written by this package, in finding order: those with a region from their
+    measurement groups, those without from Qualitative Evaluations."""
     return list(read_sr(path_or_dataset).findings)
 
 

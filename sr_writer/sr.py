@@ -10,18 +10,19 @@ Content tree (highdicom builds every item; nothing is assembled by hand):
   * Image Library: the source images the findings' regions lie on (every source image with
     ``ResultOptions.library_all_sources``, or when no finding has a region), with the general TID 1602
     descriptors
-  * ``(126010, DCM) Imaging Measurements``, one group per finding:
+  * ``(126010, DCM) Imaging Measurements``, one TID 1410 Planar ROI group per finding with a box: Tracking
+    Identifier ``"F<n>: <label>"`` and Tracking UID, Finding Type (coded from :mod:`sr_writer.lexicon` or the
+    finding's own code; absent for an uncoded label), Finding Site where known, Algorithm Identification (TID 4019),
+    the box as a closed 5-point POLYLINE with Geometric Purpose "Bounded by", and the model's sentence as
+    ``(121106, DCM) Comment`` TEXT.
 
-    * a finding with a box: TID 1410 Planar ROI group: Tracking Identifier ``"F<n>: <label>"`` and Tracking UID,
-      Finding Type (coded from :mod:`sr_writer.lexicon` or the finding's own code; absent for an uncoded label),
-      Finding Site where known, Algorithm Identification (TID 4019), the box as a closed 5-point POLYLINE with
-      Geometric Purpose "Bounded by", and the model's sentence as ``(121106, DCM) Comment`` TEXT;
-    * a text-only finding (no box, or its geometry rejected by :mod:`sr_writer.prepare`): a TID 1501 group with
-      the same items except the region.
+  * ``(C0034375, UMLS) Qualitative Evaluations`` (TID 1500 row 12) with the narrative as TEXT ``(121070, DCM)
+    Findings`` and ``(121073, DCM) Impression``, then one qualitative evaluation per finding *without* a region (no
+    box, or its geometry rejected by :mod:`sr_writer.prepare`); see :func:`_evaluation`.
 
-  * ``(C0034375, UMLS) Qualitative Evaluations`` with the narrative as TEXT ``(121070, DCM) Findings`` and
-    ``(121073, DCM) Impression``. A study without findings has no Imaging Measurements container (TID 1500 allows
-    that when Qualitative Evaluations is present) and its Findings text says that the algorithm found nothing.
+    A study whose findings all lack a region, or that has no finding, has no Imaging Measurements container (TID
+    1500 needs one of its rows 6, 10 or 12, and row 12 is there); without any finding, the Findings text says
+    that the algorithm found nothing.
 
 The document is PARTIAL, PRELIMINARY and UNVERIFIED: an AI result awaits a radiologist.
 """
@@ -129,41 +130,33 @@ def _algorithm_id(ctx: BuildContext) -> hd.sr.AlgorithmIdentification:
 _Group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
 
 
-def _group(ctx: BuildContext, finding: PreparedFinding) -> _Group:
+def _group(ctx: BuildContext, finding: PreparedFinding) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The TID 1410 Measurement Group of a finding with a region (OHIF draws it from its SCOORD)."""
     tracking = hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.tracking_id)
     sites = None
     if finding.site is not None:
         sites = [hd.sr.FindingSite(anatomic_location=_coded(finding.site))]
     finding_type = None if finding.finding_type is None else _coded(finding.finding_type)
-    group: _Group
-    if finding.has_geometry:
-        assert finding.box is not None and finding.source is not None
-        source = finding.source
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=np.asarray(finding.box.polyline(), dtype=np.float64),
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=source.SOPClassUID,
-                referenced_sop_instance_uid=source.SOPInstanceUID,
-                referenced_frame_numbers=None if finding.frame is None else [finding.frame],
-            ),
-        )
-        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_region=region,
-            finding_type=finding_type,
-            algorithm_id=_algorithm_id(ctx),
-            finding_sites=sites,
-            geometric_purpose=codes.SCT.BoundedBy,
-        )
-    else:
-        group = hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            finding_type=finding_type,
-            algorithm_id=_algorithm_id(ctx),
-            finding_sites=sites,
-        )
-    # TID 1410/1501 take no free text in highdicom: the comment is appended to the group's own content.
+    assert finding.box is not None and finding.source is not None, "a finding without a region has no group"
+    source = finding.source
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.asarray(finding.box.polyline(), dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+            referenced_frame_numbers=None if finding.frame is None else [finding.frame],
+        ),
+    )
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=finding_type,
+        algorithm_id=_algorithm_id(ctx),
+        finding_sites=sites,
+        geometric_purpose=codes.SCT.BoundedBy,
+    )
+    # TID 1410 takes no free text in highdicom: the comment is appended to the group's own content.
     container: Any = group[0]
     container.ContentSequence.append(
         hd.sr.TextContentItem(
@@ -175,7 +168,58 @@ def _group(ctx: BuildContext, finding: PreparedFinding) -> _Group:
     return group
 
 
+def _evaluation(finding: PreparedFinding) -> hd.sr.CodeContentItem | hd.sr.TextContentItem:
+    """A finding without an image region as a qualitative evaluation of the report (TID 1500 row 12).
+
+    Why not a TID 1501 Measurement Group, as TID 1500 would also allow: OHIF v3 draws every Measurement Group from
+    its SCOORD (or a NUM inferred from one); a group with neither makes its SR loader throw, and the whole SR
+    viewport stays blank, the other findings' boxes included. TID 1500 puts evaluations of the images as a whole
+    in its Qualitative Evaluations container (rows 12-14: CODE or TEXT items of any concept), which OHIF's loader
+    does not walk; the narrative is there already.
+
+    The item is ``(121071, DCM) Finding``: CODE with the finding type when the finding is coded, else TEXT with
+    the label. Its children (TID 1500 is extensible; the relationships are those the Comprehensive 3D SR IOD
+    allows from a CODE or TEXT item) carry what TID 1501 would have: Tracking Identifier and Tracking Unique
+    Identifier (HAS OBS CONTEXT, as in TID 1501), Finding Site (HAS CONCEPT MOD) and the model's sentence as
+    ``(121106, DCM) Comment`` (HAS PROPERTIES). :func:`sr_writer.render.read_sr` reads it back as a finding.
+    """
+    relationship = hd.sr.RelationshipTypeValues
+    item: hd.sr.CodeContentItem | hd.sr.TextContentItem
+    if finding.finding_type is not None:
+        item = hd.sr.CodeContentItem(
+            name=codes.DCM.Finding, value=_coded(finding.finding_type), relationship_type=relationship.CONTAINS
+        )
+    else:
+        item = hd.sr.TextContentItem(
+            name=codes.DCM.Finding, value=finding.label, relationship_type=relationship.CONTAINS
+        )
+    children: list[hd.sr.ContentItem] = [
+        hd.sr.TextContentItem(
+            name=codes.DCM.TrackingIdentifier, value=finding.tracking_id, relationship_type=relationship.HAS_OBS_CONTEXT
+        ),
+        hd.sr.UIDRefContentItem(
+            name=codes.DCM.TrackingUniqueIdentifier,
+            value=finding.tracking_uid,
+            relationship_type=relationship.HAS_OBS_CONTEXT,
+        ),
+    ]
+    if finding.site is not None:
+        children.append(
+            hd.sr.CodeContentItem(
+                name=codes.SCT.FindingSite, value=_coded(finding.site), relationship_type=relationship.HAS_CONCEPT_MOD
+            )
+        )
+    children.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=finding.comment, relationship_type=relationship.HAS_PROPERTIES
+        )
+    )
+    item.ContentSequence = hd.sr.ContentSequence(children)
+    return item
+
+
 def _narrative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
+    """The Qualitative Evaluations container: the narrative, then the findings without a region."""
     report = ctx.result.report
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
@@ -189,6 +233,7 @@ def _narrative(ctx: BuildContext) -> hd.sr.ContainerContentItem:
             container.ContentSequence.append(
                 hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
             )
+    container.ContentSequence.extend(_evaluation(f) for f in ctx.findings if not f.has_geometry)
     return container
 
 
@@ -204,11 +249,11 @@ def build_sr(ctx: BuildContext) -> hd.sr.Comprehensive3DSR:
             model_name=ctx.model_name,
         ),
     )
-    groups: list[_Group] = [_group(ctx, f) for f in ctx.findings]
+    groups: list[_Group] = [_group(ctx, f) for f in ctx.findings if f.has_geometry]
     placeholder = not groups
     if placeholder:
         # highdicom insists on one group; the container is removed below (TID 1500 row 6 is optional when
-        # Qualitative Evaluations are present).
+        # Qualitative Evaluations are present, and they always are: see _narrative).
         groups = [
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=ctx.uids.uid("finding", 0), identifier="none")

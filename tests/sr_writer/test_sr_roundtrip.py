@@ -22,20 +22,23 @@ def test_srread_recovers_every_finding(name: str, built_studies: dict[str, Built
     sr = hd.sr.srread(path)
     report = sr.content
     planar = report.get_planar_roi_measurement_groups()
-    text_only = report.get_image_measurement_groups()
     findings = study.result.findings
-    assert len(planar) + len(text_only) == len(findings)
-    by_uid = {str(g.tracking_uid): g for g in [*planar, *text_only]}
+    # Only findings with a box are measurement groups; those without are qualitative evaluations (issue 17).
+    assert len(planar) == sum(f.box is not None for f in findings)
+    assert report.get_image_measurement_groups() == []
+    by_uid = {str(g.tracking_uid): g for g in planar}
     frames = int(study.source.get("NumberOfFrames") or 1)
-    for f in read_findings(path):
+    back = read_findings(path)
+    assert len(back) == len(findings)
+    for f in back:
         original = findings[int(f.tracking_id.split(":")[0][1:]) - 1]
         assert f.label == original.label
         assert f.comment == original.text
-        group = by_uid[f.tracking_uid]
         if original.box is None:
             assert f.box is None
-            assert not hasattr(group, "roi") or group.roi is None
+            assert f.tracking_uid not in by_uid
             continue
+        group = by_uid[f.tracking_uid]
         written = BoundingBox(*(float(np.float32(v)) for v in original.box.as_list()))  # Graphic Data is FL
         assert f.box == written
         assert f.polyline == tuple(written.polyline())
