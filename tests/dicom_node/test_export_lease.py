@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from pynetdicom import evt
-from pynetdicom.status import Status
 
 from dicom_node.jobs.schema import JobRecord, JobState
 from dicom_node.jobs.store import JobStore
 from dicom_node.node import Node
 from dicom_node.work.steps import WorkerContext, claim_export
-from tests.dicom_node.export_job import export_job, wait_until
+from tests.dicom_node.export_job import HeldStore, export_job, wait_until
 from tests.orthanc import StoreRecorder
 
 pytestmark = pytest.mark.integration
@@ -34,22 +31,14 @@ def _log(path: Path) -> str:
 
 def test_two_export_messages_at_once_send_each_object_once(tmp_path: Path) -> None:
     n = 4
-    holding = threading.Event()  # the PACS has the first worker's first object and has not answered yet
-    release = threading.Event()
+    held = HeldStore(1)  # the PACS has the first worker's first object and has not answered yet
 
-    def respond(event: evt.Event) -> int:
-        if len(pacs.received) == 1 and not release.is_set():
-            holding.set()
-            release.wait(60)
-        return int(Status.SUCCESS)
-
-    with StoreRecorder("STORESCP", respond=respond) as pacs:
+    with StoreRecorder("STORESCP", respond=held.respond) as pacs:
         job = export_job(tmp_path, _pacs("pacs", pacs.port), n)
         first = job.run_export_process(tmp_path / "first.log")
         second: subprocess.Popen[bytes] | None = None
         try:
-            wait_until(lambda: holding.is_set() or first.poll() is not None, 120, "the first worker's C-STORE")
-            assert holding.is_set(), _log(tmp_path / "first.log")
+            held.wait_held(first, tmp_path / "first.log")
             # The duplicate message, taken by a second export worker while the first is mid-send: it either drops
             # the message and ends, or (with nothing to stop it) sends objects of its own.
             second = job.run_export_process(tmp_path / "second.log")
@@ -57,7 +46,7 @@ def test_two_export_messages_at_once_send_each_object_once(tmp_path: Path) -> No
                 lambda: second.poll() is not None or len(pacs.received) > 1, 120, "the second worker's decision"
             )
         finally:
-            release.set()
+            held.release()
             for worker in (first, second):
                 if worker is not None and worker.wait(120) is None:
                     worker.kill()
@@ -94,30 +83,20 @@ class Broker:
 
 def test_export_worker_killed_mid_send_is_queued_again_at_once_and_finishes(tmp_path: Path) -> None:
     n, k = 6, 3
-    holding = threading.Event()  # the PACS has the (k+1)-th object and has not answered yet
-    release = threading.Event()
+    held = HeldStore(k + 1)  # the PACS has the (k+1)-th object and has not answered yet
 
-    def respond(event: evt.Event) -> int:
-        if len(pacs.received) == k + 1 and not release.is_set():
-            holding.set()
-            release.wait(60)
-        return int(Status.SUCCESS)
-
-    with StoreRecorder("STORESCP", respond=respond) as pacs:
+    with StoreRecorder("STORESCP", respond=held.respond) as pacs:
         # requeue_after_seconds as in production: only the dead owner can make the reconciler act now.
-        job = export_job(
-            tmp_path, _pacs("pacs", pacs.port), n, queue={"requeue_after_seconds": 600, "reconcile_seconds": 1}
-        )
+        job = export_job(tmp_path, _pacs("pacs", pacs.port), n, queue={"requeue_after_seconds": 600})
         store = JobStore(job.settings.store_url)
         store.mark_enqueued(job.job_id)  # the export message the dispatcher published, just now
         worker = job.run_export_process(tmp_path / "worker.log")
         try:
-            wait_until(lambda: holding.is_set() or worker.poll() is not None, 120, "the worker's C-STORE of k+1")
-            assert holding.is_set(), _log(tmp_path / "worker.log")
+            held.wait_held(worker, tmp_path / "worker.log")
         finally:
             worker.kill()  # SIGKILL mid-send: its lease stays on record under a pid that no longer exists
             worker.wait()
-            release.set()
+            held.release()
         first_run = pacs.sop_instance_uids()
         assert len(first_run) == k + 1
 
