@@ -7,7 +7,7 @@ One subpackage per stage, each answering one question:
   code on pynetdicom's private API: bounded socket reads, event-driven association threads, data sets spooled as they
   arrive), ``header`` (the few header values read from a received data set), ``spool`` (received files on disk).
 - :mod:`dicom_node.jobs`: what is to be done, and its state. ``schema`` (tables and records), ``store`` (the job
-  store, source of truth), ``rules`` (routing rules), ``lease`` (when a running job counts as abandoned).
+  store, source of truth), ``rules`` (routing rules), ``lease`` (when a running job or an export counts as abandoned).
 - :mod:`dicom_node.work`: who does it. ``celery_app`` (the Celery app and its tasks), ``queues`` (the queue names),
   ``steps`` (the inference and export steps the tasks call), ``supervisor`` (the node's own worker processes),
   ``embedded_broker`` (the broker when there is no Redis).

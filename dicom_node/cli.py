@@ -321,7 +321,8 @@ def jobs_show(
     out.print(f"  outputs {job.outputs}; destinations {job.destinations}", highlight=False)
     out.print(f"  attempts {job.attempts}; redeliveries {job.redeliveries}", highlight=False)
     if job.owner:
-        out.print(f"  running on {job.owner}", highlight=False)
+        doing = "exporting" if job.state is JobState.SUCCEEDED else "running"
+        out.print(f"  {doing} on {job.owner}", highlight=False)
     if job.error:
         out.print(f"  [red]reason:[/red] {job.error}", highlight=False)
     out.print("  history:")

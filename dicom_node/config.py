@@ -188,7 +188,9 @@ class QueueSettings(_Section):
 
     broker_url: str = "embedded"
     inference_time_limit: float = Field(1800, gt=0, description="hard limit of one inference task, seconds")
-    export_time_limit: float = Field(600, gt=0, description="hard limit of one export task, seconds")
+    export_time_limit: float = Field(
+        600, gt=0, description="hard limit of one export task, seconds; the export lease lasts 1.5 times this"
+    )
     max_redeliveries: int = Field(3, ge=1, description="a job redelivered more often than this is failed")
     retry: RetryPolicy = Field(default_factory=RetryPolicy, description="backoff of transient failures")
     worker_start_seconds: float = Field(

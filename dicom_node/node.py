@@ -299,9 +299,10 @@ class Node:
         """Compare the store with the queue and enqueue what still has to run; returns the number enqueued.
 
         The store decides (DESIGN invariant 3): a queued job that no worker took for ``queue.requeue_after_seconds``
-        (its message was lost when Redis was flushed or restarted) is enqueued again, as is a job whose worker
-        died (abandoned: :mod:`dicom_node.jobs.lease`). Duplicate messages are harmless: a worker claims a
-        job with a compare-and-set and drops messages for jobs that are running or done.
+        (its message was lost when Redis was flushed or restarted) is enqueued again, as is, at once, a job whose
+        inference or export worker died (abandoned: :mod:`dicom_node.jobs.lease`); a job a live worker is exporting
+        is left to it. Duplicate messages are harmless: a worker claims a job (or its export lease) with a
+        compare-and-set and drops messages for jobs that are running, exporting or done.
 
         A job the broker does not take is not counted: the failure is logged, the pass stops there (the broker is
         unreachable, every further job would wait for the same time-out) and the next pass tries again. A message
@@ -318,6 +319,15 @@ class Node:
                 if not self.store.transition(
                     job.id, JobState.QUEUED, expect=[JobState.RUNNING], count_redelivery=True,
                     detail=f"worker {job.owner} stopped; queued again",
+                ):
+                    continue
+            elif job.state is JobState.SUCCEEDED and job.owner is not None:  # an export lease is held
+                if not is_abandoned(job, now):
+                    continue  # a live worker is exporting it: a message now would only be dropped
+                if fail_if_redelivered_too_often(self.store, job, q.max_redeliveries):
+                    continue
+                if not self.store.release_export(
+                    job.id, job.owner, count_redelivery=True, detail=f"export worker {job.owner} stopped; queued again"
                 ):
                     continue
             elif not startup and job.enqueued_at is not None and job.enqueued_at > stale:

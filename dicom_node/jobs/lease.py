@@ -1,10 +1,12 @@
 """When a running job counts as abandoned, and what happens to one redelivered too often: the one rule that the
 worker claiming a job and the node's reconciler both apply.
 
-A job is ``running`` under its worker's name (``host:pid``) until ``lease_until``. It is abandoned when the lease has
-run out or its worker is a process on this host that no longer exists; it is then run again (taken over by the
-worker that finds it, or queued again by the reconciler) and the redelivery counted. A job abandoned more than
-``queue.max_redeliveries`` times is failed, so a study that kills its worker (out of memory, say) does not loop.
+A job is ``running`` under its worker's name (``host:pid``) until ``lease_until``; a ``succeeded`` job being
+exported holds the same two columns (the export lease, :func:`dicom_node.work.steps.claim_export`). It is abandoned
+when the lease has run out or its worker is a process on this host that no longer exists; it is then run again
+(taken over by the worker that finds it, or queued again by the reconciler) and the redelivery counted. A job
+abandoned more than ``queue.max_redeliveries`` times is failed, so a study that kills its worker (out of memory,
+say) does not loop.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def owner_gone(owner: str | None) -> bool:
 
 
 def is_abandoned(job: JobRecord, now: float) -> bool:
-    """Whether a ``running`` job's worker is gone: its lease ran out, or its process on this host no longer exists."""
+    """Whether a ``running`` (or exporting) job's worker is gone: its lease ran out, or its process on this host no
+    longer exists."""
     expired = job.lease_until is not None and job.lease_until < now
     return expired or owner_gone(job.owner)
 
@@ -46,7 +49,7 @@ def fail_if_redelivered_too_often(store: JobStore, job: JobRecord, max_redeliver
     if job.redeliveries + 1 <= max_redeliveries:
         return False
     store.transition(
-        job.id, JobState.FAILED, expect=[JobState.RUNNING],
+        job.id, JobState.FAILED, expect=[job.state],
         error=f"the worker stopped {job.redeliveries + 1} times while running this job (killed, out of memory or "
         f"over its time limit); more than queue.max_redeliveries={max_redeliveries}",
     )  # fmt: skip

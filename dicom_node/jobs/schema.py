@@ -58,7 +58,12 @@ class StudyState(str, enum.Enum):
 
 class JobState(str, enum.Enum):
     """A run of one study. ``queued`` -> ``running`` -> ``succeeded`` -> ``delivered``; or ``failed``,
-    ``skipped`` (no rule matched), ``cancelled`` (by an administrator)."""
+    ``skipped`` (no rule matched), ``cancelled`` (by an administrator).
+
+    A ``succeeded`` job is awaiting or undergoing its export; while an export worker sends it, the worker holds the
+    job's export lease in ``owner`` and ``lease_until`` (the inference lease's columns, free again once inference
+    succeeded). The lease is no state of its own: everything that treats ``succeeded`` as "to export" (the
+    dispatcher, the broker check, the export task's failures, retention, cancellation) stays as it is."""
 
     QUEUED = "queued"
     RUNNING = "running"

@@ -649,6 +649,51 @@ class JobStore:
                 )
         return bool(changed)
 
+    def hold_export(
+        self,
+        job_id: int,
+        owner: str,
+        lease_until: float,
+        *,
+        held_by: str | None,
+        detail: str,
+        count_redelivery: bool = False,
+        now: float | None = None,
+    ) -> bool:
+        """Take the export lease of a ``succeeded`` job for ``owner`` until ``lease_until``, if the lease is still
+        held by ``held_by`` (None: free) as the caller read it. False when the job moved or another worker took the
+        lease first: the compare-and-set on the owner is what keeps two export workers from sending one job at once.
+        The job stays ``succeeded`` (see :meth:`release_export`)."""
+        now = time.time() if now is None else now
+        values: dict[str, Any] = {"owner": owner, "lease_until": lease_until, "updated_at": now}
+        if count_redelivery:
+            values["redeliveries"] = jobs.c.redeliveries + 1
+        held = jobs.c.owner.is_(None) if held_by is None else jobs.c.owner == held_by
+        q = update(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.SUCCEEDED.value, held).values(**values)
+        with self._tx() as conn:
+            changed = conn.execute(q).rowcount
+            if changed:
+                conn.execute(insert(events).values(at=now, job_id=job_id, kind="exporting", detail=detail))
+        return bool(changed)
+
+    def release_export(
+        self, job_id: int, owner: str, *, detail: str = "", count_redelivery: bool = False
+    ) -> bool:
+        """Give up ``owner``'s export lease of a ``succeeded`` job (its export stopped short of delivered: a retry
+        is due, or ``owner`` is gone); False when ``owner`` no longer holds it. Delivered and failed jobs have no
+        owner (:meth:`transition` clears it)."""
+        values: dict[str, Any] = {"owner": None, "lease_until": None, "updated_at": time.time()}
+        if count_redelivery:
+            values["redeliveries"] = jobs.c.redeliveries + 1
+        q = update(jobs).where(
+            jobs.c.id == job_id, jobs.c.state == JobState.SUCCEEDED.value, jobs.c.owner == owner
+        ).values(**values)
+        with self._tx() as conn:
+            changed = conn.execute(q).rowcount
+            if changed and detail:
+                conn.execute(insert(events).values(at=time.time(), job_id=job_id, kind="export stopped", detail=detail))
+        return bool(changed)
+
     def mark_enqueued(self, job_id: int, now: float | None = None) -> None:
         with self._tx() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(enqueued_at=now or time.time()))

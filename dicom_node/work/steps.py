@@ -1,8 +1,8 @@
 """What a job does, as plain functions the Celery tasks call (and tests call without Celery).
 
 ``run_inference``: claim the job, read the study from the spool, run the model, keep the result on disk.
-``run_export``: build the result objects (deterministic UIDs), write them to the outbox, send them to every
-destination, mark the job delivered.
+``run_export``: take the job's export lease, build the result objects (deterministic UIDs), write them to the
+outbox, send them to every destination, mark the job delivered (or give the lease back for a retry).
 
 Every step is idempotent: a redelivered or duplicated message finds the job already claimed, already done, or
 redoes work whose output is identical (DESIGN invariant 2). The job store's compare-and-set transitions decide.
@@ -36,6 +36,7 @@ __all__ = [
     "PermanentError",
     "TransientError",
     "WorkerContext",
+    "claim_export",
     "claim_job",
     "outbox_dir",
     "results_dir",
@@ -164,6 +165,46 @@ def claim_job(ctx: WorkerContext, job_id: int, lease_seconds: float) -> JobRecor
     return None
 
 
+def claim_export(ctx: WorkerContext, job_id: int, lease_seconds: float) -> JobRecord | None:
+    """Take the export lease of a ``succeeded`` job for this worker, or None when there is nothing to do (not
+    succeeded, or exported by a live worker right now: a duplicate message, dropped).
+
+    The mirror of :func:`claim_job` for the export: the job stays ``succeeded`` and the lease lives in ``owner`` and
+    ``lease_until``. A lease whose worker is gone or whose time ran out (:mod:`dicom_node.jobs.lease`, the same rule)
+    is taken over and the redelivery counted, or the job failed when redelivered more than
+    ``queue.max_redeliveries`` times.
+    """
+    store = ctx.store
+    job = store.job(job_id)
+    if job is None or job.state is not JobState.SUCCEEDED:
+        log.info("job %d is %s; nothing to export", job_id, job.state.value if job else "missing")
+        return None
+    lease = time.time() + lease_seconds
+    me = ctx.worker_id
+    if job.owner is None:
+        taken = store.hold_export(job_id, me, lease, held_by=None, detail=f"on {me}")
+    elif job.owner == me and job_id in ctx.interrupted:
+        # This process's own earlier attempt, cut off by a job store outage before it could give the lease back.
+        ctx.interrupted.discard(job_id)
+        taken = store.hold_export(
+            job_id, me, lease, held_by=me, detail=f"resumed on {me} after the job store was unreachable"
+        )
+    elif not is_abandoned(job, time.time()):
+        log.info("job %d already exporting on %s; duplicate message dropped", job_id, job.owner)
+        return None
+    elif fail_if_redelivered_too_often(store, job, ctx.settings.queue.max_redeliveries):
+        return None
+    else:
+        taken = store.hold_export(
+            job_id, me, lease, held_by=job.owner, count_redelivery=True,
+            detail=f"redelivered after {job.owner} stopped; on {me}",
+        )  # fmt: skip
+    if not taken:  # another worker took the lease between the read and the compare-and-set
+        log.info("job %d: its export lease was taken meanwhile; duplicate message dropped", job_id)
+        return None
+    return store.job(job_id)
+
+
 def study_files(ctx: WorkerContext, job: JobRecord) -> list[Path]:
     """The study's instances as files, read through the spool (a shared volume for remote workers)."""
     spool = ctx.spool
@@ -268,18 +309,44 @@ def _write_outbox(ctx: WorkerContext, job: JobRecord) -> list[tuple[str, str, Pa
 def run_export(ctx: WorkerContext, job_id: int) -> None:
     """Build, keep and send the job's result objects; raises :class:`TransientError` when a retry may help.
 
+    The export runs under the job's export lease (:func:`claim_export`): a second message for a job a live worker
+    is exporting is dropped. The lease lasts 1.5 times ``queue.export_time_limit``, the task's hard limit, so it
+    cannot run out under a live export and needs no renewal; it is given back when the export stops short of
+    delivered (a retry is due, the job failed) and cleared with the transition to delivered.
+
     A destination that rejects an object (a failure status) fails the job with the status and reason; partial
     success is recorded per destination and per object, each object as soon as the peer acknowledges it, and a
     retry (after a failure or a crash) sends only what is missing.
     """
+    job = claim_export(ctx, job_id, ctx.settings.queue.export_time_limit * 1.5)
+    if job is None:
+        return
+    try:
+        _export(ctx, job)  # delivered (or cancelled meanwhile): the transition cleared the lease
+    except Exception as exc:
+        if is_unreachable(exc):  # the lease stays ours: the task's retry resumes it (claim_export)
+            ctx.interrupted.add(job_id)
+        else:  # stopped short of delivered (a retry is due, or the task fails the job): the next message is free
+            _give_back_export(ctx, job_id)
+        raise
+
+
+def _give_back_export(ctx: WorkerContext, job_id: int) -> None:
+    """Release this worker's export lease; kept, for this process's retry to resume, if the store is unreachable."""
+    try:
+        ctx.store.release_export(job_id, ctx.worker_id)
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        ctx.interrupted.add(job_id)
+
+
+def _export(ctx: WorkerContext, job: JobRecord) -> None:
     from dicom_node.export.outcome import FileResult, Outcome
     from dicom_node.export.scu import send_files
 
     store = ctx.store
-    job = store.job(job_id)
-    if job is None or job.state is not JobState.SUCCEEDED:
-        log.info("job %d is %s; nothing to export", job_id, job.state.value if job else "missing")
-        return
+    job_id = job.id
     made = _write_outbox(ctx, job)
     delivered = {r["sop_instance_uid"]: set(r["delivered_to"]) for r in store.job_results(job_id)}
     by_name = {d.name: d for d in ctx.settings.destinations}

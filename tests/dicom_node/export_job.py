@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any
 import pydicom
 import yaml
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.status import Status
 
 from dicom_node.config import Settings, load_settings
 from dicom_node.devtools.receiver import free_port
@@ -99,3 +102,32 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         time.sleep(0.05)
+
+
+class HeldStore:
+    """A PACS's C-STORE answer (``StoreRecorder(respond=...)``) that holds the ``nth`` object it receives unanswered
+    until :meth:`release` (at most 60 s): a sender is then mid-send, for as long as a test needs."""
+
+    def __init__(self, nth: int) -> None:
+        self.nth = nth
+        self.holding = threading.Event()
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def respond(self, event: evt.Event) -> int:
+        with self._lock:
+            self._count += 1
+            hold = self._count == self.nth
+        if hold and not self._released.is_set():
+            self.holding.set()
+            self._released.wait(60)
+        return int(Status.SUCCESS)
+
+    def release(self) -> None:
+        self._released.set()
+
+    def wait_held(self, worker: subprocess.Popen[bytes], log: Path) -> None:
+        """Until the ``nth`` object is held; fails, with the end of the worker's log, if the worker ended first."""
+        wait_until(lambda: self.holding.is_set() or worker.poll() is not None, 120, f"the C-STORE of object {self.nth}")
+        assert self.holding.is_set(), log.read_text(errors="replace")[-3000:] if log.exists() else "no log"
