@@ -99,7 +99,9 @@ def _qwen_tokenizer(directory: Path) -> tuple[Any, dict[str, int]]:
     return tokenizer, ids
 
 
-def build_qwen2_5_vl(directory: Path) -> Path:
+def _qwen2_5_vl(directory: Path, text: dict[str, Any], vision: dict[str, Any], *, bos: bool = False) -> Path:
+    """A random Qwen2.5-VL with the test tokenizer; ``text`` and ``vision`` give the sizes, ``bos`` sets
+    ``<|endoftext|>`` as its beginning-of-sequence token."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -107,26 +109,14 @@ def build_qwen2_5_vl(directory: Path) -> Path:
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
             "eos_token_id": ids["<|im_end|>"],
-            "bos_token_id": ids["<|endoftext|>"],
             "pad_token_id": ids["<|endoftext|>"],
+            **({"bos_token_id": ids["<|endoftext|>"]} if bos else {}),
+            **text,
         },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 4,
-            "out_hidden_size": 32,
-            "fullatt_block_indexes": [1],
-            "window_size": 56,
-        },
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "window_size": 56, **vision},
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -135,6 +125,21 @@ def build_qwen2_5_vl(directory: Path) -> Path:
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
     torch.manual_seed(0)
     return _save(Qwen2_5_VLForConditionalGeneration(config).eval(), image_processor, directory)
+
+
+def build_qwen2_5_vl(directory: Path) -> Path:
+    return _qwen2_5_vl(
+        directory,
+        text={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        },
+        vision={"depth": 2, "out_hidden_size": 32, "fullatt_block_indexes": [1]},
+        bos=True,
+    )
 
 
 def build_qwen2_5_vl_7b_rope(directory: Path) -> Path:
@@ -144,41 +149,18 @@ def build_qwen2_5_vl_7b_rope(directory: Path) -> Path:
     At these widths a wrong position changes the logits by several units and the greedy tokens, where the tiny
     model above (head_dim 8) moves them by under 1e-3; still 2 layers and a few MB, fast on CPU.
     """
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    tokenizer, ids = _qwen_tokenizer(directory)
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
+    return _qwen2_5_vl(
+        directory,
+        text={
             "hidden_size": 256,
             "intermediate_size": 512,
-            "num_hidden_layers": 2,
             "num_attention_heads": 2,
             "num_key_value_heads": 1,
             "initializer_range": 0.1,
-            "max_position_embeddings": 4096,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
         },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 4,
-            "out_hidden_size": 256,
-            "fullatt_block_indexes": [0],
-            "window_size": 56,
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        vision={"depth": 1, "out_hidden_size": 256, "fullatt_block_indexes": [0]},
     )
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
-    torch.manual_seed(0)
-    return _save(Qwen2_5_VLForConditionalGeneration(config).eval(), image_processor, directory)
 
 
 def build_qwen3_vl(directory: Path) -> Path:
