@@ -106,9 +106,11 @@ class BuildContext:
     def series_number(self, kind: ObjectKind) -> int:
         return self.options.series_number_base + _SERIES_OFFSET[kind]
 
-    def series_description(self, kind: ObjectKind) -> str:
-        """E.g. ``"AI report - ModelName 1.2 (UNVERIFIED)"``: names the AI, the model and the status."""
-        return single_line(f"{_SERIES_TITLE[kind]} - {self.model_name} {self.software_versions[0]}", LO_MAX)
+    def series_description(self, kind: ObjectKind, note: str = "") -> str:
+        """E.g. ``"AI report - ModelName 1.2"``: names the AI and the model; ``note`` follows the title (``"AI
+        report: no findings - ModelName 1.2"``), so that a long model name cannot cut it off."""
+        title = f"{_SERIES_TITLE[kind]}: {note}" if note else _SERIES_TITLE[kind]
+        return single_line(f"{title} - {self.model_name} {self.software_versions[0]}", LO_MAX)
 
     def charset_kwargs(self) -> dict[str, str]:
         """``specific_character_set`` for highdicom when UTF-8 is needed; otherwise highdicom copies the source's."""

@@ -84,13 +84,14 @@ def test_report_structure_follows_tid_1500(built_studies: dict[str, BuiltStudy])
     assert "Image Library" in names
     assert "Qualitative Evaluations" in names
     assert "Procedure reported" in names
-    purposes = [
-        item.ConceptCodeSequence[0].CodeMeaning
-        for group in report.get_planar_roi_measurement_groups()
-        for item in group[0].ContentSequence
-        if item.ConceptNameCodeSequence[0].CodeMeaning == "Geometric purpose of region"
-    ]
-    assert purposes and set(purposes) == {"Bounded by"}
+    (procedure,) = [item for item in root if item.ConceptNameCodeSequence[0].CodeMeaning == "Procedure reported"]
+    cid100 = {getattr(codes.cid100, name).value for name in codes.cid100.dir()}
+    assert procedure.ConceptCodeSequence[0].CodeValue in cid100  # TID 1500 row 4
+    groups = report.get_planar_roi_measurement_groups()
+    # Only what TID 1410 has rows for: no Geometric Purpose, no Algorithm Manufacturer, no free-text Comment.
+    names_in_groups = {item.ConceptNameCodeSequence[0].CodeMeaning for g in groups for item in g[0].ContentSequence}
+    assert not names_in_groups & {"Geometric purpose of region", "Algorithm Manufacturer", "Comment"}
+    assert all(len(g.finding_sites) == 1 for g in groups)
     equipment = sr.ContributingEquipmentSequence
     algorithm = [e for e in equipment if e.get("ManufacturerModelName") == "TestVLM"]
     assert algorithm and algorithm[0].DeviceUID == study.result.algorithm.device_uid
