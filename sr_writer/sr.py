@@ -37,7 +37,6 @@ The document is PARTIAL, PRELIMINARY and UNVERIFIED: an AI result awaits a radio
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -46,8 +45,8 @@ from pydicom.sr.codedict import codes
 
 from sr_writer.context import BuildContext, ObjectKind, repair_patient_module
 from sr_writer.findings import Code, Language
-from sr_writer.prepare import PreparedFinding
 from sr_writer.lexicon import localized
+from sr_writer.prepare import PreparedFinding
 from sr_writer.text import multi_line
 
 __all__ = ["FREE_TEXT_SCHEME", "NO_FINDINGS_SERIES", "NO_FINDINGS_TEXT", "QUALITATIVE_EVALUATIONS", "build_sr"]
