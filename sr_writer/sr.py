@@ -30,6 +30,17 @@ Content tree (highdicom builds every item; nothing is assembled by hand):
     1500 needs one of its rows 6, 10 or 12, and row 12 is there); without any finding, the Findings text says
     that the algorithm found nothing, and so does the SR's Series Description (the one text of such a report that
     every viewer lists, OHIF included: OHIF 3.13 shows a TID 1500 report only through its measurement groups).
+    An empty Imaging Measurements container would not help: OHIF 3.13's loader reads a missing container and an
+    empty one alike (no measurement, no error) and its SR viewport stays empty either way; TID 1500 wants the
+    container, when present, to hold at least one group.
+
+PixelMed's ``DicomSRValidator`` reports no error on these reports. It still warns about the children of the
+Qualitative Evaluations items (Tracking Identifier, Tracking Unique Identifier, Finding Site and Comment under a
+Finding, the tracking items under a box's Comment): TID 1500 rows 13-14 name the evaluation item and no children,
+while the template is extensible and the Comprehensive 3D SR IOD allows these relationships; they keep each finding
+and sentence tied to its Tracking UID (the one shared with the GSPS and SEG), so they stay. A Finding Site's Code
+Meaning is in the language of the report (what OHIF draws next to the box); its Laterality keeps the CID 244
+meaning, which PixelMed checks.
 
 The document is PARTIAL, PRELIMINARY and UNVERIFIED: an AI result awaits a radiologist.
 """

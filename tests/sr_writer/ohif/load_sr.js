@@ -25,6 +25,12 @@
 const fs = require('fs');
 const path = require('path');
 const Module = require('module');
+const { pathToFileURL } = require('url');
+
+// Node.js 18.19+ (Debian 12 ships 18.20): ES module builds without "type": "module" load as modules (esm_hooks.mjs).
+if (typeof Module.register === 'function') {
+  Module.register('./esm_hooks.mjs', pathToFileURL(__filename));
+}
 
 // Browser globals some bundles touch when they load (hotkeys, crypto, location); nothing here renders.
 const noop = () => {};
@@ -39,6 +45,14 @@ globalThis.document = {
   querySelector: () => null,
 };
 globalThis.HTMLDivElement = class HTMLDivElement {};
+if (typeof globalThis.CustomEvent === 'undefined') {  // Node.js 18
+  globalThis.CustomEvent = class CustomEvent extends Event {
+    constructor(type, options = {}) {
+      super(type, options);
+      this.detail = options.detail === undefined ? null : options.detail;
+    }
+  };
+}
 if (typeof globalThis.navigator === 'undefined') {
   globalThis.navigator = { userAgent: 'node' };
 }
@@ -60,20 +74,45 @@ const STUBS = {
   '@ohif/i18n': { __esModule: true, default: { t: text => text } },
   '@ohif/core/src/contextProviders/SystemProvider': { __esModule: true, useSystem: () => ({}) },
 };
+// The Cornerstone packages are ES modules, which Node.js before 20.19 cannot require(); they are imported first
+// and handed to the bundles' require() calls (the same module instances either way).
+const ESM_PACKAGES = [
+  '@cornerstonejs/metadata', '@cornerstonejs/utils', '@cornerstonejs/core', '@cornerstonejs/tools',
+  '@cornerstonejs/adapters',
+];
+const PRELOADED = {};
 const originalLoad = Module._load;
 Module._load = function (request, parent, isMain) {
   if (Object.prototype.hasOwnProperty.call(STUBS, request)) {
     return STUBS[request];
   }
+  if (Object.prototype.hasOwnProperty.call(PRELOADED, request)) {
+    return PRELOADED[request];
+  }
   return originalLoad.call(this, request, parent, isMain);
 };
 
 const dcmjs = require('dcmjs');
-const cornerstone = require('@cornerstonejs/core');
-const cornerstoneTools = require('@cornerstonejs/tools');
-const ohifCore = require('@ohif/core');
-const extensionModule = require('@ohif/extension-cornerstone-dicom-sr');
-const extension = extensionModule.default || extensionModule;
+let cornerstone;
+let cornerstoneTools;
+let extension;
+
+async function loadPackages() {
+  for (const name of ESM_PACKAGES) {
+    PRELOADED[name] = await import(name);
+  }
+  cornerstone = PRELOADED['@cornerstonejs/core'];
+  cornerstoneTools = PRELOADED['@cornerstonejs/tools'];
+  require('@ohif/core');
+  const extensionModule = require('@ohif/extension-cornerstone-dicom-sr');
+  extension = extensionModule.default || extensionModule;
+  // Image plane of every image ID: the image's pixel grid as world space (origin 0, unit spacing, identity
+  // orientation), so world coordinates read back as the image's own (column, row).
+  cornerstone.metaData.addProvider((type, imageId) => {
+    if (type !== 'imagePlaneModule' || !planes.has(imageId)) return undefined;
+    return planes.get(imageId);
+  }, 10000);
+}
 
 // DICOMSRDisplayTool's renaming of label names in the text box (extension source, DICOMSRDisplayTool.ts).
 const SHORT_NAMES = { 'Short Axis': 'W: ', 'Long Axis': 'L: ', AREA: 'Area: ', Length: '', CORNERSTONEFREETEXT: '' };
@@ -89,13 +128,7 @@ function readNaturalized(file) {
   return dataset;
 }
 
-// Image plane of every image ID: the image's pixel grid as world space (origin 0, unit spacing, identity
-// orientation), so world coordinates read back as the image's own (column, row).
-const planes = new Map();
-cornerstone.metaData.addProvider((type, imageId) => {
-  if (type !== 'imagePlaneModule' || !planes.has(imageId)) return undefined;
-  return planes.get(imageId);
-}, 10000);
+const planes = new Map();  // image ID -> image plane (see loadPackages)
 
 function imageDisplaySet(files, index) {
   const imageIds = [];
@@ -177,6 +210,7 @@ async function loadOne(request, index) {
 }
 
 async function main() {
+  await loadPackages();
   const requests = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
   const results = [];
   for (let i = 0; i < requests.length; i++) {
