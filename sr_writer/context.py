@@ -9,7 +9,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from sr_writer.findings import InferenceResult
+from sr_writer.findings import InferenceResult, Language
 from sr_writer.kinds import ObjectKind
 from sr_writer.prepare import PreparedFinding, SourceIndex, prepare_findings
 from sr_writer.text import LO_MAX, needs_utf8, single_line
@@ -94,7 +94,10 @@ class BuildContext:
                  *algorithm.parameters.keys()]
         for f in self.findings:
             texts.extend((f.label, f.text))
-        self.specific_character_set: str | None = UTF8 if needs_utf8(texts) else None
+        # A report in Chinese carries Chinese words of the writer's own (the no-findings text) even when the
+        # model's are all ASCII or absent.
+        chinese = result.language is Language.CHINESE
+        self.specific_character_set: str | None = UTF8 if chinese or needs_utf8(texts) else None
 
     # -- identity -------------------------------------------------------------------------------------------
     def series_uid(self, kind: ObjectKind) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import highdicom as hd
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ from pydicom.sr.codedict import codes
 
 from sr_writer import BoundingBox, ResultUIDs, build_result_objects, render_sr
 from sr_writer.context import ResultOptions
+from sr_writer.findings import Language
 from sr_writer.render import read_findings, read_sr
+from sr_writer.sr import NO_FINDINGS_SERIES, NO_FINDINGS_TEXT
 from tests.sr_writer.conftest import BuiltStudy
 from tests.sr_writer.helpers import STUDIES, read, synthetic_result
 
@@ -120,6 +124,21 @@ def test_study_without_findings_gets_a_valid_report_that_says_so():
     assert "No findings" in dict(contents.narrative)["Findings"]
     text = render_sr(objects[0])
     assert "(none)" in text and "No findings" in text
+    assert "no findings" in objects[0].SeriesDescription
+
+
+def test_chinese_study_without_findings_or_report_says_so_in_chinese(tmp_path: Path):
+    """Nothing in the result is Chinese but its language: the report's own words are, and must survive encoding."""
+    source = read("RG3_UNCI.dcm")
+    base = synthetic_result(source, Language.CHINESE, findings=[])
+    result = type(base)(base.study_instance_uid, base.profile, base.algorithm, language=Language.CHINESE)
+    uids = ResultUIDs(result.study_instance_uid, result.algorithm, result.profile)
+    (sr,) = build_result_objects(result, [source], uids, ResultOptions(sr=True))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    back = dcmread(path)
+    assert NO_FINDINGS_SERIES[Language.CHINESE] in back.SeriesDescription
+    assert dict(read_sr(back).narrative)["Findings"] == NO_FINDINGS_TEXT[Language.CHINESE]
 
 
 def test_render_shows_findings_boxes_and_narrative(built_studies: dict[str, BuiltStudy]):
