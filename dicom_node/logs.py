@@ -78,8 +78,9 @@ def configure_logging(level: str = "INFO", json_format: bool = False, data_dir: 
     root.setLevel(level)
     # Python warnings (pydicom's, mostly) as log records: one format, and the node's filters apply to them.
     logging.captureWarnings(True)
-    # pynetdicom logs every PDU and highdicom every copied module at INFO; warnings are what an administrator needs.
-    for noisy in ("pynetdicom", "highdicom"):
+    # pynetdicom logs every PDU, highdicom every copied module and dicomweb-client every request at INFO; warnings
+    # are what an administrator needs (the export logs each send itself).
+    for noisy in ("pynetdicom", "highdicom", "dicomweb_client"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     for handler in list(_audit.handlers):
         _audit.removeHandler(handler)
