@@ -340,7 +340,8 @@ class DicomWebDestinationSettings(_Section):
 
     ``url`` is the service's base (STOW-RS posts to ``{url}/studies``). TLS certificates are verified unless
     ``tls_verify: false``, which the node logs as a warning at every export; ``tls_ca_file`` is the CA bundle to trust
-    instead of the system's. Credentials are secrets: never logged, shown as ``**********``.
+    instead of requests' default (certifi's, or the file ``REQUESTS_CA_BUNDLE`` names). Credentials are secrets:
+    never logged, shown as ``**********``.
     """
 
     name: str
@@ -351,7 +352,9 @@ class DicomWebDestinationSettings(_Section):
     password: SecretStr | None = Field(None, description="auth: basic")
     token: SecretStr | None = Field(None, description="auth: bearer")
     tls_verify: bool = Field(True, description="verify the server's certificate; false only for tests (warned)")
-    tls_ca_file: Path | None = Field(None, description="CA bundle (PEM) to verify the server with; None: the system's")
+    tls_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) to verify the server with; None: certifi's, or REQUESTS_CA_BUNDLE's"
+    )
     tls_cert_file: Path | None = Field(None, description="our client certificate (PEM), with tls_key_file")
     tls_key_file: Path | None = None
     timeout: float = Field(30, gt=0, description="seconds to connect, and to wait for each answer")

@@ -82,6 +82,9 @@ def configure_logging(level: str = "INFO", json_format: bool = False, data_dir: 
     # are what an administrator needs (the export logs each send itself).
     for noisy in ("pynetdicom", "highdicom", "dicomweb_client"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # retrying (dicomweb-client's) logs each failed HTTP request with a traceback at WARNING; the export logs the same
+    # failure once, with its reason.
+    logging.getLogger("retrying").setLevel(max(logging.ERROR, logging.getLevelName(level)))
     for handler in list(_audit.handlers):
         _audit.removeHandler(handler)
     if data_dir is not None:

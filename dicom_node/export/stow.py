@@ -107,6 +107,22 @@ class _BearerAuth(requests.auth.AuthBase):
         return "_BearerAuth(***)"
 
 
+class _ConfiguredVerification(requests.adapters.HTTPAdapter):
+    """Verifies HTTPS as the destination's settings say, whatever the environment says.
+
+    ``requests`` lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` replace a session's ``verify`` (psf/requests
+    #3829), so a set ``tls_ca_file`` or ``tls_verify: false`` would silently give way to the process environment;
+    this adapter passes the configured value on every request instead."""
+
+    def __init__(self, verify: bool | str) -> None:
+        super().__init__()
+        self._verify = verify
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs["verify"] = self._verify
+        return super().send(request, **kwargs)
+
+
 def _session(destination: DicomWebDestinationSettings) -> requests.Session:
     session = requests.Session()
     if destination.auth == "basic" and destination.username and destination.password is not None:
@@ -114,9 +130,10 @@ def _session(destination: DicomWebDestinationSettings) -> requests.Session:
     elif destination.auth == "bearer" and destination.token is not None:
         session.auth = _BearerAuth(destination.token.get_secret_value())
     if not destination.tls_verify:
-        session.verify = False
+        session.mount("https://", _ConfiguredVerification(False))
     elif destination.tls_ca_file is not None:
-        session.verify = str(destination.tls_ca_file)
+        session.mount("https://", _ConfiguredVerification(str(destination.tls_ca_file)))
+    # else requests' own: its CA bundle (certifi), or the one REQUESTS_CA_BUNDLE names
     if destination.tls_cert_file is not None and destination.tls_key_file is not None:
         session.cert = (str(destination.tls_cert_file), str(destination.tls_key_file))
     # The answer of a STOW-RS request in JSON (PS3.18 8.7.3), the form this module reads error bodies in.
