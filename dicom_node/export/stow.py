@@ -357,6 +357,23 @@ def _requests(destination: DicomWebDestinationSettings, paths: Sequence[Path]) -
         yield batch
 
 
+#: What dicomweb-client raises when it parses an answer that says it is DICOM JSON (or XML) and is not.
+_BROKEN_BODY = (ValueError, TypeError, KeyError, AttributeError)
+
+
+def _redirected(answers: Sequence[requests.Response], destination: DicomWebDestinationSettings) -> str:
+    """Why a request that was redirected and turned into another method (301/302/303: a POST became a GET) did not
+    store anything; "" when it was not (307 and 308 keep the POST and its body, and are followed)."""
+    final = answers[-1] if answers else None
+    if final is None or not final.history or final.request.method == "POST":
+        return ""
+    where = final.history[0].headers.get("Location", "another address")
+    return (
+        f"{peer_label(destination)} redirects STOW-RS to {where} (HTTP {final.history[0].status_code}), where the "
+        "request arrives without its objects: set url to the address it names"
+    )
+
+
 def _stow_answer(response: requests.Response) -> Dataset | None:
     """The Store Instances Response Module of an answer; None when the body is not one (empty: ``Dataset()``)."""
     if not response.content.strip():
@@ -517,9 +534,14 @@ def _stow(
                 AssociationState.TLS_FAILED, f"TLS files of destination {destination.name!r} are unusable: {exc}", 0
             )
         )
-    except (ValueError, TypeError) as exc:  # an answer that claims DICOM JSON and is not: dicomweb-client parses it
-        return everyone(AssociationResult(AssociationState.REJECTED, f"{peer} answered with a broken body: {exc}", 0))
+    except _BROKEN_BODY as exc:  # an answer that claims DICOM JSON and is not: dicomweb-client parses it
+        moved = _redirected(answers, destination)
+        reason = moved or f"{peer} answered with a body that is not a STOW-RS answer: {exc}"
+        return everyone(AssociationResult(AssociationState.REJECTED, reason, 0))
     response = answers[-1]
+    moved = _redirected(answers, destination)
+    if moved:
+        return everyone(AssociationResult(AssociationState.REJECTED, moved, 0))
     answer = _stow_answer(response)
     elapsed = time.monotonic() - started
     if answer is None:
@@ -570,7 +592,7 @@ def echo(destination: DicomWebDestinationSettings, *, clock: Callable[[], float]
                     AssociationState.TLS_FAILED, f"TLS files of destination {destination.name!r} are unusable: {exc}", 0
                 )
             )
-        except (ValueError, TypeError) as exc:
+        except _BROKEN_BODY as exc:
             return failed(AssociationResult(AssociationState.REJECTED, f"{peer} answered with a broken body: {exc}", 0))
     response = answers[-1]
     round_trip = response.elapsed.total_seconds() * 1000

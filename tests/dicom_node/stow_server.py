@@ -32,6 +32,7 @@ class Answer:
     body: dict[str, Any] | str | None = None
     content_type: str = "application/dicom+json"
     delay: float = 0.0  # seconds before answering (a slow server)
+    headers: dict[str, str] = field(default_factory=dict)  # more headers (Location of a redirect)
 
 
 def stow_response(
@@ -132,6 +133,8 @@ class StowServer:
                 else:
                     payload = (answer.body or "").encode()
                 self.send_response(answer.status)
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
                 if payload:
                     self.send_header("Content-Type", answer.content_type)
                 self.send_header("Content-Length", str(len(payload)))

@@ -4,6 +4,7 @@ study's results. A sender missing from ``known_aes`` fails the job for good, nam
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 
 from dicom_node.config import ConfigError, load_settings
 from dicom_node.devtools.receiver import Receiver
+from dicom_node.export.destinations import send
+from dicom_node.export.outcome import Outcome
 from dicom_node.jobs.schema import JobRecord, JobState
 from dicom_node.node import Node
 from dicom_node.work.celery_app import EXPORT_TASK, make_celery
@@ -19,6 +22,7 @@ from dicom_node.work.steps import WorkerContext, run_export, run_inference
 from inference.engine import Engine
 from tests.conftest import make_study
 from tests.dicom_node.test_intake import storescu, wait_for
+from tests.orthanc import StoreRecorder
 
 pytestmark = pytest.mark.integration
 
@@ -117,3 +121,32 @@ def test_known_aes_are_checked_when_the_configuration_loads() -> None:
         load_settings(None, {"known_aes": [{**twice, "ae_title": "A\\B"}]})
     with pytest.raises(ConfigError, match=r"destinations.0: kind must be dimse \(the default\), dicomweb or sender"):
         load_settings(None, {"destinations": [{"name": "x", "kind": "smtp"}]})
+
+
+def test_a_known_ae_with_tls_takes_its_results_over_dicom_tls(pki: Path, tmp_path: Path) -> None:
+    """The ``known_aes`` entry carries the DIMSE destination's TLS settings: here mutual TLS, as a PACS that checks
+    the node's certificate asks."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki / "pacs.pem", pki / "pacs.key")
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(pki / "ca.pem")
+    files = make_study(tmp_path / "results", 2)
+    with StoreRecorder("PACS_TLS", ssl_context=context) as pacs:
+        settings = load_settings(None, {
+            "destinations": [{"name": "back", "kind": "sender"}],
+            "known_aes": [{
+                "ae_title": "PACS_TLS", "host": "127.0.0.1", "port": pacs.port, "timeout": 5, "tls": True,
+                "tls_ca_file": str(pki / "ca.pem"), "tls_cert_file": str(pki / "node.pem"),
+                "tls_key_file": str(pki / "node.key"),
+            }],
+        })  # fmt: skip
+        back = settings.destinations[0]
+        report = send(back, files, settings, sender_ae="PACS_TLS")
+        assert report.outcome is Outcome.DELIVERED, report.reason
+        assert report.peer == f"PACS_TLS@127.0.0.1:{pacs.port}"
+        assert len(pacs.received) == 2
+
+        unknown = send(back, files, settings, sender_ae=None)
+        assert unknown.outcome is Outcome.REJECTED
+        assert "the study's calling AE title was not recorded at intake" in unknown.reason
+        assert len(pacs.received) == 2

@@ -154,6 +154,21 @@ def test_an_answer_that_is_not_stow_rs_is_refused(tmp_path: Path) -> None:
     assert "answered HTTP 200 with text/html, not a STOW-RS answer" in report.reason
 
 
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_a_redirect_that_drops_the_objects_is_refused_with_where_it_points(tmp_path: Path, status: int) -> None:
+    """A POST answered with 301/302/303 is followed as a GET without the objects (an http:// URL of an https://
+    archive, say): nothing was stored, and retrying would not change that."""
+    files, _uids = _files(tmp_path, 1)
+    with StowServer() as target:
+        moved = Answer(status, None, headers={"Location": f"{target.url}/studies"})
+        with StowServer(lambda got: moved) as server:
+            report = send_files(_destination(server), files)
+        assert not target.received
+    assert report.outcome is Outcome.REJECTED
+    assert f"redirects STOW-RS to {target.url}/studies (HTTP {status})" in report.reason
+    assert "set url to the address it names" in report.reason
+
+
 def test_no_server_and_no_answer_are_transient(tmp_path: Path) -> None:
     files, _uids = _files(tmp_path, 2)
     down = DicomWebDestinationSettings(
