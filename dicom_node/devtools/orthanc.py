@@ -183,13 +183,15 @@ class Orthanc:
         sync_storage: bool = False,
         dicomweb: bool = False,
         users: dict[str, str] | None = None,
+        lua: str | None = None,
         binary: Path = ORTHANC_BINARY,
     ) -> None:
         """``sync_storage``: fsync each stored file (Orthanc's default). Off by default: tests kill processes,
         not the machine, so the page cache keeps everything, and each fsync costs tens of ms on shared disks.
 
         ``dicomweb``: load the DICOMweb plugin (:data:`DICOMWEB_PLUGIN`). ``users``: user name -> password of HTTP
-        Basic authentication on REST and DICOMweb; None: none asked."""
+        Basic authentication on REST and DICOMweb; None: none asked. ``lua``: a Lua script of more callbacks
+        (``ReceivedInstanceFilter``, ``IncomingHttpRequestFilter``...) for a test to watch or hold Orthanc."""
         if stable_age < 1:
             raise ValueError(f"stable_age must be a whole number of seconds >= 1 (Orthanc's unit), got {stable_age}")
         self.workdir = Path(workdir)
@@ -209,12 +211,16 @@ class Orthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "storage").mkdir(exist_ok=True)
         all_modalities: dict[str, list[str | int]] = {name: [a, h, p] for name, (a, h, p) in (modalities or {}).items()}
-        lua: list[str] = []
+        scripts: list[str] = []
         if node is not None:
             all_modalities[NODE_MODALITY] = [node.aet, node.host, node.port]
             script = self.workdir / "route_to_node.lua"
             script.write_text(routing_script(node), encoding="utf-8")
-            lua.append(str(script))
+            scripts.append(str(script))
+        if lua is not None:
+            extra = self.workdir / "test_callbacks.lua"
+            extra.write_text(lua, encoding="utf-8")
+            scripts.append(str(extra))
         config = {
             "Name": f"test-pacs-{self.dicom_port}",
             "StorageDirectory": str(self.workdir / "storage"),
@@ -222,7 +228,7 @@ class Orthanc:
             "StorageCompression": False,
             "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
             "DicomWeb": {"Enable": dicomweb, "Root": DICOMWEB_ROOT, "EnableWado": True},
-            "LuaScripts": lua,
+            "LuaScripts": scripts,
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,  # HTTP from loopback only; Orthanc 1.10 has no bind address option

@@ -3,6 +3,8 @@ the export task as a worker runs it: delivery into the study, an outage, wrong c
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from dicom_node.cli import app
 from dicom_node.jobs.schema import JobState
 from dicom_node.work.celery_app import EXPORT_TASK, make_celery
 from dicom_node.work.steps import WorkerContext, outbox_dir
-from tests.dicom_node.export_job import ExportJob, export_job
+from tests.dicom_node.export_job import ExportJob, export_job, wait_until
 from tests.orthanc import Orthanc, orthanc_factory, requires_orthanc_dicomweb  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, requires_orthanc_dicomweb]
@@ -90,6 +92,77 @@ def test_results_arrive_in_the_study_once_each_across_an_orthanc_outage(
 
     _run_export_task(job, retries=0)  # a duplicated message: nothing left to send
     assert pacs.new_instance_events() == len(job.uids)
+
+
+#: Orthanc callbacks for the outage test: every instance Orthanc receives is written to its log, and while the hold
+#: file exists the second STOW-RS request is held (its objects not yet read) until Orthanc is killed.
+WATCH_AND_HOLD = """
+local posts = 0
+function ReceivedInstanceFilter(dicom, origin, info)
+  print('ReceivedInstance ' .. dicom.SOPInstanceUID)
+  return true
+end
+function IncomingHttpRequestFilter(method, uri, ip, username, headers)
+  if method == 'POST' and string.find(uri, '/dicom-web/studies', 1, true) then
+    posts = posts + 1
+    local hold = io.open(HOLD_FILE, 'r')
+    if hold ~= nil and posts == 2 then
+      hold:close()
+      print('HoldingRequest ' .. posts)
+      os.execute('sleep 60')
+    elseif hold ~= nil then
+      hold:close()
+    end
+  end
+  return true
+end
+"""
+
+
+def _received(pacs: Orthanc) -> Counter[str]:
+    """How often Orthanc received each SOP Instance UID (ReceivedInstanceFilter's log lines), across restarts."""
+    lines = pacs.log_path.read_text(errors="replace").splitlines()
+    return Counter(line.split("ReceivedInstance ", 1)[1].strip() for line in lines if "ReceivedInstance " in line)
+
+
+def test_orthanc_killed_mid_export_gets_the_rest_once_when_back(
+    tmp_path: Path, orthanc_factory: Callable[..., Orthanc]  # noqa: F811
+) -> None:
+    """Orthanc dies while it holds the second STOW-RS request of an export worker: the first request's objects
+    are on record as delivered, the worker's attempt ends as a retry, and when Orthanc is back the retry sends
+    only the objects it had not stored; Orthanc receives each object exactly once."""
+    hold = tmp_path / "hold"
+    hold.write_text("held")
+    callbacks = f"HOLD_FILE = {json.dumps(str(hold))}\n{WATCH_AND_HOLD}"
+    pacs = orthanc_factory(dicomweb=True, users={USER: PASSWORD}, lua=callbacks)
+    job = export_job(tmp_path, _destination(pacs, objects_per_request=2, timeout=60), 6)
+    log = tmp_path / "worker.log"
+    worker = job.run_export_process(log)
+    try:
+        wait_until(lambda: "HoldingRequest 2" in pacs.log_path.read_text(errors="replace"), 60, "the held request")
+        pacs.kill()  # a crash, mid-request
+        assert worker.wait(timeout=60) != 0  # the attempt ends short of delivered: a retry is due
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    said = log.read_text(errors="replace")
+    assert "TransientError" in said and f"vna: connection to {pacs.dicomweb_url} lost before the answer" in said
+    state, _error = _job_state(job)
+    assert state is JobState.SUCCEEDED
+    ctx = WorkerContext(job.settings)
+    try:
+        on_record = {r["sop_instance_uid"] for r in ctx.store.job_results(job.job_id) if r["delivered_to"] == ["vna"]}
+    finally:
+        ctx.store.close()
+    assert on_record == set(job.uids[:2]), "the first request's objects were recorded as its answer arrived"
+
+    hold.unlink()
+    pacs.start()
+    _run_export_task(job, retries=1)
+    assert _job_state(job)[0] is JobState.DELIVERED
+    assert _received(pacs) == {uid: 1 for uid in job.uids}, "every object arrived once"
+    assert pacs.instance_count() == len(job.uids)
 
 
 def test_a_wrong_password_fails_the_job_with_a_reason_jobs_show_prints(
