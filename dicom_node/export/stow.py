@@ -320,10 +320,10 @@ class _Item:
         )
 
 
-def _read(index: int, path: Path) -> tuple[_Item, Dataset] | str:
-    """The file as a data set to send, or why it cannot be sent."""
+def _read(index: int, path: Path, *, header_only: bool = False) -> tuple[_Item, Dataset] | str:
+    """The file as a data set to send (``header_only``: enough to name it), or why it cannot be sent."""
     try:
-        ds = dcmread(path)
+        ds = dcmread(path, stop_before_pixels=header_only)
     except (OSError, InvalidDicomError) as exc:
         return f"cannot read {path}: {exc}"
     except Exception as exc:  # pydicom raises many kinds for a damaged file
@@ -386,6 +386,14 @@ def _stow_answer(response: requests.Response) -> Dataset | None:
         return None
 
 
+def _code(value: Any) -> int | None:
+    """A Failure or Warning Reason (US) as a number; None when absent or not a number."""
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _object_outcomes(
     answer: Dataset, code: int, items: Sequence[_Item], destination: DicomWebDestinationSettings
 ) -> list[FileResult]:
@@ -401,8 +409,7 @@ def _object_outcomes(
     for it in items:
         result = it.result
         if it.sop_instance in failed:
-            raw = failed[it.sop_instance].get("FailureReason")
-            status = int(raw) if raw is not None else None
+            status = _code(failed[it.sop_instance].get("FailureReason"))
             if status is None:
                 results.append(result(Outcome.REJECTED, f"{peer} failed to store it without a reason (HTTP {code})"))
                 continue
@@ -412,11 +419,10 @@ def _object_outcomes(
             verb = "temporarily unable to store it" if outcome is Outcome.TRANSIENT else "refused it"
             results.append(result(outcome, f"{peer} {verb}: 0x{status:04X} ({_status_name(status)})", status))
         elif it.sop_instance in stored:
-            raw = stored[it.sop_instance].get("WarningReason")
-            if raw is None:
+            status = _code(stored[it.sop_instance].get("WarningReason"))
+            if status is None:
                 results.append(result(Outcome.DELIVERED, ""))
             else:
-                status = int(raw)
                 results.append(
                     result(Outcome.DELIVERED, f"stored with warning 0x{status:04X} ({_status_name(status)})", status)
                 )
@@ -453,7 +459,7 @@ def send_files(
             items: list[_Item] = []
             datasets: list[Dataset] = []
             for index in batch:
-                read = _read(index, paths[index])
+                read = _read(index, paths[index], header_only=stopped is not None)
                 if isinstance(read, str):
                     results[index] = FileResult(paths[index], None, None, Outcome.REJECTED, None, "", read)
                     log.warning("STOW-RS to %s skips an unreadable file: %s", peer, read)

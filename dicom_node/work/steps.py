@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import pydicom
 
-from dicom_node.config import Settings
+from dicom_node.config import SenderDestinationSettings, Settings
 from dicom_node.intake.spool import Spool, durable_write
 from dicom_node.jobs.lease import fail_if_redelivered_too_often, is_abandoned
 from dicom_node.jobs.schema import JobRecord, JobState
@@ -342,7 +342,6 @@ def _give_back_export(ctx: WorkerContext, job_id: int) -> None:
 
 
 def _export(ctx: WorkerContext, job: JobRecord) -> None:
-    from dicom_node.config import SenderDestinationSettings
     from dicom_node.export.destinations import send
     from dicom_node.export.outcome import FileResult, Outcome
 
