@@ -373,6 +373,8 @@ class DicomWebDestinationSettings(_Section):
             raise ValueError("must not hold credentials: use auth: basic with username and password")
         if parts.query or parts.fragment:
             raise ValueError("must be the DICOMweb base URL, without query or fragment")
+        if "[" in parts.netloc:  # dicomweb-client reads the host up to the first colon
+            raise ValueError("cannot name an IPv6 address in brackets (dicomweb-client cannot): use a host name")
         try:
             parts.port  # noqa: B018  (raises ValueError on a bad port)
         except ValueError:

@@ -268,3 +268,27 @@ def test_a_secret_is_never_shown_in_a_configuration_error() -> None:
     destination = settings.destinations[0]
     assert isinstance(destination, DicomWebDestinationSettings) and destination.token == SecretStr("tkn-123")
     assert "tkn-123" not in settings.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"url": "ftp://vna/dicom-web"}, "url: must be an http:// or https:// URL with a host"),
+        ({"url": "https://vna/dicom-web?x=1"}, "url: must be the DICOMweb base URL, without query or fragment"),
+        ({"url": "http://[::1]:8042/dicom-web"}, "url: cannot name an IPv6 address in brackets"),
+        ({"auth": "basic", "username": "u"}, "auth: basic needs username and password"),
+        ({"auth": "bearer"}, "auth: bearer needs token"),
+        ({"password": "pw"}, "password given but auth is 'none'; set auth or remove them"),
+        ({"tls_verify": False, "tls_ca_file": "/etc/ca.pem"}, "tls_ca_file verifies the server, but tls_verify is"),
+        ({"url": "http://vna/dicom-web", "tls_ca_file": "/etc/ca.pem"}, "tls_ca_file apply to https:// URLs only"),
+        ({"tls_cert_file": "/etc/node.pem"}, "tls_cert_file and tls_key_file go together"),
+        ({"objects_per_request": 0}, "objects_per_request: Input should be greater than or equal to 1"),
+    ],
+)
+def test_a_dicomweb_destination_that_cannot_work_is_refused_at_load(settings: dict[str, object], words: str) -> None:
+    from dicom_node.config import ConfigError, load_settings
+
+    entry = {"name": "vna", "kind": "dicomweb", "url": "https://vna/dicom-web", **settings}
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, {"destinations": [entry]})
+    assert words in str(raised.value)
