@@ -282,23 +282,9 @@ def _http_failure(
         return AssociationResult(state, f"{said}: the server is busy; trying again later", 0)
     if code >= 500:
         return AssociationResult(AssociationState.SERVER_ERROR, f"{said}: the server failed; trying again later", 0)
-    return AssociationResult(AssociationState.REJECTED, f"{said}: the server refuses the request{_detail(response)}", 0)
-
-
-def _detail(response: requests.Response) -> str:
-    """A short text the server gave with a 4xx (Orthanc, dcm4chee: a JSON message or plain text), or ""."""
-    text = ""
-    try:
-        if "json" in response.headers.get("Content-Type", ""):
-            body = response.json()
-            if isinstance(body, dict):
-                text = str(body.get("Message") or body.get("Details") or body.get("errorMessage") or "")
-        elif response.headers.get("Content-Type", "").startswith("text/plain"):
-            text = response.text
-    except (ValueError, json.JSONDecodeError):
-        return ""
-    text = " ".join(text.split())[:160]
-    return f" ({text})" if text else ""
+    # The server's own text is not copied: it may quote the data set it refused (patient data), and the reason is
+    # logged. Its log holds the details; the code and phrase say where to look.
+    return AssociationResult(AssociationState.REJECTED, f"{said}: the server refuses the request (see its log)", 0)
 
 
 # -- STOW-RS -----------------------------------------------------------------------------------------------------
@@ -359,6 +345,12 @@ def _requests(destination: DicomWebDestinationSettings, paths: Sequence[Path]) -
 
 #: What dicomweb-client raises when it parses an answer that says it is DICOM JSON (or XML) and is not.
 _BROKEN_BODY = (ValueError, TypeError, KeyError, AttributeError)
+
+
+def _not_json(destination: DicomWebDestinationSettings, exc: BaseException) -> str:
+    """Why an answer that claims to be DICOM JSON could not be read. The parser's words are not copied: they may
+    quote the body (a data set's values)."""
+    return f"{peer_label(destination)} answered with a body that claims DICOM JSON and is not ({type(exc).__name__})"
 
 
 def _redirected(answers: Sequence[requests.Response], destination: DicomWebDestinationSettings) -> str:
@@ -532,6 +524,9 @@ def _stow(
                 return everyone(AssociationResult(AssociationState.ABORTED, f"no answer from {peer}: {exc}", 0))
             size = f" of {len(items)} object(s), {sum(i.size for i in items) / 1e6:.1f} MB"
             return everyone(_http_failure(response, destination, "store (STOW-RS)", size))
+    except requests.exceptions.JSONDecodeError as exc:  # a RequestException too, but the answer did arrive
+        reason = _redirected(answers, destination) or _not_json(destination, exc)
+        return everyone(AssociationResult(AssociationState.REJECTED, reason, 0))
     except requests.RequestException as exc:
         return everyone(_connection_failure(exc, destination))
     except OSError as exc:  # requests checks the CA bundle and client certificate files before connecting
@@ -542,7 +537,7 @@ def _stow(
         )
     except _BROKEN_BODY as exc:  # an answer that claims DICOM JSON and is not: dicomweb-client parses it
         moved = _redirected(answers, destination)
-        reason = moved or f"{peer} answered with a body that is not a STOW-RS answer: {exc}"
+        reason = moved or _not_json(destination, exc)
         return everyone(AssociationResult(AssociationState.REJECTED, reason, 0))
     response = answers[-1]
     moved = _redirected(answers, destination)
@@ -590,6 +585,8 @@ def echo(destination: DicomWebDestinationSettings, *, clock: Callable[[], float]
             if exc.response is None:
                 return failed(AssociationResult(AssociationState.ABORTED, f"no answer from {peer}", 0))
             return failed(_http_failure(exc.response, destination, "search (QIDO-RS)"), exc.response.status_code)
+        except requests.exceptions.JSONDecodeError as exc:
+            return failed(AssociationResult(AssociationState.REJECTED, _not_json(destination, exc), 0))
         except requests.RequestException as exc:
             return failed(_connection_failure(exc, destination))
         except OSError as exc:
@@ -599,7 +596,7 @@ def echo(destination: DicomWebDestinationSettings, *, clock: Callable[[], float]
                 )
             )
         except _BROKEN_BODY as exc:
-            return failed(AssociationResult(AssociationState.REJECTED, f"{peer} answered with a broken body: {exc}", 0))
+            return failed(AssociationResult(AssociationState.REJECTED, _not_json(destination, exc), 0))
     response = answers[-1]
     round_trip = response.elapsed.total_seconds() * 1000
     result = EchoResult(

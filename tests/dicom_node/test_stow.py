@@ -145,13 +145,22 @@ def test_a_bearer_token_goes_in_the_authorization_header_only(
     assert "t0ken-value" not in caplog.text
 
 
-def test_an_answer_that_is_not_stow_rs_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("answer", "words"),
+    [
+        (Answer(200, "<html><body>Please log in</body></html>", "text/html"), "HTTP 200 with text/html, not a"),
+        (Answer(200, "{'DOE^JOHN'", "application/dicom+json"), "a body that claims DICOM JSON and is not"),
+    ],
+)
+def test_an_answer_that_is_not_stow_rs_is_refused_without_quoting_it(
+    tmp_path: Path, answer: Answer, words: str
+) -> None:
     files, _uids = _files(tmp_path, 1)
-    page = Answer(200, "<html><body>Please log in</body></html>", "text/html")
-    with StowServer(lambda got: page) as server:
+    with StowServer(lambda got: answer) as server:
         report = send_files(_destination(server), files)
     assert report.outcome is Outcome.REJECTED
-    assert "answered HTTP 200 with text/html, not a STOW-RS answer" in report.reason
+    assert words in report.reason
+    assert "DOE" not in report.reason and "log in" not in report.reason
 
 
 @pytest.mark.parametrize("status", [301, 302, 303])
