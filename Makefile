@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dcmtk dicom3tools redis-server orthanc postgresql nodejs npm libpixelmed-java default-jdk-headless
+APT_PACKAGES := dcmtk dicom3tools redis-server orthanc orthanc-dicomweb postgresql nodejs npm libpixelmed-java default-jdk-headless
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages demo serve test lint typecheck bench demo-model clean

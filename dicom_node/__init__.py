@@ -11,8 +11,9 @@ One subpackage per stage, each answering one question:
 - :mod:`dicom_node.work`: who does it. ``celery_app`` (the Celery app and its tasks), ``queues`` (the queue names),
   ``steps`` (the inference and export steps the tasks call), ``supervisor`` (the node's own worker processes),
   ``embedded_broker`` (the broker when there is no Redis).
-- :mod:`dicom_node.export`: results back to the PACS. ``scu`` (C-STORE and C-ECHO), ``outcome`` (send reports,
-  status classification, reasons).
+- :mod:`dicom_node.export`: results back to the PACS. ``destinations`` (each destination kind and its transport,
+  return to sender included), ``scu`` (C-STORE and C-ECHO), ``stow`` (DICOMweb STOW-RS, QIDO-RS echo), ``outcome``
+  (send reports, status classification, reasons).
 - :mod:`dicom_node.devtools`: the demo and test harnesses (Orthanc, a receiving SCP), apart from the product.
 
 At the top: ``node`` (the composition root: spool, job store, SCP, assembler, reconciler), ``cli`` (the

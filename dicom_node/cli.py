@@ -171,17 +171,20 @@ def echo(
     destination: Annotated[str, typer.Argument(help="Destination name from the configuration's destinations.")],
     config: ConfigOption = None,
 ) -> None:
-    """C-ECHO a configured destination: success and round trip, or the exact failure."""
-    from dicom_node.export.scu import echo as c_echo
+    """Check that a configured destination answers: C-ECHO (DIMSE), a QIDO-RS search (DICOMweb), or a C-ECHO of each
+    known AE (kind: sender). Prints the round trip, or the exact failure."""
+    from dicom_node.export.destinations import echo as check
 
     settings = _settings(config)
-    by_name = {d.name: d for d in settings.destinations}
-    if destination not in by_name:
-        err.print(f"[red]error:[/red] no destination {destination!r}; configured: {sorted(by_name) or 'none'}")
+    chosen = settings.destination(destination)
+    if chosen is None:
+        names = sorted(d.name for d in settings.destinations)
+        err.print(f"[red]error:[/red] no destination {destination!r}; configured: {names or 'none'}")
         raise typer.Exit(2)
-    result = c_echo(by_name[destination], settings.node.ae_title)
-    (out if result.ok else err).print(str(result), highlight=False)
-    if not result.ok:
+    results = check(chosen, settings)
+    for result in results:
+        (out if result.ok else err).print(str(result), highlight=False, markup=False)
+    if not all(r.ok for r in results):
         raise typer.Exit(1)
 
 
@@ -219,13 +222,18 @@ def config_check(config: ConfigOption = None) -> None:
         f" ({settings.model.path or 'packaged'}) on {settings.model.device}\n"
         f"  job store {make_url(settings.store_url).render_as_string(hide_password=True)}; "
         f"retention: {_retention(settings)}\n"
-        f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
+        f"  {len(settings.destinations)} destination(s), {len(settings.known_aes)} known AE(s), "
+        f"{len(settings.rules)} rule(s)",
         highlight=False,
     )
+    from dicom_node.config import DicomWebDestinationSettings
     from dicom_node.jobs.rules import risky_patterns
 
     for line in risky_patterns(settings.rules):
         out.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
+    for d in settings.destinations:
+        for line in d.warnings() if isinstance(d, DicomWebDestinationSettings) else []:
+            out.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
 
 
 @config_app.command("show")

@@ -464,6 +464,23 @@ class JobStore:
         fields = InstanceRecord.__dataclass_fields__
         return [InstanceRecord(**{k: r._mapping[k] for k in fields}) for r in rows]
 
+    def study_sender(self, study_uid: str, run: int) -> str | None:
+        """The calling AE title that sent the study, as recorded at intake: that of the first instance received for
+        ``run``, else of the study's first instance; None when none was recorded."""
+        with self.engine.connect() as conn:
+            first_of_run = conn.execute(
+                select(instances.c.calling_ae)
+                .where(instances.c.study_uid == study_uid, instances.c.run == run, instances.c.calling_ae != "")
+                .order_by(instances.c.received_at)
+                .limit(1)
+            ).scalar_one_or_none()
+            if first_of_run:
+                return str(first_of_run)
+            first = conn.execute(
+                select(studies.c.calling_ae).where(studies.c.study_uid == study_uid)
+            ).scalar_one_or_none()
+        return str(first) if first else None
+
     def complete_study(
         self,
         study_uid: str,
