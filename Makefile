@@ -2,12 +2,13 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dcmtk dicom3tools redis-server orthanc postgresql
+APT_PACKAGES := dcmtk dicom3tools redis-server orthanc postgresql chromium chromium-driver
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages demo serve test lint typecheck bench demo-model clean
 
-# Debian packages: the real DICOM peers, validators, Redis and PostgreSQL used by the node's tests and demo.
+# Debian packages: the real DICOM peers, validators, Redis and PostgreSQL used by the node's tests and demo, and the
+# headless browser the console's tests drive.
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
