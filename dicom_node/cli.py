@@ -64,6 +64,14 @@ def _retention(settings: Settings) -> str:
     return "off (study files are kept)" if keep is None else f"study files removed {keep:g} day(s) after their last job"
 
 
+def _console(settings: Settings) -> str:
+    node = settings.node
+    if not node.http_port:
+        return "off (node.http_port: 0)"
+    scheme = "https" if node.http_tls else "http"
+    return f"{scheme}://{node.http_bind}:{node.http_port}/, {len(settings.notifications.webhooks)} webhook(s)"
+
+
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -80,11 +88,17 @@ def serve(config: ConfigOption = None) -> None:
     except StoreUnavailable as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
+    from dicom_node.console.server import ConsoleStartError
+
     try:
         node.start()
     except TLSConfigError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
+    except ConsoleStartError as exc:
+        node.stop()
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     except OSError as exc:
         err.print(f"[red]error:[/red] cannot listen on {settings.node.bind}:{settings.node.port}: {exc.strerror}")
         raise typer.Exit(1) from None
@@ -98,6 +112,8 @@ def serve(config: ConfigOption = None) -> None:
         f"DICOM AI node {settings.node.ae_title} listening on {settings.node.bind}:{node.port}; "
         f"data in {settings.node.data_dir}. Ctrl-C stops."
     )
+    if node.console is not None:
+        out.print(f"Web console and API on {node.console.url}/ (users: dicom-node users add NAME --role admin)")
     node.wait()
 
 
@@ -260,7 +276,8 @@ def config_check(config: ConfigOption = None) -> None:
         f" ({settings.model.path or 'packaged'}) on {settings.model.device}\n"
         f"  job store {make_url(settings.store_url).render_as_string(hide_password=True)}; "
         f"retention: {_retention(settings)}\n"
-        f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
+        f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)\n"
+        f"  console: {_console(settings)}",
         highlight=False,
     )
     from dicom_node.jobs.rules import risky_patterns

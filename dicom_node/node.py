@@ -102,6 +102,7 @@ class Node:
         if receiving:
             log.info("%d study(ies) were still receiving: their stable timers start again now", receiving)
         self.reconcile(startup=True)
+        self._start_console()  # before the SCP: a console port in use stops the start with nothing listening yet
         self._server = start_scp(self.intake)
         if self.settings.node.metrics_port:
             from dicom_node.metrics import serve_metrics
@@ -109,7 +110,6 @@ class Node:
             serve_metrics(self, self.settings.node.metrics_port, self.settings.node.bind)
         if self.workers is not None:
             self.workers.start()
-        self._start_console()
         period = min(1.0, self.settings.study.stable_seconds / 4)
         loops: list[tuple[str, Callable[[float], None], float]] = [
             ("assembler", self._assembler_loop, period),

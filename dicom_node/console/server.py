@@ -12,9 +12,13 @@ import uvicorn
 
 from dicom_node.console.app import ConsoleContext, create_app
 
-__all__ = ["ConsoleServer"]
+__all__ = ["ConsoleServer", "ConsoleStartError"]
 
 log = logging.getLogger(__name__)
+
+
+class ConsoleStartError(RuntimeError):
+    """The console cannot listen (port in use, address not local); the message names the setting and the reason."""
 
 
 class ConsoleServer:
@@ -27,9 +31,12 @@ class ConsoleServer:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._socket.bind((node.http_bind, node.http_port))
-        except OSError:
+        except OSError as exc:
             self._socket.close()
-            raise
+            raise ConsoleStartError(
+                f"the web console cannot listen on node.http_bind:node.http_port {node.http_bind}:{node.http_port}: "
+                f"{exc.strerror or exc}"
+            ) from None
         self.port = int(self._socket.getsockname()[1])
         tls: dict[str, str] = {}
         if node.http_tls:
@@ -60,7 +67,7 @@ class ConsoleServer:
         while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
         if not self._server.started:
-            raise RuntimeError(f"the web console did not start on port {self.port}")
+            raise ConsoleStartError(f"the web console did not start on port {self.port} (see the log)")
         log.info("web console on %s", self.url)
 
     def stop(self) -> None:
