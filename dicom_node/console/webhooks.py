@@ -45,6 +45,9 @@ DEFAULT_TEMPLATE = """{
   "console_url": {{ console_url | tojson }}
 }"""
 
+#: How many event ids below the newest seen are looked at again (see :meth:`Notifier.follow`).
+_LOOK_BACK = 200
+
 _env = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined)
 
 
@@ -81,6 +84,8 @@ class Notifier:
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._cursor: int | None = None
+        self._floor = 0  # events up to this id are all handled (or were there before the node started)
+        self._handled: set[int] = set()  # handled events above the floor
         self._client = httpx.Client(follow_redirects=False)
         self._threads: list[threading.Thread] = []
         #: (webhook, event, job) -> outcome of the last attempt, for the console.
@@ -130,26 +135,34 @@ class Notifier:
 
     def follow(self) -> int:
         """Queue the notifications of the events recorded since the last call; how many were queued. The first
-        call starts from the events recorded by then (what happened before the node started is not re-sent)."""
+        call starts from the events recorded by then (what happened before the node started is not re-sent).
+
+        On PostgreSQL, transactions commit in any order, so an event can become visible after one with a higher id:
+        each call looks again at the last :data:`_LOOK_BACK` ids and skips the events it already handled."""
         with self.store.engine.connect() as conn:
             if self._cursor is None:
-                self._cursor = int(conn.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one())
+                self._cursor = self._floor = int(
+                    conn.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one()
+                )
                 return 0
             rows = conn.execute(
                 select(events.c.id, events.c.job_id, events.c.kind)
-                .where(events.c.id > self._cursor, events.c.kind.in_(["failed", "delivered"]))
+                .where(events.c.id > self._cursor - _LOOK_BACK, events.c.kind.in_(["failed", "delivered"]))
                 .order_by(events.c.id)
                 .limit(500)
             ).all()
-            last = conn.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one()
         queued = 0
-        for _id, job_id, kind in rows:
-            job = self.store.job(int(job_id)) if job_id is not None else None
-            if job is None:
+        for event_id, job_id, kind in rows:
+            if event_id in self._handled or event_id <= self._floor:
                 continue
-            queued += self._job_event(job, kind)
-        # Everything up to the last row read is handled; when the page was full, continue from its end.
-        self._cursor = int(rows[-1][0]) if len(rows) == 500 else max(int(last), self._cursor)
+            self._handled.add(int(event_id))
+            job = self.store.job(int(job_id)) if job_id is not None else None
+            if job is not None:
+                queued += self._job_event(job, kind)
+        if rows:
+            self._cursor = max(self._cursor, int(rows[-1][0]))
+        self._floor = max(self._floor, self._cursor - _LOOK_BACK)
+        self._handled = {i for i in self._handled if i > self._floor}
         return queued
 
     def _job_event(self, job: JobRecord, kind: str) -> int:
