@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -311,3 +312,20 @@ def test_webhooks_one_per_job_event_and_again_after_an_outage(
     tested = admin.post("/notifications/ops/test", data={"csrf": csrf_of(page.text)})
     assert tested.status_code == 200 and "ops: delivered" in tested.text
     assert hook.bodies[-1]["event"] == "test"
+
+
+def test_console_over_tls_with_the_dicom_certificate_sets_secure_cookies(
+    running_node: Callable[..., Node], pki: Path
+) -> None:
+    node = running_node(node={
+        "http_port": free_port(), "http_tls": True,
+        "tls_cert_file": str(pki / "node.pem"), "tls_key_file": str(pki / "node.key"),
+    })
+    assert node.console is not None and node.console.url.startswith("https://")
+    trust = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    client = httpx.Client(base_url=node.console.url, verify=trust, timeout=20)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    cookie = client.get("/login").headers["set-cookie"].lower()
+    assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+    with pytest.raises(httpx.HTTPError):  # plain HTTP on the same port gets no answer
+        httpx.get(node.console.url.replace("https://", "http://") + "/healthz", timeout=5)
