@@ -9,6 +9,7 @@ worker that stops cleanly removes its row.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -51,6 +52,9 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._started_at = time.time()
+        # A pool process forked later (Celery's prefork replaces dead ones) must not touch this process's database
+        # connections: it forgets them without closing them.
+        os.register_at_fork(after_in_child=lambda: store.engine.dispose(close=False))
 
     def beat(self, now: float | None = None) -> None:
         now = time.time() if now is None else now

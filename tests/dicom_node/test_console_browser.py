@@ -160,9 +160,16 @@ def browser() -> Iterator[Any]:
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 60) -> Any:
+    """Poll ``predicate`` until it is true. Pages of work in progress reload themselves, so an element found a
+    moment ago can be gone: that counts as not yet."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except (NoSuchElementException, StaleElementReferenceException):
+            value = None
         if value:
             return value
         time.sleep(0.3)
@@ -185,7 +192,14 @@ def test_an_administrator_follows_a_study_finds_a_failure_and_retries_it(
     shots.mkdir()
 
     def shot(name: str) -> None:
+        """The whole page: the window grows to the page's height, and its images are loaded first."""
+        height = int(browser.execute_script("return document.documentElement.scrollHeight"))
+        browser.set_window_size(1400, min(max(1100, height + 140), 8000))
+        wait_until(lambda: browser.execute_script(
+            "return Array.from(document.images).every(i => i.complete)"
+        ), timeout=30)
         browser.save_screenshot(str(shots / f"{name}.png"))
+        browser.set_window_size(1400, 1100)
 
     def text(css: str) -> str:
         return str(browser.find_element(By.CSS_SELECTOR, css).text)
@@ -206,14 +220,15 @@ def test_an_administrator_follows_a_study_finds_a_failure_and_retries_it(
     browser.find_element(By.ID, "login").click()
     wait_until(lambda: browser.find_elements(By.ID, "last24"))
     assert text("#whoami") == "admin (admin)"
-    assert text("#last24 .count-delivered") == "1"
-    row = browser.find_element(By.CSS_SELECTOR, f'tr[data-job="{delivered.id}"]')
-    assert "delivered" in row.text and "CR" in row.text
-    assert "inference" in text("#workers")
+    assert wait_until(lambda: text("#last24 .count-delivered") == "1")
+    assert wait_until(lambda: "delivered" in text(f'tr[data-job="{delivered.id}"]') and "CR" in text(
+        f'tr[data-job="{delivered.id}"]'
+    ))
+    assert wait_until(lambda: "inference" in text("#workers"))
     shot("overview")
 
     # The job's detail: the image read with its boxes drawn, and the SR as text.
-    row.find_element(By.LINK_TEXT, str(delivered.id)).click()
+    browser.get(f"{site.url}/jobs/{delivered.id}")
     wait_until(lambda: browser.find_elements(By.ID, "job-state"))
     assert text("#job-state") == "delivered"
     preview = browser.find_element(By.CSS_SELECTOR, "img.preview")
@@ -245,10 +260,8 @@ def test_an_administrator_follows_a_study_finds_a_failure_and_retries_it(
     # The PACS is back; retry from the console, and the page follows the job to delivered.
     site.pacs.start()
     browser.find_element(By.ID, "retry").click()
-    wait_until(lambda: "queued again" in (browser.find_elements(By.ID, "message") or [None])[0].text
-               if browser.find_elements(By.ID, "message") else False, timeout=20)
-    wait_until(lambda: browser.find_elements(By.ID, "job-state")
-               and text("#job-state") == "delivered", timeout=120)
+    wait_until(lambda: "queued again" in text("#message"), timeout=20)
+    wait_until(lambda: text("#job-state") == "delivered", timeout=120)
     assert not browser.find_elements(By.ID, "failure-reason")
     assert "retried by console user admin" in text("#events")
     shot("job-retried-delivered")
