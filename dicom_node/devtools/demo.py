@@ -136,11 +136,13 @@ def run_demo(base: Settings, console: Console, keep_running: bool = False, timeo
             console.print(f"[red]The study did not complete[/red] ({state}). See {data_dir / 'logs'}.")
             return 1
         _show(settings, job.id, console, orthanc, receiver, study_uid)
-        if node.console is not None:
+        if node.console is not None and keep_running:
             console.print(
                 f"Web console: {node.console.url}/jobs/{job.id} (add a user first: dicom-node users add admin "
                 f"--role admin --config {config_path})"
             )
+        elif node.console is not None:
+            console.print("With --keep-running the node stays up and its web console shows this job.")
         if keep_running:
             console.print("Running until Ctrl-C: send more studies to the node or the PACS.")
             node.wait()
