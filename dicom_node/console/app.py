@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import func, select
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -98,7 +99,8 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     store = ctx.store
     accounts = UserStore(store, settings.console.max_failed_logins)
     tls = settings.node.http_tls
-    app = FastAPI(
+    # FastAPI's docs pages with Swagger UI and ReDoc served by the node itself: a hospital network has no CDN.
+    app = FastAPIOffline(
         title="DICOM AI node",
         summary="Jobs, studies, destinations, rules and health of one node; actions for admins.",
         version="1",

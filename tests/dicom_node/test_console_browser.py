@@ -291,6 +291,7 @@ def test_an_administrator_follows_a_study_finds_a_failure_and_retries_it(
     browser.get(site.url + "/notifications")
     shot("notifications")
     browser.get(site.url + "/docs")
+    assert wait_until(lambda: "/api/jobs/{job_id}/retry" in text(".swagger-ui"), timeout=30)  # no CDN needed
     shot("api-docs")
     assert sorted(p.name for p in shots.iterdir()) == sorted(
         f"{n}.png" for n in ("login", "overview", "job-delivered", "job-failed", "job-retried-delivered", "jobs",
