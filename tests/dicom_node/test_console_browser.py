@@ -66,7 +66,8 @@ class Site:
                               {"name": "radiographs", "match": {"modality": ["CR", "DX"]}, "outputs": ["sr", "gsps"]}],
                     "notifications": {
                         "webhooks": [{"name": "ops", "url": self.hook.url,
-                                      "events": ["job_failed", "results_delivered"]}],
+                                      "events": ["job_failed", "results_delivered", "urgent_finding"]}],
+                        "urgent_labels": ["Opacity"],  # what the demo model finds on a chest radiograph
                         "retry": {"base_seconds": 0.5, "cap_seconds": 2, "max_retries": 30},
                     },
                 }
@@ -299,9 +300,13 @@ def test_an_administrator_follows_a_study_finds_a_failure_and_retries_it(
     )
     print(f"console screenshots in {shots}")
 
-    # One notification per delivered job and per failed job (the retried job's delivery is its own).
-    wait_until(lambda: len(site.hook.bodies) >= 3, timeout=20)
+    # One notification per delivered job and per failed job (the retried job's delivery is its own), and an urgent
+    # one with each delivery whose findings include a label listed as urgent.
+    wait_until(lambda: len(site.hook.bodies) >= 5, timeout=20)
     time.sleep(1.5)
-    assert sorted((b["event"], b["job"]["id"]) for b in site.hook.bodies) == sorted(
-        [("results_delivered", delivered.id), ("job_failed", failed.id), ("results_delivered", failed.id)]
-    )
+    assert sorted((b["event"], b["job"]["id"]) for b in site.hook.bodies) == sorted([
+        ("results_delivered", delivered.id), ("job_failed", failed.id), ("results_delivered", failed.id),
+        ("urgent_finding", delivered.id), ("urgent_finding", failed.id),
+    ])
+    urgent = next(b for b in site.hook.bodies if b["event"] == "urgent_finding")
+    assert urgent["findings"] and all(f["label"] == "opacity" for f in urgent["findings"])
