@@ -33,6 +33,7 @@ from dicom_node.config import Settings
 from dicom_node.console.health import readiness
 from dicom_node.console.preview import PreviewError, render_preview
 from dicom_node.console.users import LoginResult, User, UserStore
+from dicom_node.console.webhooks import Notifier
 from dicom_node.jobs.actions import CANCELLABLE, RETRYABLE, ActionRefused, cancel_job, retry_job
 from dicom_node.jobs.rules import explain_rules
 from dicom_node.jobs.schema import JobRecord, JobState, events, instances, studies
@@ -57,7 +58,8 @@ class ConsoleContext:
     store: JobStore
     #: Hands a retried job to the queue at once (the node's dispatcher); None: the reconciler does, within its period.
     submit: Callable[[JobRecord], bool] | None = None
-    notifier: Any = None  # dicom_node.console.webhooks.Notifier, when webhooks are configured
+    #: Sends the webhooks' notifications (and the console's tests of them); None when no webhook is configured.
+    notifier: Notifier | None = None
 
     @property
     def spool_root(self) -> Path:
@@ -134,7 +136,6 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
             user = accounts.by_token(auth[7:].strip())
             if user is None:
                 raise HTTPException(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
-            request.state.by_token = True
             return user
         name = request.session.get("user")
         user = accounts.get(name) if isinstance(name, str) else None
@@ -142,7 +143,6 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         if user is None or user.locked or expired:
             request.session.pop("user", None)
             raise _LoginRequired(api)
-        request.state.by_token = False
         return user
 
     def admin_user(request: Request, user: Annotated[User, Depends(current_user)]) -> User:
@@ -227,7 +227,8 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         request.session.clear()  # a new session on log-in: nothing of the anonymous one is kept
         request.session.update(user=user.name, login_at=time.time(), csrf=secrets.token_urlsafe(32))
         audit("console", user=user.name, action="login", outcome="ok")
-        target = next if next.startswith("/") and not next.startswith("//") else "/"
+        # Only a path of this console: "//host" and "/\\host" would take the browser to another site.
+        target = next if next.startswith("/") and not next.startswith(("//", "/\\")) else "/"
         return RedirectResponse(target, status_code=303)
 
     @app.post("/logout", include_in_schema=False, dependencies=[Csrf])
@@ -479,7 +480,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         return out
 
     def webhooks_data() -> list[dict[str, Any]]:
-        last = getattr(ctx.notifier, "last", {}) if ctx.notifier is not None else {}
+        last = ctx.notifier.last if ctx.notifier is not None else {}
         return [
             {"name": w.name, "events": [e.value for e in w.events], "custom_template": w.template is not None,
              "last": last.get(w.name)}
@@ -490,12 +491,14 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         hooks = {w.name: w for w in settings.notifications.webhooks}
         if name not in hooks:
             raise HTTPException(404, f"no webhook {name!r}")
-        if ctx.notifier is None:
-            from dicom_node.console.webhooks import Notifier
-
-            outcome = Notifier(settings, store).send_test(hooks[name])
-        else:
+        if ctx.notifier is not None:
             outcome = ctx.notifier.send_test(hooks[name])
+        else:  # a console without the node's notifier (webhooks added to a file the node has not reloaded)
+            once = Notifier(settings, store)
+            try:
+                outcome = once.send_test(hooks[name])
+            finally:
+                once.stop()
         audit("console", user=user.name, action="test_webhook", webhook=name, outcome=outcome)
         return {"webhook": name, "outcome": outcome}
 
