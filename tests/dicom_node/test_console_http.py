@@ -161,6 +161,14 @@ def test_five_wrong_passwords_lock_the_account_until_passwd(console_node: Node, 
     users_cmd(console_node, tmp_path, "passwd", "viewer", password=PASSWORD)
     _, answer = login(base, "viewer")
     assert answer.status_code == 303
+    # After log-in the browser goes back where it was sent from, but never to another site.
+    for asked, lands in (("/jobs?state=failed", "/jobs?state=failed"), ("//evil.example", "/"), ("/\\evil", "/")):
+        client = httpx.Client(base_url=base, follow_redirects=False, timeout=20)
+        form = client.get("/login")
+        answer = client.post(
+            "/login", data={"username": "viewer", "password": PASSWORD, "csrf": csrf_of(form.text), "next": asked}
+        )
+        assert answer.headers["location"] == lands, asked
 
 
 def test_api_tokens_per_user_and_openapi(console_node: Node, tmp_path: Path) -> None:
