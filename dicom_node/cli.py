@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,18 +16,23 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.jobs.schema import JobState, StudyState
+from dicom_node.jobs.schema import JobState
 from dicom_node.jobs.store import JobStore, StoreUnavailable
 from dicom_node.logs import configure_logging
 from dicom_node.permissions import private_dir, restrict_umask
 from dicom_node.tls import TLSConfigError, server_context
 from dicom_node.work.queues import INFERENCE_QUEUE, QUEUES
 
+if TYPE_CHECKING:
+    from dicom_node.console.users import UserStore
+
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
 jobs_app = typer.Typer(help="List, inspect, retry and cancel jobs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+users_app = typer.Typer(help="Users of the web console: add, remove, passwords, API tokens.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(users_app, name="users")
 
 out = Console()
 err = Console(stderr=True)
@@ -58,6 +64,14 @@ def _retention(settings: Settings) -> str:
     return "off (study files are kept)" if keep is None else f"study files removed {keep:g} day(s) after their last job"
 
 
+def _console(settings: Settings) -> str:
+    node = settings.node
+    if not node.http_port:
+        return "off (node.http_port: 0)"
+    scheme = "https" if node.http_tls else "http"
+    return f"{scheme}://{node.http_bind}:{node.http_port}/, {len(settings.notifications.webhooks)} webhook(s)"
+
+
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -74,11 +88,17 @@ def serve(config: ConfigOption = None) -> None:
     except StoreUnavailable as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
+    from dicom_node.console.server import ConsoleStartError
+
     try:
         node.start()
     except TLSConfigError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
+    except ConsoleStartError as exc:
+        node.stop()
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     except OSError as exc:
         err.print(f"[red]error:[/red] cannot listen on {settings.node.bind}:{settings.node.port}: {exc.strerror}")
         raise typer.Exit(1) from None
@@ -92,6 +112,8 @@ def serve(config: ConfigOption = None) -> None:
         f"DICOM AI node {settings.node.ae_title} listening on {settings.node.bind}:{node.port}; "
         f"data in {settings.node.data_dir}. Ctrl-C stops."
     )
+    if node.console is not None:
+        out.print(f"Web console and API on {node.console.url}/ (users: dicom-node users add NAME --role admin)")
     node.wait()
 
 
@@ -138,11 +160,13 @@ def worker(
     failure.unlink(missing_ok=True)
     if engine_factory is not None:
         install_model_loader(ctx, failure)
+    name = f"{'-'.join(wanted)}-{os.getpid()}"
     argv = [
         "worker", "--queues", ",".join(wanted), "--concurrency", str(concurrency), "--pool", "prefork",
-        "--hostname", f"{'-'.join(wanted)}-{os.getpid()}@%h", "--loglevel", settings.logging.level,
+        "--hostname", f"{name}@%h", "--loglevel", settings.logging.level,
         "--without-gossip", "--without-mingle",
     ]
+    _install_heartbeat(settings, name, wanted)
     try:
         app_.worker_main(argv)
     except SystemExit:
@@ -151,6 +175,39 @@ def worker(
         err.print(f"[red]error:[/red] the model could not be loaded: {failure.read_text(encoding='utf-8')}")
         failure.unlink(missing_ok=True)
         raise typer.Exit(1)
+
+
+def _install_heartbeat(settings: Settings, name: str, queues: list[str]) -> None:
+    """Record this worker in the job store once it consumes, and remove it when it stops (see work.heartbeat)."""
+    import socket
+
+    from celery.signals import worker_ready, worker_shutdown
+
+    from dicom_node.work.heartbeat import Heartbeat
+
+    model = settings.model
+    running: list[Heartbeat] = []
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        try:
+            store = JobStore(settings.store_url)
+        except StoreUnavailable as exc:  # the worker runs all the same; the console shows it as not reporting
+            logging.getLogger(__name__).warning("worker heartbeat off: %s", exc)
+            return
+        running.append(
+            Heartbeat(
+                store, f"{name}@{socket.gethostname()}", queues,
+                device=model.device if INFERENCE_QUEUE in queues else "",
+                model=f"{model.family} ({model.path or 'packaged'})" if INFERENCE_QUEUE in queues else "",
+                period=settings.queue.worker_heartbeat_seconds,
+            ).start()
+        )
+
+    @worker_shutdown.connect(weak=False)
+    def _shutdown(**_: object) -> None:
+        for beat in running:
+            beat.stop()
 
 
 @app.command()
@@ -223,7 +280,8 @@ def config_check(config: ConfigOption = None) -> None:
         f"  job store {make_url(settings.store_url).render_as_string(hide_password=True)}; "
         f"retention: {_retention(settings)}\n"
         f"  {len(settings.destinations)} destination(s), {len(settings.known_aes)} known AE(s), "
-        f"{len(settings.rules)} rule(s)",
+        f"{len(settings.rules)} rule(s)\n"
+        f"  console: {_console(settings)}",
         highlight=False,
     )
     from dicom_node.config import DicomWebDestinationSettings
@@ -342,36 +400,133 @@ def jobs_show(
             out.print(f"    {r['kind']:<5} {r['sop_instance_uid']}  delivered to {r['delivered_to']}", highlight=False)
 
 
-def _move_job(store: JobStore, job_id: int, to: JobState, expect: list[JobState], verb: str, done: str) -> None:
-    if not store.transition(job_id, to, expect=expect, detail=f"{done} by administrator"):
-        job = store.job(job_id)
-        allowed = ", ".join(s.value for s in expect)
-        why = "no such job" if job is None else f"it is {job.state.value}; only {allowed} jobs can be"
-        err.print(f"[red]error:[/red] cannot {verb} job {job_id}: {why}")
-        raise typer.Exit(1)
-
-
 @jobs_app.command("retry")
 def jobs_retry(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
     """Run a failed or cancelled job again (same run, so the same result UIDs: the PACS overwrites)."""
-    store = _store(_settings(config))
-    job = store.job(job_id)
-    if job is not None and store.study_state(job.study_uid) is StudyState.PURGED:
-        err.print(
-            f"[red]error:[/red] cannot retry job {job_id}: its study's files were removed after "
-            f"retention.keep_days; send the study again from the PACS (it then runs as a new run)"
-        )
-        raise typer.Exit(1)
-    _move_job(store, job_id, JobState.QUEUED, [JobState.FAILED, JobState.CANCELLED], "retry", "retried")
+    from dicom_node.jobs.actions import ActionRefused, retry_job
+
+    try:
+        retry_job(_store(_settings(config)), job_id)
+    except ActionRefused as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     out.print(f"job {job_id} queued again; the node picks it up within its reconcile period")
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
     """Cancel a job that has not been delivered yet."""
-    unfinished = [JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED]
-    _move_job(_store(_settings(config)), job_id, JobState.CANCELLED, unfinished, "cancel", "cancelled")
+    from dicom_node.jobs.actions import ActionRefused, cancel_job
+
+    try:
+        cancel_job(_store(_settings(config)), job_id)
+    except ActionRefused as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     out.print(f"job {job_id} cancelled")
+
+
+def _password(given: str | None, from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if given is not None:
+        return given
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+def _users(config: Path | None) -> UserStore:
+    from dicom_node.console.users import UserStore
+
+    settings = _settings(config)
+    return UserStore(_store(settings), settings.console.max_failed_logins)
+
+
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from the first line of standard input.")
+]
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    role: Annotated[str, typer.Option(help="viewer (reads) or admin (also retries, cancels, echoes).")] = "viewer",
+    password_stdin: PasswordStdin = False,
+    config: ConfigOption = None,
+) -> None:
+    """Add a console user (asks for the password unless --password-stdin)."""
+    from dicom_node.console.users import Role, UserError
+
+    if role not in [r.value for r in Role]:
+        err.print(f"[red]error:[/red] --role takes viewer or admin, got {role!r}")
+        raise typer.Exit(2)
+    accounts = _users(config)
+    try:
+        accounts.add(name, _password(None, password_stdin), Role(role))
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"user {name} added ({role})", highlight=False)
+
+
+@users_app.command("remove")
+def users_remove(name: Annotated[str, typer.Argument()], config: ConfigOption = None) -> None:
+    """Remove a console user; their sessions and API token stop working at once."""
+    from dicom_node.console.users import UserError
+
+    try:
+        _users(config).remove(name)
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"user {name} removed", highlight=False)
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: Annotated[str, typer.Argument()],
+    password_stdin: PasswordStdin = False,
+    role: Annotated[str | None, typer.Option(help="Change the role too: viewer or admin.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Set a user's password; this also unlocks an account locked after wrong passwords."""
+    from dicom_node.console.users import Role, UserError
+
+    if role is not None and role not in [r.value for r in Role]:
+        err.print(f"[red]error:[/red] --role takes viewer or admin, got {role!r}")
+        raise typer.Exit(2)
+    accounts = _users(config)
+    try:
+        if accounts.get(name) is None:
+            raise UserError(f"no user {name!r}")
+        accounts.set_password(name, _password(None, password_stdin))
+        if role is not None:
+            accounts.set_role(name, Role(role))
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"password of {name} changed; the account is unlocked", highlight=False)
+
+
+@users_app.command("token")
+def users_token(name: Annotated[str, typer.Argument()], config: ConfigOption = None) -> None:
+    """Make a new API token for a user (the previous one stops working) and print it, once."""
+    from dicom_node.console.users import UserError
+
+    try:
+        token = _users(config).new_token(name)
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    print(token)
+
+
+@users_app.command("list")
+def users_list(config: ConfigOption = None) -> None:
+    """The console users, their role and whether they are locked."""
+    table = Table("user", "role", "locked", "API token")
+    for u in _users(config).all():
+        table.add_row(u.name, u.role.value, "yes" if u.locked else "", "yes" if u.has_token else "")
+    out.print(table)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -40,6 +41,7 @@ from sr_writer.kinds import ObjectKind
 __all__ = [
     "AnyDestination",
     "ConfigError",
+    "ConsoleSettings",
     "DestinationKind",
     "DestinationSettings",
     "DicomWebDestinationSettings",
@@ -47,6 +49,7 @@ __all__ = [
     "LoggingSettings",
     "MatchSettings",
     "NodeSettings",
+    "NotificationSettings",
     "QueueSettings",
     "RetentionSettings",
     "RetryPolicy",
@@ -55,6 +58,8 @@ __all__ = [
     "Settings",
     "StoreSettings",
     "StudySettings",
+    "WebhookEvent",
+    "WebhookSettings",
     "load_settings",
 ]
 
@@ -99,6 +104,13 @@ class NodeSettings(_Section):
     min_free_disk_mb: int = Field(1024, ge=0, description="below this, new instances get Out of Resources")
     fsync: bool = Field(True, description="sync each instance to disk before Success; disable only for tests")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 turns metrics off")
+    http_port: int = Field(
+        0, ge=0, le=65535, description="the web console, JSON API, /healthz and /readyz; 0 turns them off"
+    )
+    http_bind: str = Field("127.0.0.1", description="address of the web console (the DICOM port's is `bind`)")
+    http_tls: bool = Field(
+        False, description="serve the console over HTTPS with tls_cert_file and tls_key_file (the DICOM TLS pair)"
+    )
     tls_cert_file: Path | None = Field(None, description="our certificate (PEM): with tls_key_file, intake is TLS")
     tls_key_file: Path | None = Field(None, description="the private key (PEM) of tls_cert_file")
     tls_ca_file: Path | None = Field(None, description="CA certificates (PEM): peers must present one they signed")
@@ -109,6 +121,10 @@ class NodeSettings(_Section):
             raise ValueError(
                 f"node.tls_cert_file and node.tls_key_file go together, got tls_cert_file={self.tls_cert_file}, "
                 f"tls_key_file={self.tls_key_file}"
+            )
+        if self.http_tls and self.tls_cert_file is None:
+            raise ValueError(
+                "node.http_tls: true serves the console with node.tls_cert_file and node.tls_key_file: set both"
             )
         if self.tls_ca_file is not None and self.tls_cert_file is None:
             raise ValueError(
@@ -211,6 +227,9 @@ class QueueSettings(_Section):
     reconcile_seconds: float = Field(30, gt=0, description="how often the store is compared with the queue")
     requeue_after_seconds: float = Field(
         600, gt=0, description="a queued job with no sign of a worker this long is enqueued again (lost message)"
+    )
+    worker_heartbeat_seconds: float = Field(
+        10, gt=0, description="how often each worker records that it is alive; gone after three missed beats"
     )
     broker_check_seconds: float = Field(
         5,
@@ -485,6 +504,67 @@ class RuleSettings(_Section):
     destinations: list[str] = Field(default_factory=list, description="destination names; empty: all")
 
 
+class ConsoleSettings(_Section):
+    """Sessions and log-ins of the web console (served on ``node.http_port``)."""
+
+    secret_key: SecretStr | None = Field(
+        None, description="signs session cookies; None: a random key kept in data_dir/console.key"
+    )
+    session_hours: float = Field(12, gt=0, description="a session ends this long after its log-in")
+    max_failed_logins: int = Field(5, ge=1, description="wrong passwords in a row that lock an account")
+
+
+class WebhookEvent(str, Enum):
+    JOB_FAILED = "job_failed"
+    RESULTS_DELIVERED = "results_delivered"
+    URGENT_FINDING = "urgent_finding"
+
+
+class WebhookSettings(_Section):
+    """One HTTP endpoint told about jobs: a POST of a JSON body, retried with backoff while it cannot be reached."""
+
+    name: str = Field(min_length=1)
+    url: SecretStr = Field(description="http(s) URL; kept secret, as such URLs often carry a token")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: [WebhookEvent.JOB_FAILED, WebhookEvent.RESULTS_DELIVERED]
+    )
+    template: str | None = Field(
+        None, description="a Jinja2 template of the JSON body; None: the node's own (dicom_node/console/webhooks.py)"
+    )
+    timeout: float = Field(5, gt=0, description="seconds one POST may take")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        if not re.match(r"^https?://[^\s/]+", value.get_secret_value()):
+            raise ValueError("url must be an http:// or https:// URL")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            import jinja2
+
+            try:
+                jinja2.Environment().parse(value)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(f"template is not a valid Jinja2 template: {exc}") from None
+        return value
+
+
+class NotificationSettings(_Section):
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+    urgent_labels: list[str] = Field(
+        default_factory=list,
+        description="finding labels (case-insensitive) that count as urgent: an urgent_finding notification each",
+    )
+    retry: RetryPolicy = Field(
+        default_factory=lambda: RetryPolicy(base_seconds=2, cap_seconds=300, max_retries=20),
+        description="backoff of a webhook that cannot be reached",
+    )
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, description="one JSON object per line, for log shippers")
@@ -509,6 +589,8 @@ class Settings(BaseSettings):
     )
     rules: list[RuleSettings] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -528,6 +610,10 @@ class Settings(BaseSettings):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"destinations[].name must be unique, repeated: {duplicated}")
+        hooks = [w.name for w in self.notifications.webhooks]
+        repeated = sorted({n for n in hooks if hooks.count(n) > 1})
+        if repeated:
+            raise ValueError(f"notifications.webhooks[].name must be unique, repeated: {repeated}")
         for rule in self.rules:
             unknown = [d for d in rule.destinations if d not in names]
             if unknown:
