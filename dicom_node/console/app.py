@@ -419,20 +419,22 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
                     .limit(1)
                 ).first()
                 out.append({
-                    "name": d.name, "ae_title": d.ae_title, "host": d.host, "port": d.port, "tls": d.tls,
+                    "name": d.name, "kind": d.kind, "peer": _peer(d),
                     "last": None if row is None else {"at": row[0], "job": row[1], "detail": row[2]},
                 })
         return out
 
     def echo_destination(user: User, name: str) -> dict[str, Any]:
-        from dicom_node.export.scu import echo
+        from dicom_node.export.destinations import echo
 
         by_name = {d.name: d for d in settings.destinations}
         if name not in by_name:
             raise HTTPException(404, f"no destination {name!r}")
-        result = echo(by_name[name], settings.node.ae_title)
-        audit("console", user=user.name, action="echo", destination=name, ok=result.ok)
-        return {"destination": name, "ok": result.ok, "detail": str(result)}
+        results = echo(by_name[name], settings)
+        ok = bool(results) and all(r.ok for r in results)
+        audit("console", user=user.name, action="echo", destination=name, ok=ok)
+        detail = "; ".join(str(r) for r in results) or "no known AE to echo (known_aes is empty)"
+        return {"destination": name, "ok": ok, "detail": detail}
 
     def rule_test(study_uid: str) -> dict[str, Any]:
         found = store.study_instances(study_uid)
@@ -668,3 +670,14 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         return test_webhook(user, name)
 
     return app
+
+
+def _peer(destination: Any) -> str:
+    """Where a destination sends: AE@host:port (DIMSE), the service URL (DICOMweb), or back to the sender."""
+    kind = getattr(destination, "kind", "dimse")
+    if kind == "dicomweb":
+        return str(destination.url)
+    if kind == "sender":
+        return "the AE that sent the study (known_aes)"
+    tls = " (TLS)" if destination.tls else ""
+    return f"{destination.ae_title}@{destination.host}:{destination.port}{tls}"
