@@ -168,18 +168,40 @@ def demo(
 
 @app.command()
 def echo(
-    destination: Annotated[str, typer.Argument(help="Destination name from the configuration's destinations.")],
+    destination: Annotated[
+        str | None, typer.Argument(help="Destination name from the configuration's destinations.")
+    ] = None,
     config: ConfigOption = None,
+    self_check: Annotated[
+        bool,
+        typer.Option(
+            "--self",
+            help="C-ECHO this node's own Storage SCP (node.ae_title on node.port), as a container health check does.",
+        ),
+    ] = False,
 ) -> None:
-    """C-ECHO a configured destination: success and round trip, or the exact failure."""
+    """C-ECHO a configured destination (or the node itself with --self): success and round trip, or the exact failure."""
+    from dicom_node.config import DestinationSettings
     from dicom_node.export.scu import echo as c_echo
 
     settings = _settings(config)
-    by_name = {d.name: d for d in settings.destinations}
-    if destination not in by_name:
-        err.print(f"[red]error:[/red] no destination {destination!r}; configured: {sorted(by_name) or 'none'}")
+    if self_check == (destination is not None):
+        err.print("[red]error:[/red] give a destination name or --self, not both or neither")
         raise typer.Exit(2)
-    result = c_echo(by_name[destination], settings.node.ae_title)
+    if destination is None:
+        node = settings.node
+        if node.tls_cert_file is not None:
+            err.print("[red]error:[/red] --self checks a plain TCP intake; this node's intake is DICOM TLS")
+            raise typer.Exit(2)
+        host = "127.0.0.1" if node.bind in ("0.0.0.0", "::", "") else node.bind
+        target = DestinationSettings(name="self", ae_title=node.ae_title, host=host, port=node.port, timeout=5)
+    else:
+        by_name = {d.name: d for d in settings.destinations}
+        if destination not in by_name:
+            err.print(f"[red]error:[/red] no destination {destination!r}; configured: {sorted(by_name) or 'none'}")
+            raise typer.Exit(2)
+        target = by_name[destination]
+    result = c_echo(target, settings.node.ae_title)
     (out if result.ok else err).print(str(result), highlight=False)
     if not result.ok:
         raise typer.Exit(1)
