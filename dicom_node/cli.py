@@ -180,7 +180,7 @@ def echo(
         ),
     ] = False,
 ) -> None:
-    """C-ECHO a configured destination (or the node itself with --self): success and round trip, or the exact failure."""
+    """C-ECHO a configured destination, or the node itself (--self): success and round trip, or the exact failure."""
     from dicom_node.config import DestinationSettings
     from dicom_node.export.scu import echo as c_echo
 

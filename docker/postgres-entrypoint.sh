@@ -1,6 +1,7 @@
 #!/bin/sh
 # First start: create the cluster, the node's role and database (password from POSTGRES_PASSWORD or the file named
-# by POSTGRES_PASSWORD_FILE). Every start: run the server in the foreground on PGPORT (default 5432).
+# by POSTGRES_PASSWORD_FILE). Every start: run the server in the foreground on PGPORT (default 5432), listening on
+# POSTGRES_LISTEN (default 127.0.0.1). Its socket lies in /tmp: the root file system may be read-only.
 set -eu
 port="${PGPORT:-5432}"
 db="${POSTGRES_DB:-dicomnode}"
@@ -17,8 +18,8 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   rm -f "$pwfile"
   echo "host all all 0.0.0.0/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"
   echo "host all all ::/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"
-  pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -p $port" -w start >/dev/null
-  psql -v ON_ERROR_STOP=1 -q -p "$port" -U postgres -d postgres \
+  pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -c unix_socket_directories=/tmp -p $port" -w start >/dev/null
+  psql -v ON_ERROR_STOP=1 -q -h /tmp -p "$port" -U postgres -d postgres \
     -v user="$user" -v db="$db" -v pw="$POSTGRES_PASSWORD" <<'SQL'
 CREATE ROLE :"user" LOGIN PASSWORD :'pw';
 CREATE DATABASE :"db" OWNER :"user";
@@ -26,4 +27,4 @@ SQL
   pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
   echo "postgres: created database $db for $user"
 fi
-exec postgres -D "$PGDATA" -p "$port" -c listen_addresses="${POSTGRES_LISTEN:-127.0.0.1}" -c unix_socket_directories=/var/run/postgresql
+exec postgres -D "$PGDATA" -p "$port" -c listen_addresses="${POSTGRES_LISTEN:-127.0.0.1}" -c unix_socket_directories=/tmp
