@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dcmtk dicom3tools redis-server orthanc postgresql
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-packages demo serve test lint typecheck bench demo-model clean
+.PHONY: setup system-packages demo serve test lint typecheck bench demo-model clean images test-images
 
 # Debian packages: the real DICOM peers, validators, Redis and PostgreSQL used by the node's tests and demo.
 system-packages:
@@ -39,6 +39,18 @@ typecheck: $(STAMP)
 
 test: setup lint typecheck
 	$(BIN)/pytest -q
+
+# Container images (docker/Dockerfile*), with podman where it is installed, else docker; prints their sizes.
+# TORCH_VARIANT=cuda make images builds the inference image with CUDA torch. See docker/README.md.
+images:
+	docker/build-images.sh
+
+# The images and the compose stack, built and run with podman (installed here with runc, debootstrap and
+# podman-compose): a real study in from outside, SR and GSPS out, restarts, a killed worker. Not part of `make test`.
+test-images: setup
+	docker/podman-setup.sh --install
+	ENGINE=podman docker/build-images.sh
+	DICOM_NODE_TEST_IMAGES=1 $(BIN)/pytest -q tests/images
 
 bench: setup
 	for b in bench/bench_*.py; do m=$$(basename $$b .py); echo "== $$m"; $(BIN)/python -m bench.$$m || exit 1; done
