@@ -19,7 +19,7 @@ if [ "$engine" = podman ]; then
   export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/docker/podman/containers.conf}"
   docker/podman-setup.sh
   # Host network (no bridge needed), docker format (keeps HEALTHCHECK), the host's CA bundle for pip.
-  args+=(--network host --format docker --ignorefile docker/Dockerfile.dockerignore)
+  args+=(--network host --format docker)
   if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
     args+=(-v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt)
   fi
@@ -28,7 +28,9 @@ if [ "$engine" = podman ]; then
 fi
 build() {  # target tag dockerfile
   local started=$SECONDS
-  "$engine" build -q "${args[@]}" -f "$3" --target "$1" -t "$2" . >/dev/null
+  local ignore=()  # docker finds <Dockerfile>.dockerignore itself; podman is told
+  if [ "$engine" = podman ]; then ignore=(--ignorefile "$3.dockerignore"); fi
+  "$engine" build -q "${args[@]}" "${ignore[@]}" -f "$3" --target "$1" -t "$2" . >/dev/null
   echo "built $2 in $((SECONDS - started)) s"
 }
 started=$SECONDS
