@@ -50,7 +50,7 @@ images:
 test-images: setup
 	docker/podman-setup.sh --install
 	ENGINE=podman docker/build-images.sh
-	DICOM_NODE_TEST_IMAGES=1 $(BIN)/pytest -q tests/images
+	DICOM_NODE_TEST_IMAGES=1 $(BIN)/pytest -q --durations=10 tests/images
 
 bench: setup
 	for b in bench/bench_*.py; do m=$$(basename $$b .py); echo "== $$m"; $(BIN)/python -m bench.$$m || exit 1; done

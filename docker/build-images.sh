@@ -3,7 +3,7 @@
 # their sizes. Run from anywhere; `make images` runs it.
 #   TORCH_VARIANT=cpu|cuda|cuXYZ   torch build of the inference image (default cpu; see docker/Dockerfile)
 #   ENGINE=podman|docker           force one engine
-#   WHEELHOUSE=/path               a local folder of wheels searched first (podman only; default: $PIP_FIND_LINKS)
+#   WHEELHOUSE=/path               a local folder of wheels (podman only; default: $PIP_FIND_LINKS or pip.conf's find-links)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 variant="${TORCH_VARIANT:-cpu}"
@@ -24,6 +24,10 @@ if [ "$engine" = podman ]; then
     args+=(-v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt)
   fi
   wheels="${WHEELHOUSE:-${PIP_FIND_LINKS:-}}"
+  if [ -z "$wheels" ]; then  # the host's pip configuration, as pip on the host would use it
+    wheels=$(sed -n 's/^[[:space:]]*find-links[[:space:]]*=[[:space:]]*//p' /etc/pip.conf "$HOME/.config/pip/pip.conf" \
+      "$HOME/.pip/pip.conf" 2>/dev/null | head -n1 || true)
+  fi
   if [ -n "$wheels" ] && [ -d "$wheels" ]; then args+=(-v "$wheels:/run/wheels:ro"); fi
 fi
 build() {  # target tag dockerfile
