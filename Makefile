@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := dcmtk dicom3tools redis-server orthanc orthanc-dicomweb postgresql nodejs npm libpixelmed-java default-jdk-headless chromium chromium-driver
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-packages demo serve test lint typecheck bench demo-model clean
+.PHONY: setup system-packages demo serve test lint typecheck bench demo-model clean images test-images
 
 # Debian packages: the real DICOM peers, validators, Redis and PostgreSQL used by the node's tests and demo;
 # Node.js and npm run OHIF's own SR code on the node's reports, PixelMed (with a JDK: its validator runs in Java's
@@ -23,7 +23,7 @@ system-packages:
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,demo]'
 	touch $(STAMP)
 
 setup: system-packages $(STAMP)
@@ -43,6 +43,18 @@ typecheck: $(STAMP)
 
 test: setup lint typecheck
 	$(BIN)/pytest -q
+
+# Container images (docker/Dockerfile*), with podman where it is installed, else docker; prints their sizes.
+# TORCH_VARIANT=cuda make images builds the inference image with CUDA torch. See docker/README.md.
+images:
+	docker/build-images.sh
+
+# The images and the compose stack, built and run with podman (installed here with runc, debootstrap and
+# podman-compose): a real study in from outside, SR and GSPS out, restarts, a killed worker. Not part of `make test`.
+test-images: setup
+	docker/podman-setup.sh --install
+	ENGINE=podman docker/build-images.sh
+	DICOM_NODE_TEST_IMAGES=1 $(BIN)/pytest -q --durations=10 tests/images
 
 bench: setup
 	for b in bench/bench_*.py; do m=$$(basename $$b .py); echo "== $$m"; $(BIN)/python -m bench.$$m || exit 1; done

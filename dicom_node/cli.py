@@ -225,20 +225,44 @@ def demo(
 
 @app.command()
 def echo(
-    destination: Annotated[str, typer.Argument(help="Destination name from the configuration's destinations.")],
+    destination: Annotated[
+        str | None, typer.Argument(help="Destination name from the configuration's destinations.")
+    ] = None,
     config: ConfigOption = None,
+    self_check: Annotated[
+        bool,
+        typer.Option(
+            "--self",
+            help="C-ECHO this node's own Storage SCP (node.ae_title on node.port), as a container health check does.",
+        ),
+    ] = False,
 ) -> None:
     """Check that a configured destination answers: C-ECHO (DIMSE), a QIDO-RS search (DICOMweb), or a C-ECHO of each
-    known AE (kind: sender). Prints the round trip, or the exact failure."""
+    known AE (kind: sender); or the node itself (--self, the container health check). Prints the round trip, or the
+    exact failure."""
+    from dicom_node.config import DestinationSettings
     from dicom_node.export.destinations import echo as check
+    from dicom_node.export.scu import echo as c_echo
 
     settings = _settings(config)
-    chosen = settings.destination(destination)
-    if chosen is None:
-        names = sorted(d.name for d in settings.destinations)
-        err.print(f"[red]error:[/red] no destination {destination!r}; configured: {names or 'none'}")
+    if self_check == (destination is not None):
+        err.print("[red]error:[/red] give a destination name or --self, not both or neither")
         raise typer.Exit(2)
-    results = check(chosen, settings)
+    if destination is None:
+        node = settings.node
+        if node.tls_cert_file is not None:
+            err.print("[red]error:[/red] --self checks a plain TCP intake; this node's intake is DICOM TLS")
+            raise typer.Exit(2)
+        host = "127.0.0.1" if node.bind in ("0.0.0.0", "::", "") else node.bind
+        target = DestinationSettings(name="self", ae_title=node.ae_title, host=host, port=node.port, timeout=5)
+        results = [c_echo(target, node.ae_title)]
+    else:
+        chosen = settings.destination(destination)
+        if chosen is None:
+            names = sorted(d.name for d in settings.destinations)
+            err.print(f"[red]error:[/red] no destination {destination!r}; configured: {names or 'none'}")
+            raise typer.Exit(2)
+        results = check(chosen, settings)
     for result in results:
         (out if result.ok else err).print(str(result), highlight=False, markup=False)
     if not all(r.ok for r in results):

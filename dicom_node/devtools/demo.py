@@ -88,7 +88,10 @@ def run_demo(base: Settings, console: Console, keep_running: bool = False, timeo
 
     source = get_testdata_file(DEMO_STUDY, download=False)
     if source is None:
-        console.print("[red]error:[/red] the demo study needs the PyPI package pydicom-data (pip install pydicom-data)")
+        console.print(
+            "[red]error:[/red] the demo study needs the PyPI package pydicom-data "
+            "(pip install 'dicom-ai-node\\[demo]')"
+        )
         return 1
     data_dir = (base.node.data_dir / "demo").resolve()
     if data_dir.exists():

@@ -17,15 +17,35 @@ import socket
 from dicom_node.jobs.schema import JobRecord, JobState
 from dicom_node.jobs.store import JobStore
 
-__all__ = ["fail_if_redelivered_too_often", "is_abandoned", "owner_gone"]
+__all__ = ["fail_if_redelivered_too_often", "is_abandoned", "owner_gone", "process_host"]
+
+#: The kernel's fixed inode number of the initial PID namespace (PROC_PID_INIT_INO): a process outside containers.
+_INITIAL_PID_NAMESPACE = "pid:[4026531836]"
+
+
+def process_host() -> str:
+    """The ``host`` of a ``host:pid`` owner: the host name, plus the PID namespace inside a container.
+
+    Containers on the host's network share its host name but each has its own process ids, so a pid is only
+    checkable by a process in the same PID namespace: the node's container must not take a worker container's
+    pid 7 for one of its own (and requeue a job that is running). Outside containers the owner stays ``host:pid``.
+    """
+    host = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return host
+    if namespace == _INITIAL_PID_NAMESPACE:
+        return host
+    return f"{host}~{namespace.removeprefix('pid:[').removesuffix(']')}"
 
 
 def owner_gone(owner: str | None) -> bool:
-    """True when ``owner`` (host:pid) is a process on this host that no longer exists."""
+    """True when ``owner`` (host:pid) is a process on this host (and in this PID namespace) that no longer exists."""
     if not owner or ":" not in owner:
         return False
     host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != process_host() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import pydicom
 
 from dicom_node.config import SenderDestinationSettings, Settings
 from dicom_node.intake.spool import Spool, durable_write
-from dicom_node.jobs.lease import fail_if_redelivered_too_often, is_abandoned
+from dicom_node.jobs.lease import fail_if_redelivered_too_often, is_abandoned, process_host
 from dicom_node.jobs.schema import JobRecord, JobState
 from dicom_node.jobs.store import JobStore, is_unreachable
 from dicom_node.logs import audit, uid_hash
@@ -59,7 +58,7 @@ class PermanentError(Exception):
 
 
 def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{process_host()}:{os.getpid()}"
 
 
 @dataclass

@@ -104,3 +104,23 @@ def test_config_check_warns_of_unverified_tls_and_plain_http_credentials_and_sho
     assert "warning: destination 'old': basic credentials go over plain http to http://old/dicom-web" in said
     shown = runner.invoke(app, ["config", "show", "--config", str(config)])
     assert shown.exit_code == 0 and "pw-in-file-42" not in shown.output and '"**********"' in shown.output
+
+
+def test_echo_self_checks_the_nodes_own_scp(running_node: Callable[..., Node], tmp_path: Path) -> None:
+    """The container health check: C-ECHO to the node's own AE title and port, exit 1 with the reason when down."""
+    node = running_node()
+    config = tmp_path / "self.yaml"
+    section = {"node": {"port": node.port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var-self")}}
+    config.write_text(yaml.safe_dump(section))
+    up = runner.invoke(app, ["echo", "--self", "--config", str(config)])
+    assert up.exit_code == 0, up.output
+    section["node"]["ae_title"] = "NOTTHENODE"
+    config.write_text(yaml.safe_dump(section))
+    wrong = runner.invoke(app, ["echo", "--self", "--config", str(config)])
+    assert wrong.exit_code == 1 and "rejected" in wrong.output, wrong.output
+    section["node"] = {**section["node"], "ae_title": "AINODE", "port": free_port()}  # nothing listens there
+    config.write_text(yaml.safe_dump(section))
+    down = runner.invoke(app, ["echo", "--self", "--config", str(config)])
+    assert down.exit_code == 1 and "refused" in down.output, down.output
+    neither = runner.invoke(app, ["echo", "--config", str(config)])
+    assert neither.exit_code == 2 and "--self" in neither.output
