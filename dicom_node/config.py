@@ -362,6 +362,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
+        if self.model.export_dir is None:  # exports live with the node's other data unless placed elsewhere
+            self.model.export_dir = self.node.data_dir / "model-exports"
         names = [d.name for d in self.destinations]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:

@@ -27,7 +27,19 @@ class ModelSettings(BaseModel):
         None,
         description="local checkpoint directory; None only for family 'demo' (the packaged demo checkpoint)",
     )
-    backend: str = Field("transformers", description="registry key of the backend")
+    backend: str = Field(
+        "transformers",
+        description="registry key of the runtime: transformers | onnxruntime | tensorrt (the last two run the "
+        "checkpoint's ONNX export, made by `dicom-node model export`)",
+    )
+    export_dir: Path | None = Field(
+        None,
+        description="where ONNX exports (and TensorRT engines) live, one folder per checkpoint version; "
+        "None: <node.data_dir>/model-exports",
+    )
+    max_sequence_length: int = Field(
+        4096, ge=64, description="tensorrt: longest prompt + answer in tokens its engines are built for"
+    )
     device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'; `dicom-node worker --device` overrides")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU"

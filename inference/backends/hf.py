@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from inference.adapters.base import HFHandle, ModelAdapter
@@ -84,20 +84,30 @@ class TransformersBackend(Backend):
 
         self.generate([replace(item, max_new_tokens=2)])
 
-    def generate(self, batch: Sequence[PreparedInput]) -> list[str]:
-        if not batch:
-            return []
+    def _sequences(self, batch: Sequence[PreparedInput]) -> tuple[Any, Mapping[str, Any]]:
         import torch
 
         handle = self._require()
         encoded = self.adapter.hf_encode(handle, batch, self.device)
         max_new_tokens = max(item.max_new_tokens for item in batch)
         kwargs = self.adapter.hf_generate_kwargs(handle)
-        started = time.perf_counter()
         with torch.inference_mode():
             sequences = handle.model.generate(
                 **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **kwargs
             )
+        return sequences, encoded
+
+    def generate_tokens(self, batch: Sequence[PreparedInput]) -> Any:
+        """The generated token ids of a batch as a numpy array (batch, steps), pad after a row's end token."""
+        sequences, encoded = self._sequences(batch)
+        return sequences[:, encoded["input_ids"].shape[1] :].cpu().numpy()
+
+    def generate(self, batch: Sequence[PreparedInput]) -> list[str]:
+        if not batch:
+            return []
+        handle = self._require()
+        started = time.perf_counter()
+        sequences, encoded = self._sequences(batch)
         texts = self.adapter.hf_decode(handle, sequences, encoded)
         logger.debug("generated %d answers in %.2f s", len(texts), time.perf_counter() - started)
         if len(texts) != len(batch):
