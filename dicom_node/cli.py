@@ -25,11 +25,14 @@ from dicom_node.work.queues import INFERENCE_QUEUE, QUEUES
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
 jobs_app = typer.Typer(help="List, inspect, retry and cancel jobs.", no_args_is_help=True)
+model_app = typer.Typer(help="Export the model for the onnxruntime and tensorrt backends, and check it.",
+                        no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(model_app, name="model")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line in a log, however long
 
 ConfigOption = Annotated[
     Path | None,
@@ -125,8 +128,14 @@ def worker(
     engine_factory = None
     if INFERENCE_QUEUE in wanted:
         from inference.engine import Engine
+        from inference.errors import ModelLoadError
 
         model = settings.model
+        try:
+            Engine.preflight(model)  # a missing runtime (TensorRT, CUDA) stops here, before Celery starts
+        except ModelLoadError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(2) from None
 
         def engine_factory() -> Engine:
             return Engine.load(model, model.device)
@@ -364,6 +373,66 @@ def jobs_cancel(job_id: Annotated[int, typer.Argument()], config: ConfigOption =
     unfinished = [JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED]
     _move_job(_store(_settings(config)), job_id, JobState.CANCELLED, unfinished, "cancel", "cancelled")
     out.print(f"job {job_id} cancelled")
+
+
+@model_app.command("export")
+def model_export(
+    config: ConfigOption = None,
+    dtype: Annotated[str, typer.Option(help="Graph precision: float32 (CPU, exact) or float16 (GPU).")] = "float32",
+    force: Annotated[bool, typer.Option(help="Export again even when a valid export exists.")] = False,
+) -> None:
+    """Export the configured checkpoint to ONNX graphs (once per checkpoint version; minutes for a real one)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from inference.errors import ModelLoadError
+    from inference.export.exporter import export_checkpoint
+
+    settings = _settings(config)
+    configure_logging("WARNING", False, None)
+    model = settings.model
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=err, transient=False,
+    ) as progress:
+        task = progress.add_task(f"exporting {model.family}", total=1)
+
+        def report(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=done, total=total)
+
+        try:
+            folder, written = export_checkpoint(model, dtype=dtype, force=force, progress=report)
+        except ModelLoadError as exc:
+            progress.stop()
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    verb = "exported to" if written else "a valid export already exists in"
+    out.print(f"{model.family} checkpoint {verb} {folder} ({size / 1e6:.1f} MB); "
+              f"run it with model.backend: onnxruntime or tensorrt", highlight=False)
+
+
+@model_app.command("check")
+def model_check(
+    config: ConfigOption = None,
+    compare: Annotated[bool, typer.Option(help="Also run transformers on the same input and compare the tokens.")]
+    = False,
+) -> None:
+    """Check that the configured model loads on its backend (export present and current) and generates."""
+    from inference.errors import InferenceError
+    from inference.model_check import check_model
+
+    settings = _settings(config)
+    configure_logging("WARNING", False, None)
+    try:
+        lines, agreed = check_model(settings.model, compare=compare)
+    except InferenceError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    for line in lines:
+        out.print(line, highlight=False, markup=False)
+    if not agreed:
+        err.print("[red]error:[/red] the backends do not give the same tokens for the same input")
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -88,6 +88,13 @@ class Engine:
         self.backend = backend
         self.identity = identity
 
+    @staticmethod
+    def preflight(settings: ModelSettings) -> None:
+        """Check, cheaply, that the family and backend exist and the runtime can run here (TensorRT and CUDA for
+        ``tensorrt``); :class:`ModelLoadError` with one line saying what is missing. Reads no checkpoint file."""
+        adapter = adapter_class(settings.family)(settings)
+        backend_class(settings.backend)(adapter, settings, settings.device).check_runtime()
+
     @classmethod
     def load(cls, settings: ModelSettings, device: str | None = None) -> Engine:
         """Build the adapter and backend for ``settings`` and load the weights; :class:`ModelLoadError` on failure."""

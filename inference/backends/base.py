@@ -1,15 +1,15 @@
 """The backend interface: load, warm up, generate for a batch, describe. Nothing more.
 
 A backend runs a model; the adapter says how to build its inputs and read its outputs. The ``transformers``
-backend calls the adapter's ``hf_*`` hooks; an optimised backend (TensorRT) will add its own hooks the same
-way.
+backend calls the adapter's ``hf_*`` hooks; the graph backends (``onnxruntime``, ``tensorrt``) run the
+checkpoint's ONNX export through the adapter's ``export_*`` hooks (:mod:`inference.backends.graphs`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from inference.adapters.base import ModelAdapter
 from inference.config import ModelSettings
@@ -29,6 +29,10 @@ class Backend(ABC):
         self.settings = settings
         self.device = device
 
+    def check_runtime(self) -> None:  # noqa: B027 - a hook: most backends need nothing beyond their imports
+        """Raise ModelLoadError, one line naming what is missing and how a site installs it, when this runtime
+        cannot run on this host and device; cheap, reads no checkpoint file."""
+
     @abstractmethod
     def load(self) -> None:
         """Load the weights from the adapter's checkpoint directory (local files only); raises
@@ -41,6 +45,11 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, batch: Sequence[PreparedInput]) -> list[str]:
         """One answer per item, greedy, each capped at the largest ``max_new_tokens`` of the batch."""
+
+    @abstractmethod
+    def generate_tokens(self, batch: Sequence[PreparedInput]) -> Any:
+        """The generated token ids of a batch, a numpy array (batch, steps) with pad after a row's end token:
+        what the backends' agreement (DESIGN invariant 11) is checked on."""
 
     @abstractmethod
     def describe(self) -> dict[str, str]:

@@ -78,7 +78,9 @@ def _export_graph(spec: Any, path: Path, dtype: str) -> float:
     import torch
 
     captured = io.StringIO()
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per merged initialiser otherwise
+    # one line per merged initialiser, and one per torchvision operator that is not installed, otherwise
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(captured), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -162,6 +164,9 @@ def export_checkpoint(
     started = time.perf_counter()
     torch_dtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
     tell(f"loading {directory.name}", 0, 1)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the export has its own progress display
     handle = adapter.hf_load(directory, "cpu", torch_dtype, "sdpa")
     plan = adapter.export_plan(handle)
     total = len(plan.graphs) + 2
@@ -188,6 +193,7 @@ def export_checkpoint(
             eos_token_ids=plan.eos_token_ids,
             pad_token_id=plan.pad_token_id,
             opset=OPSET,
+            dim_ranges=dict(plan.dim_ranges),
             versions={**_versions(), **{f"max difference {k}": v for k, v in differences.items()}},
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )

@@ -85,6 +85,8 @@ class ExportManifest:
     pad_token_id: int
     opset: int
     versions: dict[str, str] = field(default_factory=dict)  # torch, transformers, onnx at export time
+    #: (min, opt, max) of the vision graph's own dynamic axes (the decoder's are derived from the settings).
+    dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     created: str = ""
 
@@ -101,7 +103,9 @@ class ExportManifest:
             graphs = {name: GraphInfo(g["file"], tuple(g["inputs"]), tuple(g["outputs"]))
                       for name, g in data.pop("graphs").items()}
             decoder = DecoderLayout(**data.pop("decoder"))
-            return cls(graphs=graphs, decoder=decoder, eos_token_ids=tuple(data.pop("eos_token_ids")), **data)
+            ranges = {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in data.pop("dim_ranges", {}).items()}
+            return cls(graphs=graphs, decoder=decoder, eos_token_ids=tuple(data.pop("eos_token_ids")),
+                       dim_ranges=ranges, **data)
         except FileNotFoundError:
             raise ExportMissingError(f"{path} is missing: the export in {folder} is incomplete; run "
                                      f"`{EXPORT_COMMAND}` again") from None

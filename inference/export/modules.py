@@ -61,6 +61,8 @@ class ExportPlan:
     image_token_id: int
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    #: (min, opt, max) of the vision graph's dynamic axes other than ``images`` (e.g. patch counts), for TensorRT.
+    dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 class TokenEmbedding(torch.nn.Module):
