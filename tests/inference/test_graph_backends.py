@@ -111,7 +111,7 @@ def test_model_check_loads_the_export_generates_and_agrees_with_transformers(exp
 
 def test_a_missing_export_stops_the_load_saying_how_to_make_it(tmp_path: Path) -> None:
     settings = ModelSettings(backend="onnxruntime", export_dir=tmp_path / "exports")
-    with pytest.raises(ModelLoadError, match=r"no ONNX export of the 'demo' checkpoint .* run `dicom-node model export`"):
+    with pytest.raises(ModelLoadError, match=r"no ONNX export of the 'demo' checkpoint .* `dicom-node model export`"):
         Engine.load(settings)
 
 
