@@ -15,12 +15,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.jobs.schema import JobState, StudyState
+from dicom_node.jobs.schema import JobState, StudyState, WorkerRecord
 from dicom_node.jobs.store import JobStore, StoreUnavailable
 from dicom_node.logs import configure_logging
-from dicom_node.permissions import private_dir, restrict_umask
+from dicom_node.permissions import restrict_umask
 from dicom_node.tls import TLSConfigError, server_context
 from dicom_node.work.queues import INFERENCE_QUEUE, QUEUES
+from dicom_node.work.worker_status import HEARTBEAT_SECONDS
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
@@ -103,19 +104,29 @@ def worker(
     config: ConfigOption = None,
     queues: Annotated[str, typer.Option(help="Queues: inference, export, or inference,export.")] = INFERENCE_QUEUE,
     device: Annotated[str | None, typer.Option(help="Model device (overrides model.device): cpu, cuda:N.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Worker processes (inference: one per GPU).")] = 1,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Export: worker processes (default 1). Inference: studies held at once, whose images "
+                          "share the model's batches (default queue.inference_concurrency); run one inference "
+                          "worker per GPU."),
+    ] = None,
 ) -> None:
-    """Run a Celery worker. An inference worker loads its model once per process, warms it up, then consumes."""
+    """Run a Celery worker. An inference worker loads its model once, warms it up, then consumes: it holds several
+    studies at once (threads) and one batcher runs their images through the model together."""
     import os
 
-    from dicom_node.work.celery_app import install_model_loader, make_celery
+    from dicom_node.work.celery_app import make_celery
     from dicom_node.work.steps import WorkerContext
+    from dicom_node.work.worker_status import Heartbeat, WorkerMetrics, serve_worker_metrics
 
     settings = _settings(config)
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in wanted if q not in QUEUES]
     if not wanted or unknown:
         err.print(f"[red]error:[/red] --queues takes {' and/or '.join(QUEUES)}, got {queues!r}")
+        raise typer.Exit(2)
+    if concurrency is not None and concurrency < 1:
+        err.print(f"[red]error:[/red] --concurrency must be at least 1, got {concurrency}")
         raise typer.Exit(2)
     if device is not None:
         try:
@@ -125,30 +136,39 @@ def worker(
             err.print(f"[red]error:[/red] --device: {exc}")
             raise typer.Exit(2) from None
     configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
-    engine_factory = None
+    ctx = WorkerContext(settings)
+    metrics_url = ""
     if INFERENCE_QUEUE in wanted:
         from inference.engine import Engine
-        from inference.errors import ModelLoadError
+        from inference.errors import InferenceError, ModelLoadError
 
         model = settings.model
         try:
-            Engine.preflight(model)  # a missing runtime (TensorRT, CUDA) stops here, before Celery starts
+            Engine.preflight(model)  # a missing runtime (TensorRT, CUDA) stops here, before anything loads
         except ModelLoadError as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
-
-        def engine_factory() -> Engine:
-            return Engine.load(model, model.device)
-
-    ctx = WorkerContext(settings, engine_factory=engine_factory)
+        ctx.engine_factory = lambda: Engine.load(model, model.device)
+        try:
+            ctx.load_engine()  # once per worker, before it takes any job
+        except InferenceError as exc:
+            err.print(f"[red]error:[/red] the model could not be loaded: {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
+        metrics = WorkerMetrics(model.device)
+        ctx.metrics = metrics
+        engine = ctx.engine
+        engine.start_batching(on_batch=lambda report: metrics.observe_batch(report, engine.backend.last_stats))
+        if settings.queue.worker_metrics_port:
+            port = serve_worker_metrics(metrics, settings.queue.worker_metrics_port)
+            metrics_url = f"http://{_hostname()}:{port}/metrics" if port else ""
+        # Threads, not processes: the studies in flight share the one loaded model and its batches.
+        pool, threads = "threads", concurrency or settings.queue.inference_concurrency
+    else:
+        pool, threads = "prefork", concurrency or 1
     app_ = make_celery(settings, ctx)
-    run_dir = private_dir(settings.node.data_dir / "run")
-    failure = run_dir / f"worker-{os.getpid()}.failed"
-    failure.unlink(missing_ok=True)
-    if engine_factory is not None:
-        install_model_loader(ctx, failure)
+    heartbeat = Heartbeat(lambda: ctx.store, ",".join(wanted), ctx._engine, ctx.activity, metrics_url).start()
     argv = [
-        "worker", "--queues", ",".join(wanted), "--concurrency", str(concurrency), "--pool", "prefork",
+        "worker", "--queues", ",".join(wanted), "--concurrency", str(threads), "--pool", pool,
         "--hostname", f"{'-'.join(wanted)}-{os.getpid()}@%h", "--loglevel", settings.logging.level,
         "--without-gossip", "--without-mingle",
     ]
@@ -156,10 +176,16 @@ def worker(
         app_.worker_main(argv)
     except SystemExit:
         pass
-    if failure.exists():
-        err.print(f"[red]error:[/red] the model could not be loaded: {failure.read_text(encoding='utf-8')}")
-        failure.unlink(missing_ok=True)
-        raise typer.Exit(1)
+    finally:
+        heartbeat.stop()
+        if ctx.engine_factory is not None and ctx._engine is not None and ctx._engine.batcher is not None:
+            ctx._engine.batcher.close()
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
 
 
 @app.command()
@@ -246,7 +272,8 @@ def config_show(config: ConfigOption = None) -> None:
 
 @app.command()
 def status(config: ConfigOption = None) -> None:
-    """Health at a glance: jobs per state, studies still receiving, spool space, oldest unfinished job."""
+    """Health at a glance: jobs per state, studies still receiving, spool space, oldest unfinished job, the queue by
+    priority, and each live worker (host, device, model, what it is doing)."""
     import shutil
     import time
 
@@ -272,6 +299,27 @@ def status(config: ConfigOption = None) -> None:
     failed = counts.get("jobs_failed", 0)
     if failed:
         out.print(f"[red]{failed} failed job(s)[/red]: dicom-node jobs list --state failed")
+    queued = store.queued_by_priority()
+    out.print(f"waiting for inference: {queued['urgent']} urgent, {queued['routine']} routine", highlight=False)
+    _print_workers(store.live_workers(3 * HEARTBEAT_SECONDS))
+
+
+def _print_workers(workers: list[WorkerRecord]) -> None:
+    """The live workers: host:pid, queues, device, model, what each is doing, where its metrics are."""
+    import time
+
+    if not workers:
+        out.print(f"no live worker (none reported in the last {3 * HEARTBEAT_SECONDS:.0f} s): start one with "
+                  "`dicom-node worker`", highlight=False)
+        return
+    table = Table(title=f"{len(workers)} live worker(s)")
+    for column in ("worker", "queues", "device", "model", "doing", "metrics", "seen"):
+        table.add_column(column)
+    now = time.time()
+    for w in workers:
+        table.add_row(w.worker_id, w.queues, w.device or "-", w.model or "-", w.activity, w.metrics_url or "-",
+                      f"{now - w.last_seen:.0f} s ago")
+    out.print(table)
 
 
 @jobs_app.command("list")
@@ -288,13 +336,14 @@ def jobs_list(
     if as_json:
         print(json.dumps([j.as_dict() for j in found], indent=2))
         return
-    table = Table("id", "state", "study", "run", "rule", "profile", "attempts", "updated", "error")
+    table = Table("id", "state", "priority", "study", "run", "rule", "profile", "attempts", "updated", "error")
     colours = {"failed": "red", "delivered": "green", "skipped": "yellow"}
     for j in found:
         colour = colours.get(j.state.value, "white")
         table.add_row(
             str(j.id),
             f"[{colour}]{j.state.value}[/{colour}]",
+            "[bold red]urgent[/bold red]" if j.priority == "urgent" else "routine",
             j.study_uid[-24:],
             str(j.run),
             j.rule or "-",
@@ -326,7 +375,8 @@ def jobs_show(
         return
     out.print(f"[bold]job {job.id}[/bold]: {job.state.value}", highlight=False)
     out.print(f"  study {job.study_uid} run {job.run}", highlight=False)
-    out.print(f"  rule {job.rule or '-'}; profile {job.profile or '-'} ({job.language or '-'})", highlight=False)
+    out.print(f"  rule {job.rule or '-'}; profile {job.profile or '-'} ({job.language or '-'}); "
+              f"priority {job.priority}", highlight=False)
     out.print(f"  outputs {job.outputs}; destinations {job.destinations}", highlight=False)
     out.print(f"  attempts {job.attempts}; redeliveries {job.redeliveries}", highlight=False)
     if job.owner:

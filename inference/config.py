@@ -48,7 +48,13 @@ class ModelSettings(BaseModel):
         False, description="run the checkpoint's own modelling code; only families that need it (medrega)"
     )
     max_new_tokens: int | None = Field(None, ge=1, description="None: each profile's own cap")
-    batch_size: int = Field(1, ge=1, description="images per generate call")
+    batch_size: int = Field(
+        8, ge=1, description="most images per generate call, gathered across the studies a worker holds"
+    )
+    batch_wait_ms: float = Field(
+        20, ge=0, le=10000,
+        description="how long a batch waits after its first image for others to join (ms); 0: never waits",
+    )
     slices_per_series: int = Field(3, ge=1, description="CT/MR: evenly spaced slices taken from each series")
     max_images_per_study: int = Field(8, ge=1, description="upper bound of images sent to the model per study")
     window: WindowName = Field("auto", description="VOI window of grey-scale images (CT presets: lung, ...)")

@@ -29,6 +29,7 @@ __all__ = [
     "JobState",
     "Purged",
     "StudyState",
+    "WorkerRecord",
     "events",
     "instances",
     "jobs",
@@ -36,6 +37,7 @@ __all__ = [
     "patient_key",
     "results",
     "studies",
+    "workers",
 ]
 
 
@@ -125,6 +127,8 @@ jobs = Table(
     Column("run", Integer, nullable=False),
     Column("state", String(16), nullable=False),
     Column("rule", String(128), nullable=True),
+    # urgent | routine: urgent jobs overtake routine ones in the queue and in a worker's batches.
+    Column("priority", String(8), nullable=True),
     Column("profile", String(32), nullable=True),
     Column("language", String(8), nullable=True),
     Column("targets", Text, nullable=False, default="[]"),
@@ -165,6 +169,35 @@ results = Table(
     Column("delivered_to", Text, nullable=False, default="[]"),
     Index("ix_results_job", "job_id"),
 )
+
+
+#: The live workers, as each reports itself every few seconds (a heartbeat): what ``dicom-node status`` shows.
+workers = Table(
+    "workers",
+    metadata,
+    Column("worker_id", String(160), primary_key=True),  # host:pid
+    Column("host", String(128), nullable=False),
+    Column("queues", String(64), nullable=False),
+    Column("device", String(32), nullable=False, default=""),
+    Column("model", Text, nullable=False, default=""),  # family, checkpoint name and version, backend
+    Column("activity", Text, nullable=False, default=""),  # what it is doing: jobs in flight, batch
+    Column("metrics_url", String(256), nullable=False, default=""),
+    Column("started_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    worker_id: str
+    host: str
+    queues: str
+    device: str
+    model: str
+    activity: str
+    metrics_url: str
+    started_at: float
+    last_seen: float
 
 
 #: The length of each header text column of ``instances``, from the table itself (one definition).
@@ -255,6 +288,7 @@ class JobRecord:
     state: JobState
     rule: str | None
     profile: str | None
+    priority: str
     language: str | None
     targets: list[str]
     outputs: list[str]
@@ -279,6 +313,7 @@ class JobRecord:
             state=JobState(m["state"]),
             rule=m["rule"],
             profile=m["profile"],
+            priority=m["priority"] or "routine",
             language=m["language"],
             targets=json.loads(m["targets"]),
             outputs=json.loads(m["outputs"]),

@@ -45,12 +45,14 @@ from dicom_node.jobs.schema import (
     JobState,
     Purged,
     StudyState,
+    WorkerRecord,
     events,
     instances,
     jobs,
     metadata,
     results,
     studies,
+    workers,
 )
 from dicom_node.permissions import private_dir, private_file
 
@@ -475,6 +477,7 @@ class JobStore:
         destinations: Sequence[str] = (),
         skip_reason: str | None = None,
         now: float | None = None,
+        priority: str = "routine",
     ) -> int | None:
         """Close a study's receive window and create its job (queued, or skipped with ``skip_reason``).
 
@@ -498,6 +501,7 @@ class JobStore:
                     run=run,
                     state=state.value,
                     rule=rule,
+                    priority=priority,
                     profile=profile,
                     language=language,
                     targets=json.dumps(list(targets)),
@@ -591,6 +595,45 @@ class JobStore:
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
         return JobRecord.from_row(row) if row else None
+
+    # --- workers ------------------------------------------------------------------------------------------------
+
+    def report_worker(self, record: WorkerRecord) -> None:
+        """Insert or refresh a worker's row (its heartbeat)."""
+        values = {k: getattr(record, k) for k in WorkerRecord.__dataclass_fields__}
+        with self._tx() as conn:
+            changed = conn.execute(
+                update(workers).where(workers.c.worker_id == record.worker_id).values(**values)
+            ).rowcount
+            if not changed:
+                conn.execute(insert(workers).values(**values))
+
+    def forget_worker(self, worker_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute(delete(workers).where(workers.c.worker_id == worker_id))
+
+    def live_workers(self, max_age: float, now: float | None = None) -> list[WorkerRecord]:
+        """Workers whose last heartbeat is at most ``max_age`` seconds old (older rows are removed)."""
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            conn.execute(delete(workers).where(workers.c.last_seen < now - max(max_age * 20, 600)))
+            rows = conn.execute(
+                select(workers).where(workers.c.last_seen >= now - max_age).order_by(workers.c.worker_id)
+            ).all()
+        fields = WorkerRecord.__dataclass_fields__
+        return [WorkerRecord(**{k: r._mapping[k] for k in fields}) for r in rows]
+
+    def queued_by_priority(self) -> dict[str, int]:
+        """Jobs waiting for inference, by priority (urgent, routine)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs.c.priority, func.count()).where(jobs.c.state == JobState.QUEUED.value)
+                .group_by(jobs.c.priority)
+            ).all()
+        counts = {"urgent": 0, "routine": 0}
+        for priority, count in rows:
+            counts[priority or "routine"] = counts.get(priority or "routine", 0) + int(count)
+        return counts
 
     def list_jobs(self, states: Sequence[str] = (), limit: int = 200) -> list[JobRecord]:
         q = select(jobs).order_by(jobs.c.id.desc()).limit(limit)

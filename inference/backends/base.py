@@ -15,7 +15,19 @@ from inference.adapters.base import ModelAdapter
 from inference.config import ModelSettings
 from inference.types import PreparedInput
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "count_generated"]
+
+
+def count_generated(tokens: Any, end_ids: Sequence[int]) -> int:
+    """Generated tokens in a (batch, steps) array: each row up to and including its first end token."""
+    import numpy as np
+
+    array = np.asarray(tokens)
+    if array.size == 0:
+        return 0
+    ended = np.isin(array, np.asarray(list(end_ids), dtype=array.dtype))
+    first = np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, array.shape[1])
+    return int(first.sum())
 
 
 class Backend(ABC):
@@ -28,6 +40,9 @@ class Backend(ABC):
         self.adapter = adapter
         self.settings = settings
         self.device = device
+        #: Figures of the last generate call, for the worker's metrics: ``tokens`` (generated, up to each row's
+        #: end token) and ``ttft_s`` (prefill and first token). Written by the thread that calls generate.
+        self.last_stats: dict[str, float] = {}
 
     def check_runtime(self) -> None:  # noqa: B027 - a hook: most backends need nothing beyond their imports
         """Raise ModelLoadError, one line naming what is missing and how a site installs it, when this runtime

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from inference.adapters.base import HFHandle, ModelAdapter, checkpoint_fingerprint
-from inference.backends.base import Backend
+from inference.backends.base import Backend, count_generated
 from inference.config import ModelSettings
 from inference.errors import InferenceError, ModelLoadError
 from inference.export.manifest import ExportManifest, find_export
@@ -214,6 +214,11 @@ class GraphBackend(Backend):
         inputs = self.encode(batch)
         max_new_tokens = max(item.max_new_tokens for item in batch)
         tokens, self.last_timings = greedy_generate(runner, inputs, max_new_tokens, self.repetition_penalty)
+        assert self.manifest is not None
+        self.last_stats = {
+            "tokens": float(count_generated(tokens, self.manifest.eos_token_ids)),
+            "ttft_s": self.last_timings["prefill_s"],
+        }
         return tokens
 
     def generate(self, batch: Sequence[PreparedInput]) -> list[str]:

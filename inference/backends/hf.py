@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from inference.adapters.base import HFHandle, ModelAdapter
-from inference.backends.base import Backend
+from inference.backends.base import Backend, count_generated
 from inference.config import ModelSettings
 from inference.errors import InferenceError, ModelLoadError
 from inference.types import PreparedInput
@@ -33,6 +33,22 @@ def resolve_dtype(setting: str, device: str) -> Any:
     if setting == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
+
+
+class _FirstToken:
+    """A generation streamer that notes when the first new tokens arrive (the first call carries the prompt)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.at: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 class TransformersBackend(Backend):
@@ -88,13 +104,22 @@ class TransformersBackend(Backend):
         import torch
 
         handle = self._require()
+        started = time.perf_counter()
         encoded = self.adapter.hf_encode(handle, batch, self.device)
         max_new_tokens = max(item.max_new_tokens for item in batch)
         kwargs = self.adapter.hf_generate_kwargs(handle)
+        first_token = _FirstToken()
         with torch.inference_mode():
             sequences = handle.model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **kwargs
+                **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, streamer=first_token, **kwargs
             )
+        generated = sequences[:, encoded["input_ids"].shape[1] :]
+        end_ids = handle.model.generation_config.eos_token_id
+        end_ids = end_ids if isinstance(end_ids, list | tuple) else [end_ids] if end_ids is not None else []
+        self.last_stats = {
+            "tokens": float(count_generated(generated.cpu().numpy(), [int(i) for i in end_ids])),
+            "ttft_s": (first_token.at or time.perf_counter()) - started,
+        }
         return sequences, encoded
 
     def generate_tokens(self, batch: Sequence[PreparedInput]) -> Any:
