@@ -2,14 +2,18 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dcmtk dicom3tools redis-server orthanc postgresql
+APT_PACKAGES := dcmtk dicom3tools redis-server orthanc orthanc-dicomweb postgresql nodejs npm libpixelmed-java default-jdk-headless chromium chromium-driver
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system-packages demo serve test lint typecheck bench demo-model clean
 
-# Debian packages: the real DICOM peers, validators, Redis and PostgreSQL used by the node's tests and demo.
+# Debian packages: the real DICOM peers, validators, Redis and PostgreSQL used by the node's tests and demo;
+# Node.js and npm run OHIF's own SR code on the node's reports, PixelMed (with a JDK: its validator runs in Java's
+# source-file mode) checks them against TID 1500; the headless browser the console's tests drive. A package counts
+# as present when a command of its name is on the PATH too (npm comes with Node.js from other sources, whose nodejs
+# conflicts with Debian's npm).
 system-packages:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,13 +15,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.config import ConfigError, Settings, load_settings
-from dicom_node.jobs.schema import JobState, StudyState, WorkerRecord
+from dicom_node.jobs.schema import JobState
 from dicom_node.jobs.store import JobStore, StoreUnavailable
 from dicom_node.logs import configure_logging
 from dicom_node.permissions import restrict_umask
 from dicom_node.tls import TLSConfigError, server_context
+from dicom_node.work.heartbeat import WorkerInfo, live_workers
 from dicom_node.work.queues import INFERENCE_QUEUE, QUEUES
-from dicom_node.work.worker_status import HEARTBEAT_SECONDS
+
+if TYPE_CHECKING:
+    from dicom_node.console.users import UserStore
+    from dicom_node.work.heartbeat import Heartbeat
+    from dicom_node.work.steps import WorkerContext
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
@@ -29,8 +34,10 @@ jobs_app = typer.Typer(help="List, inspect, retry and cancel jobs.", no_args_is_
 model_app = typer.Typer(help="Export the model for the onnxruntime and tensorrt backends, and check it.",
                         no_args_is_help=True)
 app.add_typer(config_app, name="config")
+users_app = typer.Typer(help="Users of the web console: add, remove, passwords, API tokens.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(model_app, name="model")
+app.add_typer(users_app, name="users")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line in a log, however long
@@ -62,6 +69,14 @@ def _retention(settings: Settings) -> str:
     return "off (study files are kept)" if keep is None else f"study files removed {keep:g} day(s) after their last job"
 
 
+def _console(settings: Settings) -> str:
+    node = settings.node
+    if not node.http_port:
+        return "off (node.http_port: 0)"
+    scheme = "https" if node.http_tls else "http"
+    return f"{scheme}://{node.http_bind}:{node.http_port}/, {len(settings.notifications.webhooks)} webhook(s)"
+
+
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -78,11 +93,17 @@ def serve(config: ConfigOption = None) -> None:
     except StoreUnavailable as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
+    from dicom_node.console.server import ConsoleStartError
+
     try:
         node.start()
     except TLSConfigError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
+    except ConsoleStartError as exc:
+        node.stop()
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     except OSError as exc:
         err.print(f"[red]error:[/red] cannot listen on {settings.node.bind}:{settings.node.port}: {exc.strerror}")
         raise typer.Exit(1) from None
@@ -96,6 +117,8 @@ def serve(config: ConfigOption = None) -> None:
         f"DICOM AI node {settings.node.ae_title} listening on {settings.node.bind}:{node.port}; "
         f"data in {settings.node.data_dir}. Ctrl-C stops."
     )
+    if node.console is not None:
+        out.print(f"Web console and API on {node.console.url}/ (users: dicom-node users add NAME --role admin)")
     node.wait()
 
 
@@ -117,7 +140,7 @@ def worker(
 
     from dicom_node.work.celery_app import make_celery
     from dicom_node.work.steps import WorkerContext
-    from dicom_node.work.worker_status import Heartbeat, WorkerMetrics, serve_worker_metrics
+    from dicom_node.work.worker_metrics import WorkerMetrics, serve_worker_metrics
 
     settings = _settings(config)
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
@@ -166,7 +189,7 @@ def worker(
     else:
         pool, threads = "prefork", concurrency or 1
     app_ = make_celery(settings, ctx)
-    heartbeat = Heartbeat(lambda: ctx.store, ",".join(wanted), ctx._engine, ctx.activity, metrics_url).start()
+    heartbeat = _start_heartbeat(settings, ctx, wanted, metrics_url)
     argv = [
         "worker", "--queues", ",".join(wanted), "--concurrency", str(threads), "--pool", pool,
         "--hostname", f"{'-'.join(wanted)}-{os.getpid()}@%h", "--loglevel", settings.logging.level,
@@ -177,7 +200,8 @@ def worker(
     except SystemExit:
         pass
     finally:
-        heartbeat.stop()
+        for beat in heartbeat:
+            beat.stop()
         if ctx.engine_factory is not None and ctx._engine is not None and ctx._engine.batcher is not None:
             ctx._engine.batcher.close()
 
@@ -186,6 +210,37 @@ def _hostname() -> str:
     import socket
 
     return socket.gethostname()
+
+
+def _start_heartbeat(settings: Settings, ctx: WorkerContext, queues: list[str], metrics_url: str) -> list[Heartbeat]:
+    """Record this worker in the job store once it consumes, with what it is doing, until it stops (see
+    work.heartbeat); the list holds the heartbeat once it started, for the caller to stop."""
+    import os
+    import socket
+
+    from celery.signals import worker_ready
+
+    from dicom_node.work.heartbeat import Heartbeat
+
+    running: list[Heartbeat] = []
+    engine = ctx._engine
+    device = model = ""
+    if engine is not None:
+        identity, params = engine.identity, engine.identity.parameters
+        model = f"{identity.family} {identity.name} (version {identity.version}) on {params.get('backend', '')}"
+        device = f"{params.get('device', '')} {params.get('dtype', '')}".strip()
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        running.append(
+            Heartbeat(
+                lambda: JobStore(settings.store_url), f"{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}",
+                queues, device=device, model=model, period=settings.queue.worker_heartbeat_seconds,
+                activity=ctx.activity, metrics_url=metrics_url,
+            ).start()
+        )
+
+    return running
 
 
 @app.command()
@@ -206,17 +261,20 @@ def echo(
     destination: Annotated[str, typer.Argument(help="Destination name from the configuration's destinations.")],
     config: ConfigOption = None,
 ) -> None:
-    """C-ECHO a configured destination: success and round trip, or the exact failure."""
-    from dicom_node.export.scu import echo as c_echo
+    """Check that a configured destination answers: C-ECHO (DIMSE), a QIDO-RS search (DICOMweb), or a C-ECHO of each
+    known AE (kind: sender). Prints the round trip, or the exact failure."""
+    from dicom_node.export.destinations import echo as check
 
     settings = _settings(config)
-    by_name = {d.name: d for d in settings.destinations}
-    if destination not in by_name:
-        err.print(f"[red]error:[/red] no destination {destination!r}; configured: {sorted(by_name) or 'none'}")
+    chosen = settings.destination(destination)
+    if chosen is None:
+        names = sorted(d.name for d in settings.destinations)
+        err.print(f"[red]error:[/red] no destination {destination!r}; configured: {names or 'none'}")
         raise typer.Exit(2)
-    result = c_echo(by_name[destination], settings.node.ae_title)
-    (out if result.ok else err).print(str(result), highlight=False)
-    if not result.ok:
+    results = check(chosen, settings)
+    for result in results:
+        (out if result.ok else err).print(str(result), highlight=False, markup=False)
+    if not all(r.ok for r in results):
         raise typer.Exit(1)
 
 
@@ -254,13 +312,19 @@ def config_check(config: ConfigOption = None) -> None:
         f" ({settings.model.path or 'packaged'}) on {settings.model.device}\n"
         f"  job store {make_url(settings.store_url).render_as_string(hide_password=True)}; "
         f"retention: {_retention(settings)}\n"
-        f"  {len(settings.destinations)} destination(s), {len(settings.rules)} rule(s)",
+        f"  {len(settings.destinations)} destination(s), {len(settings.known_aes)} known AE(s), "
+        f"{len(settings.rules)} rule(s)\n"
+        f"  console: {_console(settings)}",
         highlight=False,
     )
+    from dicom_node.config import DicomWebDestinationSettings
     from dicom_node.jobs.rules import risky_patterns
 
     for line in risky_patterns(settings.rules):
         out.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
+    for d in settings.destinations:
+        for line in d.warnings() if isinstance(d, DicomWebDestinationSettings) else []:
+            out.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
 
 
 @config_app.command("show")
@@ -301,24 +365,24 @@ def status(config: ConfigOption = None) -> None:
         out.print(f"[red]{failed} failed job(s)[/red]: dicom-node jobs list --state failed")
     queued = store.queued_by_priority()
     out.print(f"waiting for inference: {queued['urgent']} urgent, {queued['routine']} routine", highlight=False)
-    _print_workers(store.live_workers(3 * HEARTBEAT_SECONDS))
+    _print_workers(live_workers(store, settings.queue.worker_heartbeat_seconds), settings)
 
 
-def _print_workers(workers: list[WorkerRecord]) -> None:
-    """The live workers: host:pid, queues, device, model, what each is doing, where its metrics are."""
+def _print_workers(workers: list[WorkerInfo], settings: Settings) -> None:
+    """The live workers: name, queues, device, model, what each is doing, where its metrics are."""
     import time
 
     if not workers:
-        out.print(f"no live worker (none reported in the last {3 * HEARTBEAT_SECONDS:.0f} s): start one with "
-                  "`dicom-node worker`", highlight=False)
+        out.print(f"no live worker (none reported in the last {3 * settings.queue.worker_heartbeat_seconds:.0f} s): "
+                  "start one with `dicom-node worker`", highlight=False)
         return
     table = Table(title=f"{len(workers)} live worker(s)")
     for column in ("worker", "queues", "device", "model", "doing", "metrics", "seen"):
         table.add_column(column)
     now = time.time()
     for w in workers:
-        table.add_row(w.worker_id, w.queues, w.device or "-", w.model or "-", w.activity, w.metrics_url or "-",
-                      f"{now - w.last_seen:.0f} s ago")
+        table.add_row(w.name, ",".join(w.queues), w.device or "-", w.model or "-", w.activity or "-",
+                      w.metrics_url or "-", f"{now - w.seen_at:.0f} s ago")
     out.print(table)
 
 
@@ -393,35 +457,29 @@ def jobs_show(
             out.print(f"    {r['kind']:<5} {r['sop_instance_uid']}  delivered to {r['delivered_to']}", highlight=False)
 
 
-def _move_job(store: JobStore, job_id: int, to: JobState, expect: list[JobState], verb: str, done: str) -> None:
-    if not store.transition(job_id, to, expect=expect, detail=f"{done} by administrator"):
-        job = store.job(job_id)
-        allowed = ", ".join(s.value for s in expect)
-        why = "no such job" if job is None else f"it is {job.state.value}; only {allowed} jobs can be"
-        err.print(f"[red]error:[/red] cannot {verb} job {job_id}: {why}")
-        raise typer.Exit(1)
-
-
 @jobs_app.command("retry")
 def jobs_retry(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
     """Run a failed or cancelled job again (same run, so the same result UIDs: the PACS overwrites)."""
-    store = _store(_settings(config))
-    job = store.job(job_id)
-    if job is not None and store.study_state(job.study_uid) is StudyState.PURGED:
-        err.print(
-            f"[red]error:[/red] cannot retry job {job_id}: its study's files were removed after "
-            f"retention.keep_days; send the study again from the PACS (it then runs as a new run)"
-        )
-        raise typer.Exit(1)
-    _move_job(store, job_id, JobState.QUEUED, [JobState.FAILED, JobState.CANCELLED], "retry", "retried")
+    from dicom_node.jobs.actions import ActionRefused, retry_job
+
+    try:
+        retry_job(_store(_settings(config)), job_id)
+    except ActionRefused as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     out.print(f"job {job_id} queued again; the node picks it up within its reconcile period")
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: Annotated[int, typer.Argument()], config: ConfigOption = None) -> None:
     """Cancel a job that has not been delivered yet."""
-    unfinished = [JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED]
-    _move_job(_store(_settings(config)), job_id, JobState.CANCELLED, unfinished, "cancel", "cancelled")
+    from dicom_node.jobs.actions import ActionRefused, cancel_job
+
+    try:
+        cancel_job(_store(_settings(config)), job_id)
+    except ActionRefused as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
     out.print(f"job {job_id} cancelled")
 
 
@@ -483,6 +541,108 @@ def model_check(
     if not agreed:
         err.print("[red]error:[/red] the backends do not give the same tokens for the same input")
         raise typer.Exit(1)
+
+def _password(given: str | None, from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if given is not None:
+        return given
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+def _users(config: Path | None) -> UserStore:
+    from dicom_node.console.users import UserStore
+
+    settings = _settings(config)
+    return UserStore(_store(settings), settings.console.max_failed_logins)
+
+
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from the first line of standard input.")
+]
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="User name.")],
+    role: Annotated[str, typer.Option(help="viewer (reads) or admin (also retries, cancels, echoes).")] = "viewer",
+    password_stdin: PasswordStdin = False,
+    config: ConfigOption = None,
+) -> None:
+    """Add a console user (asks for the password unless --password-stdin)."""
+    from dicom_node.console.users import Role, UserError
+
+    if role not in [r.value for r in Role]:
+        err.print(f"[red]error:[/red] --role takes viewer or admin, got {role!r}")
+        raise typer.Exit(2)
+    accounts = _users(config)
+    try:
+        accounts.add(name, _password(None, password_stdin), Role(role))
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"user {name} added ({role})", highlight=False)
+
+
+@users_app.command("remove")
+def users_remove(name: Annotated[str, typer.Argument()], config: ConfigOption = None) -> None:
+    """Remove a console user; their sessions and API token stop working at once."""
+    from dicom_node.console.users import UserError
+
+    try:
+        _users(config).remove(name)
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"user {name} removed", highlight=False)
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: Annotated[str, typer.Argument()],
+    password_stdin: PasswordStdin = False,
+    role: Annotated[str | None, typer.Option(help="Change the role too: viewer or admin.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Set a user's password; this also unlocks an account locked after wrong passwords."""
+    from dicom_node.console.users import Role, UserError
+
+    if role is not None and role not in [r.value for r in Role]:
+        err.print(f"[red]error:[/red] --role takes viewer or admin, got {role!r}")
+        raise typer.Exit(2)
+    accounts = _users(config)
+    try:
+        if accounts.get(name) is None:
+            raise UserError(f"no user {name!r}")
+        accounts.set_password(name, _password(None, password_stdin))
+        if role is not None:
+            accounts.set_role(name, Role(role))
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"password of {name} changed; the account is unlocked", highlight=False)
+
+
+@users_app.command("token")
+def users_token(name: Annotated[str, typer.Argument()], config: ConfigOption = None) -> None:
+    """Make a new API token for a user (the previous one stops working) and print it, once."""
+    from dicom_node.console.users import UserError
+
+    try:
+        token = _users(config).new_token(name)
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    print(token)
+
+
+@users_app.command("list")
+def users_list(config: ConfigOption = None) -> None:
+    """The console users, their role and whether they are locked."""
+    table = Table("user", "role", "locked", "API token")
+    for u in _users(config).all():
+        table.add_row(u.name, u.role.value, "yes" if u.locked else "", "yes" if u.has_token else "")
+    out.print(table)
 
 
 def main() -> None:

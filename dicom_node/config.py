@@ -8,20 +8,25 @@ The tree is loaded once (:func:`load_settings`) and passed down explicitly; noth
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import regex
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -34,18 +39,27 @@ from sr_writer.findings import Language
 from sr_writer.kinds import ObjectKind
 
 __all__ = [
+    "AnyDestination",
     "ConfigError",
+    "ConsoleSettings",
+    "DestinationKind",
     "DestinationSettings",
+    "DicomWebDestinationSettings",
+    "KnownAESettings",
     "LoggingSettings",
     "MatchSettings",
     "NodeSettings",
+    "NotificationSettings",
     "QueueSettings",
     "RetentionSettings",
     "RetryPolicy",
     "RuleSettings",
+    "SenderDestinationSettings",
     "Settings",
     "StoreSettings",
     "StudySettings",
+    "WebhookEvent",
+    "WebhookSettings",
     "load_settings",
 ]
 
@@ -90,6 +104,13 @@ class NodeSettings(_Section):
     min_free_disk_mb: int = Field(1024, ge=0, description="below this, new instances get Out of Resources")
     fsync: bool = Field(True, description="sync each instance to disk before Success; disable only for tests")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 turns metrics off")
+    http_port: int = Field(
+        0, ge=0, le=65535, description="the web console, JSON API, /healthz and /readyz; 0 turns them off"
+    )
+    http_bind: str = Field("127.0.0.1", description="address of the web console (the DICOM port's is `bind`)")
+    http_tls: bool = Field(
+        False, description="serve the console over HTTPS with tls_cert_file and tls_key_file (the DICOM TLS pair)"
+    )
     tls_cert_file: Path | None = Field(None, description="our certificate (PEM): with tls_key_file, intake is TLS")
     tls_key_file: Path | None = Field(None, description="the private key (PEM) of tls_cert_file")
     tls_ca_file: Path | None = Field(None, description="CA certificates (PEM): peers must present one they signed")
@@ -100,6 +121,10 @@ class NodeSettings(_Section):
             raise ValueError(
                 f"node.tls_cert_file and node.tls_key_file go together, got tls_cert_file={self.tls_cert_file}, "
                 f"tls_key_file={self.tls_key_file}"
+            )
+        if self.http_tls and self.tls_cert_file is None:
+            raise ValueError(
+                "node.http_tls: true serves the console with node.tls_cert_file and node.tls_key_file: set both"
             )
         if self.tls_ca_file is not None and self.tls_cert_file is None:
             raise ValueError(
@@ -216,6 +241,9 @@ class QueueSettings(_Section):
     requeue_after_seconds: float = Field(
         600, gt=0, description="a queued job with no sign of a worker this long is enqueued again (lost message)"
     )
+    worker_heartbeat_seconds: float = Field(
+        10, gt=0, description="how often each worker records that it is alive; gone after three missed beats"
+    )
     broker_check_seconds: float = Field(
         5,
         gt=0,
@@ -284,10 +312,17 @@ class StoreSettings(_Section):
         return SecretStr(url.render_as_string(hide_password=False))
 
 
-class DestinationSettings(_Section):
-    """A DICOM peer that receives our results (C-STORE), usually the PACS that sent the study."""
+class DestinationKind(str, enum.Enum):
+    """How results reach a destination: ``destinations[].kind``."""
 
-    name: str
+    DIMSE = "dimse"  # C-STORE to a configured AE (the default: a destination without ``kind``)
+    DICOMWEB = "dicomweb"  # STOW-RS to a DICOMweb archive
+    SENDER = "sender"  # C-STORE back to the AE that sent the study, looked up in ``known_aes``
+
+
+class _DimsePeer(_Section):
+    """Where a DICOM AE listens, and how we associate with it (plain TCP or DICOM TLS)."""
+
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -297,6 +332,13 @@ class DestinationSettings(_Section):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     timeout: float = Field(30, gt=0)
+
+
+class DestinationSettings(_DimsePeer):
+    """A DICOM peer that receives our results (C-STORE), usually the PACS that sent the study."""
+
+    name: str
+    kind: Literal[DestinationKind.DIMSE] = DestinationKind.DIMSE
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
@@ -308,6 +350,142 @@ class DestinationSettings(_Section):
         if self.tls and self.tls_ca_file is None:
             raise ValueError(f"destination {self.name!r}: tls: true needs tls_ca_file")
         return self
+
+
+class KnownAESettings(_DimsePeer):
+    """An AE that sends us studies and takes results back (``known_aes``): where a ``kind: sender`` destination
+    sends the results of a study this AE sent."""
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value, "known_aes[].ae_title")
+
+    @model_validator(mode="after")
+    def _tls(self) -> KnownAESettings:
+        if self.tls and self.tls_ca_file is None:
+            raise ValueError(f"known AE {self.ae_title!r}: tls: true needs tls_ca_file")
+        return self
+
+    def as_destination(self, name: str) -> DestinationSettings:
+        """This AE as the DIMSE destination ``name`` (the ``kind: sender`` destination it stands in for)."""
+        return DestinationSettings(name=name, **self.model_dump())
+
+
+class DicomWebDestinationSettings(_Section):
+    """A DICOMweb archive that receives our results by STOW-RS (PS3.18 10.5), through ``dicomweb-client``.
+
+    ``url`` is the service's base (STOW-RS posts to ``{url}/studies``). TLS certificates are verified unless
+    ``tls_verify: false``, which the node logs as a warning at every export; ``tls_ca_file`` is the CA bundle to trust
+    instead of requests' default (certifi's, or the file ``REQUESTS_CA_BUNDLE`` names). Credentials are secrets:
+    never logged, shown as ``**********``.
+    """
+
+    name: str
+    kind: Literal[DestinationKind.DICOMWEB]
+    url: str = Field(description="DICOMweb base URL, e.g. https://vna.example.org/dicom-web")
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = Field(None, description="auth: basic")
+    password: SecretStr | None = Field(None, description="auth: basic")
+    token: SecretStr | None = Field(None, description="auth: bearer")
+    tls_verify: bool = Field(True, description="verify the server's certificate; false only for tests (warned)")
+    tls_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) to verify the server with; None: certifi's, or REQUESTS_CA_BUNDLE's"
+    )
+    tls_cert_file: Path | None = Field(None, description="our client certificate (PEM), with tls_key_file")
+    tls_key_file: Path | None = None
+    timeout: float = Field(30, gt=0, description="seconds to connect, and to wait for each answer")
+    objects_per_request: int = Field(16, ge=1, le=1000, description="result objects sent in one STOW-RS request")
+    max_request_mb: float = Field(
+        64, gt=0, description="a request holds objects up to this size in all (a larger object goes alone)"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not hold credentials: use auth: basic with username and password")
+        if parts.query or parts.fragment:
+            raise ValueError("must be the DICOMweb base URL, without query or fragment")
+        if "[" in parts.netloc:  # dicomweb-client reads the host up to the first colon
+            raise ValueError("cannot name an IPv6 address in brackets (dicomweb-client cannot): use a host name")
+        try:
+            parts.port  # noqa: B018  (raises ValueError on a bad port)
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> DicomWebDestinationSettings:
+        who = f"destination {self.name!r}"
+        if self.auth == "basic" and (not self.username or self.password is None):
+            raise ValueError(f"{who}: auth: basic needs username and password")
+        if self.auth == "bearer" and self.token is None:
+            raise ValueError(f"{who}: auth: bearer needs token")
+        unused = [
+            key
+            for key, used in (
+                ("username", self.auth == "basic"), ("password", self.auth == "basic"), ("token", self.auth == "bearer")
+            )
+            if getattr(self, key) is not None and not used
+        ]  # fmt: skip
+        if unused:
+            raise ValueError(f"{who}: {', '.join(unused)} given but auth is {self.auth!r}; set auth or remove them")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(f"{who}: tls_cert_file and tls_key_file go together")
+        tls_files = [k for k in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, k) is not None]
+        if tls_files and not self.https:
+            raise ValueError(f"{who}: {', '.join(tls_files)} apply to https:// URLs only, got {self.url}")
+        if self.tls_ca_file is not None and not self.tls_verify:
+            raise ValueError(f"{who}: tls_ca_file verifies the server, but tls_verify is false; keep one")
+        return self
+
+    @property
+    def https(self) -> bool:
+        return self.url.startswith("https://")
+
+    def warnings(self) -> list[str]:
+        """What an administrator should know about this destination's security (config check, every export)."""
+        found = []
+        if self.https and not self.tls_verify:
+            found.append(
+                f"destination {self.name!r}: tls_verify is false: the server's certificate is not checked, so "
+                "anyone on the path can read the results and the credentials"
+            )
+        if not self.https and self.auth != "none":
+            found.append(f"destination {self.name!r}: {self.auth} credentials go over plain http to {self.url}")
+        return found
+
+
+class SenderDestinationSettings(_Section):
+    """Results back to the AE that sent the study (its calling AE title, recorded at intake), by C-STORE to where
+    ``known_aes`` says that AE listens: one node serving several PACS, each getting its own studies' results."""
+
+    name: str
+    kind: Literal[DestinationKind.SENDER]
+
+
+def _destination_kind(value: Any) -> str:
+    """The tag of a ``destinations[]`` entry: its ``kind``; ``dimse`` when it has none (configurations before
+    DICOMweb had only DIMSE destinations)."""
+    kind = value.get("kind", DestinationKind.DIMSE) if isinstance(value, Mapping) else getattr(value, "kind", None)
+    return str(kind.value if isinstance(kind, DestinationKind) else kind)
+
+
+AnyDestination = Annotated[
+    Annotated[DestinationSettings, Tag(DestinationKind.DIMSE.value)]
+    | Annotated[DicomWebDestinationSettings, Tag(DestinationKind.DICOMWEB.value)]
+    | Annotated[SenderDestinationSettings, Tag(DestinationKind.SENDER.value)],
+    Discriminator(
+        _destination_kind,
+        custom_error_type="destination_kind",
+        custom_error_message="kind must be dimse (the default), dicomweb or sender",
+    ),
+]
+"""One ``destinations[]`` entry, by its ``kind``."""
 
 
 class MatchSettings(_Section):
@@ -347,6 +525,67 @@ class RuleSettings(_Section):
     )
 
 
+class ConsoleSettings(_Section):
+    """Sessions and log-ins of the web console (served on ``node.http_port``)."""
+
+    secret_key: SecretStr | None = Field(
+        None, description="signs session cookies; None: a random key kept in data_dir/console.key"
+    )
+    session_hours: float = Field(12, gt=0, description="a session ends this long after its log-in")
+    max_failed_logins: int = Field(5, ge=1, description="wrong passwords in a row that lock an account")
+
+
+class WebhookEvent(str, Enum):
+    JOB_FAILED = "job_failed"
+    RESULTS_DELIVERED = "results_delivered"
+    URGENT_FINDING = "urgent_finding"
+
+
+class WebhookSettings(_Section):
+    """One HTTP endpoint told about jobs: a POST of a JSON body, retried with backoff while it cannot be reached."""
+
+    name: str = Field(min_length=1)
+    url: SecretStr = Field(description="http(s) URL; kept secret, as such URLs often carry a token")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: [WebhookEvent.JOB_FAILED, WebhookEvent.RESULTS_DELIVERED]
+    )
+    template: str | None = Field(
+        None, description="a Jinja2 template of the JSON body; None: the node's own (dicom_node/console/webhooks.py)"
+    )
+    timeout: float = Field(5, gt=0, description="seconds one POST may take")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        if not re.match(r"^https?://[^\s/]+", value.get_secret_value()):
+            raise ValueError("url must be an http:// or https:// URL")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            import jinja2
+
+            try:
+                jinja2.Environment().parse(value)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(f"template is not a valid Jinja2 template: {exc}") from None
+        return value
+
+
+class NotificationSettings(_Section):
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+    urgent_labels: list[str] = Field(
+        default_factory=list,
+        description="finding labels (case-insensitive) that count as urgent: an urgent_finding notification each",
+    )
+    retry: RetryPolicy = Field(
+        default_factory=lambda: RetryPolicy(base_seconds=2, cap_seconds=300, max_retries=20),
+        description="backoff of a webhook that cannot be reached",
+    )
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, description="one JSON object per line, for log shippers")
@@ -365,9 +604,14 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
-    destinations: list[DestinationSettings] = Field(default_factory=list)
+    destinations: list[AnyDestination] = Field(default_factory=list)
+    known_aes: list[KnownAESettings] = Field(
+        default_factory=list, description="AEs that send studies, where kind: sender destinations return results"
+    )
     rules: list[RuleSettings] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -389,11 +633,33 @@ class Settings(BaseSettings):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"destinations[].name must be unique, repeated: {duplicated}")
+        hooks = [w.name for w in self.notifications.webhooks]
+        repeated = sorted({n for n in hooks if hooks.count(n) > 1})
+        if repeated:
+            raise ValueError(f"notifications.webhooks[].name must be unique, repeated: {repeated}")
         for rule in self.rules:
             unknown = [d for d in rule.destinations if d not in names]
             if unknown:
                 raise ValueError(f"rule {rule.name!r} names unknown destinations {unknown}; known: {names}")
+        aets = [a.ae_title for a in self.known_aes]
+        repeated = sorted({a for a in aets if aets.count(a) > 1})
+        if repeated:
+            raise ValueError(f"known_aes[].ae_title must be unique, repeated: {repeated}")
+        senders = [d.name for d in self.destinations if isinstance(d, SenderDestinationSettings)]
+        if senders and not self.known_aes:
+            raise ValueError(
+                f"destination {senders[0]!r} (kind: sender) returns results to the AE that sent the study, looked "
+                "up in known_aes, which is empty: list the sending AEs there (ae_title, host, port)"
+            )
         return self
+
+    def destination(self, name: str) -> AnyDestination | None:
+        """The destination called ``name``, or None."""
+        return next((d for d in self.destinations if d.name == name), None)
+
+    def known_ae(self, ae_title: str) -> KnownAESettings | None:
+        """The ``known_aes`` entry of ``ae_title``, or None."""
+        return next((a for a in self.known_aes if a.ae_title == ae_title), None)
 
     @property
     def data_dir(self) -> Path:
@@ -411,22 +677,34 @@ class ConfigError(Exception):
 
 
 _URL_PASSWORD = re.compile(r"(//[^:/@\s]*:)[^@\s]*@")
+_SECRET_KEYS = {"password", "token"}  # their values never appear in an error message (nor in a log)
+_KIND_TAGS = {k.value for k in DestinationKind}
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = _without_tags(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
         value = err.get("input")
         shown = repr(value) if not isinstance(value, Mapping) else "{...}"
         shown = _URL_PASSWORD.sub(r"\1***@", shown)  # a database or broker URL's password stays out of logs
+        if _SECRET_KEYS & {str(p) for p in loc}:
+            shown = "'***'"
         if len(shown) > 80:
             shown = shown[:77] + "..."
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against config/node.example.yaml)"
-        lines.append(f"  {key}: {msg} (got {shown}{_from_environment(err['loc'])})")
+        lines.append(f"  {key}: {msg} (got {shown}{_from_environment(loc)})")
     return "\n".join(lines)
+
+
+def _without_tags(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """``destinations.0.dicomweb.url`` -> ``destinations.0.url``: the union's tag is not a key of the file."""
+    return tuple(
+        p for i, p in enumerate(loc) if not (i == 2 and loc[0] == "destinations" and p in _KIND_TAGS)
+    )
 
 
 def _from_environment(loc: tuple[int | str, ...]) -> str:

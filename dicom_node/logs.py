@@ -78,9 +78,13 @@ def configure_logging(level: str = "INFO", json_format: bool = False, data_dir: 
     root.setLevel(level)
     # Python warnings (pydicom's, mostly) as log records: one format, and the node's filters apply to them.
     logging.captureWarnings(True)
-    # pynetdicom logs every PDU and highdicom every copied module at INFO; warnings are what an administrator needs.
-    for noisy in ("pynetdicom", "highdicom"):
+    # pynetdicom logs every PDU, highdicom every copied module and dicomweb-client every request at INFO; warnings
+    # are what an administrator needs (the export logs each send itself).
+    for noisy in ("pynetdicom", "highdicom", "dicomweb_client"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # retrying (dicomweb-client's) logs each failed HTTP request with a traceback at WARNING; the export logs the same
+    # failure once, with its reason.
+    logging.getLogger("retrying").setLevel(max(logging.ERROR, logging.getLevelName(level)))
     for handler in list(_audit.handlers):
         _audit.removeHandler(handler)
     if data_dir is not None:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pydicom
 from pynetdicom.transport import ThreadedAssociationServer
@@ -35,6 +35,10 @@ from dicom_node.logs import audit, uid_hash
 from dicom_node.permissions import private_data_dir
 from dicom_node.work.steps import outbox_dir, results_dir
 from dicom_node.work.supervisor import WorkerSupervisor
+
+if TYPE_CHECKING:
+    from dicom_node.console.server import ConsoleServer
+    from dicom_node.console.webhooks import Notifier
 
 __all__ = ["Dispatcher", "Node"]
 
@@ -84,6 +88,8 @@ class Node:
         self._server: ThreadedAssociationServer | None = None
         #: Jobs whose message the last broker check did not find, with the ``enqueued_at`` it saw (see requeue_lost).
         self._missing: dict[int, float] = {}
+        self.console: ConsoleServer | None = None
+        self.notifier: Notifier | None = None
 
     @property
     def port(self) -> int:
@@ -96,6 +102,7 @@ class Node:
         if receiving:
             log.info("%d study(ies) were still receiving: their stable timers start again now", receiving)
         self.reconcile(startup=True)
+        self._start_console()  # before the SCP: a console port in use stops the start with nothing listening yet
         self._server = start_scp(self.intake)
         if self.settings.node.metrics_port:
             from dicom_node.metrics import serve_metrics
@@ -116,8 +123,28 @@ class Node:
             t.start()
             self._threads.append(t)
 
+    def _start_console(self) -> None:
+        """The web console and API (``node.http_port``), and the webhooks that follow the job store's events."""
+        from dicom_node.console.app import ConsoleContext
+        from dicom_node.console.server import ConsoleServer
+        from dicom_node.console.webhooks import Notifier
+
+        ctx = ConsoleContext(self.settings, self.store, submit=self.dispatcher.submit)
+        if self.settings.node.http_port:
+            self.console = ConsoleServer(ctx)
+        if self.settings.notifications.webhooks:
+            self.notifier = Notifier(self.settings, self.store, self.console.url if self.console else "")
+            ctx.notifier = self.notifier
+            self.notifier.start()
+        if self.console is not None:
+            self.console.start()
+
     def stop(self) -> None:
         self._stop.set()
+        if self.console is not None:
+            self.console.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         if self._server is not None:
             self._server.shutdown()
         if self.workers is not None:

@@ -9,7 +9,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from sr_writer.findings import InferenceResult
+from sr_writer.findings import InferenceResult, Language
 from sr_writer.kinds import ObjectKind
 from sr_writer.prepare import PreparedFinding, SourceIndex, prepare_findings
 from sr_writer.text import LO_MAX, needs_utf8, single_line
@@ -94,7 +94,10 @@ class BuildContext:
                  *algorithm.parameters.keys()]
         for f in self.findings:
             texts.extend((f.label, f.text))
-        self.specific_character_set: str | None = UTF8 if needs_utf8(texts) else None
+        # A report in Chinese carries Chinese words of the writer's own (the no-findings text) even when the
+        # model's are all ASCII or absent.
+        chinese = result.language is Language.CHINESE
+        self.specific_character_set: str | None = UTF8 if chinese or needs_utf8(texts) else None
 
     # -- identity -------------------------------------------------------------------------------------------
     def series_uid(self, kind: ObjectKind) -> str:
@@ -106,9 +109,11 @@ class BuildContext:
     def series_number(self, kind: ObjectKind) -> int:
         return self.options.series_number_base + _SERIES_OFFSET[kind]
 
-    def series_description(self, kind: ObjectKind) -> str:
-        """E.g. ``"AI report - ModelName 1.2 (UNVERIFIED)"``: names the AI, the model and the status."""
-        return single_line(f"{_SERIES_TITLE[kind]} - {self.model_name} {self.software_versions[0]}", LO_MAX)
+    def series_description(self, kind: ObjectKind, note: str = "") -> str:
+        """E.g. ``"AI report - ModelName 1.2"``: names the AI and the model; ``note`` follows the title (``"AI
+        report: no findings - ModelName 1.2"``), so that a long model name cannot cut it off."""
+        title = f"{_SERIES_TITLE[kind]}: {note}" if note else _SERIES_TITLE[kind]
+        return single_line(f"{title} - {self.model_name} {self.software_versions[0]}", LO_MAX)
 
     def charset_kwargs(self) -> dict[str, str]:
         """``specific_character_set`` for highdicom when UTF-8 is needed; otherwise highdicom copies the source's."""

@@ -15,9 +15,17 @@ import re
 
 from pydicom.sr.codedict import codes
 
-from sr_writer.findings import Code
+from sr_writer.findings import Code, Language
 
-__all__ = ["FINDING_SITES", "FINDING_TYPES", "finding_site_for", "finding_type_for"]
+__all__ = [
+    "FINDING_SITES",
+    "FINDING_TYPES",
+    "LATERALITIES",
+    "finding_site_for",
+    "finding_type_for",
+    "laterality_for",
+    "localized",
+]
 
 
 def _sct(value: str, meaning: str) -> Code:
@@ -115,3 +123,49 @@ def finding_type_for(label: str) -> Code | None:
 def finding_site_for(label: str) -> Code | None:
     """The coded anatomic site named in ``label`` (e.g. "lung" in "lung nodule"), or ``None``."""
     return _lookup(label, FINDING_SITES)
+
+
+# Laterality (TID 1410 Finding Site row, HAS CONCEPT MOD (272741003, SCT, "Laterality"), CID 244 values).
+_LEFT = _from_dict(codes.SCT.Left)
+_RIGHT = _from_dict(codes.SCT.Right)
+_BILATERAL = _from_dict(codes.SCT.Bilateral)
+
+#: (normalised English terms, Chinese terms, code); "both" and "bilateral" first: "双" also reads as both sides.
+LATERALITIES: tuple[tuple[tuple[str, ...], tuple[str, ...], Code], ...] = (
+    (("bilateral", "both"), ("双",), _BILATERAL),
+    (("left",), ("左",), _LEFT),
+    (("right",), ("右",), _RIGHT),
+)
+
+#: Chinese meanings of the coded concepts above, for reports whose language is Chinese: the Code Meaning is the
+#: text a viewer shows (OHIF draws a Finding Site's Code Meaning next to the box), and PS3.3 8.3 lets it be in the
+#: language of the content while the code value and scheme carry the concept.
+_CHINESE_MEANINGS: dict[tuple[str, str], str] = {
+    (code.value, code.scheme_designator): chinese[0]
+    for table in (FINDING_TYPES, FINDING_SITES, LATERALITIES)
+    for _, chinese, code in table
+}
+
+
+def laterality_for(text: str) -> Code | None:
+    """The laterality ``text`` names (English or Chinese): Left, Right, or Bilateral when it names both sides or
+    says "bilateral"; ``None`` when it names none."""
+    norm = _normalise(text)
+    found = [
+        code for english, chinese, code in LATERALITIES
+        if any(f" {term} " in norm for term in english) or any(term in text for term in chinese)
+    ]
+    if not found:
+        return None
+    if _BILATERAL in found or (_LEFT in found and _RIGHT in found):
+        return _BILATERAL
+    return found[0]
+
+
+def localized(code: Code, language: Language | str) -> Code:
+    """``code`` with its meaning in ``language`` when the table has one (Chinese), else ``code`` unchanged."""
+    if Language(language) is Language.CHINESE:
+        meaning = _CHINESE_MEANINGS.get((code.value, code.scheme_designator))
+        if meaning:
+            return Code(code.value, code.scheme_designator, meaning)
+    return code

@@ -16,6 +16,8 @@
 * **a mask without a box**: the box is derived from the mask's extent;
 * **codes given by the model** (finding type, site) whose value or scheme is not plain ASCII: dropped (the table
   in :mod:`sr_writer.lexicon` may still code the label); meanings are sanitised and cut to 64 characters;
+* **finding site**: the model's site code, else the anatomy the label names (:mod:`sr_writer.lexicon`), else the
+  anatomy the sentence names; its laterality from the same words (left, right, bilateral; 左, 右, 双);
 * **labels and texts**: sanitised and truncated as described in :mod:`sr_writer.text` (label at most 64
   characters, sentence at most :data:`~sr_writer.text.MAX_UT_CHARS`).
 """
@@ -32,7 +34,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from sr_writer.findings import BoundingBox, Code, Finding, InferenceResult
-from sr_writer.lexicon import finding_site_for, finding_type_for
+from sr_writer.lexicon import finding_site_for, finding_type_for, laterality_for
 from sr_writer.text import LO_MAX, multi_line, single_line
 from sr_writer.uids import ResultUIDs
 
@@ -192,6 +194,7 @@ class PreparedFinding:
     frame: int | None = None
     mask: np.ndarray | None = field(default=None, repr=False, compare=False)
     notes: tuple[str, ...] = ()
+    laterality: Code | None = None
 
     @property
     def has_geometry(self) -> bool:
@@ -303,12 +306,22 @@ def _prepare_one(
     for note in notes:
         logger.warning("finding %d: %s", index, note)
 
+    site = checked_code(finding.site, index, "site")
+    site_words = f"{finding.label}\n{text}"
+    if site is None:
+        for words in (finding.label, text):
+            site = finding_site_for(words)
+            if site is not None:
+                site_words = words
+                break
+
     return PreparedFinding(
         index=index,
         label=label,
         text=text,
         finding_type=checked_code(finding.code, index, "finding type") or finding_type_for(finding.label),
-        site=checked_code(finding.site, index, "site") or finding_site_for(finding.label),
+        site=site,
+        laterality=None if site is None else laterality_for(site_words),
         score=finding.score,
         tracking_id=tracking_identifier(index, label),
         tracking_uid=uids.uid("finding", index),

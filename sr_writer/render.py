@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from sr_writer.findings import BoundingBox, Code
-from sr_writer.sr import QUALITATIVE_EVALUATIONS
+from sr_writer.sr import FREE_TEXT_SCHEME, QUALITATIVE_EVALUATIONS
 
 __all__ = ["ReportedFinding", "SRContents", "read_findings", "read_sr", "render_sr"]
 
@@ -58,7 +58,16 @@ class SRContents:
 def _code(concept: Dataset | None) -> Code | None:
     if concept is None:
         return None
-    return Code(str(concept.CodeValue), str(concept.CodingSchemeDesignator), str(concept.CodeMeaning))
+    value = next((concept.get(k) for k in ("CodeValue", "LongCodeValue", "URNCodeValue") if concept.get(k)), "")
+    return Code(str(value), str(concept.CodingSchemeDesignator), str(concept.CodeMeaning))
+
+
+def _anatomy(site: Code | None) -> Code | None:
+    """``site``, or ``None`` for a Finding Site that carries the finding's label as free text (see
+    :func:`sr_writer.sr._finding_site`): that is not an anatomic site."""
+    if site is None or site.scheme_designator == FREE_TEXT_SCHEME.CodingSchemeDesignator:
+        return None
+    return site
 
 
 def _text_items(items: Iterable[Any], name: Any) -> list[str]:
@@ -104,7 +113,7 @@ def _reported(group: Any) -> ReportedFinding:
         label=label,
         comment=comments[0] if comments else "",
         finding_type=_code(group.finding_type),
-        site=_code(sites[0].value) if sites else None,
+        site=_anatomy(_code(sites[0].value)) if sites else None,
         box=box,
         polyline=polyline,
         source_sop_instance_uid=source_uid,
@@ -116,12 +125,19 @@ def _is(concept: Dataset, name: Any) -> bool:
     return bool(concept.CodeValue == name.value and concept.CodingSchemeDesignator == name.scheme_designator)
 
 
+def _tracking_uids(item: Any) -> list[str]:
+    """The Tracking Unique Identifiers among the children of ``item``."""
+    return [
+        str(c.UID) for c in item.get("ContentSequence", [])
+        if c.ValueType == "UIDREF" and _is(c.ConceptNameCodeSequence[0], codes.DCM.TrackingUniqueIdentifier)
+    ]
+
+
 def _evaluated(item: Any) -> ReportedFinding | None:
     """A ``(121071, DCM) Finding`` CODE or TEXT item of Qualitative Evaluations as a finding without a region;
     ``None`` for an item that does not carry a Tracking Unique Identifier (not one this writer produced)."""
     children = list(item.get("ContentSequence", []))
-    uids = [str(c.UID) for c in children if c.ValueType == "UIDREF" and _is(
-        c.ConceptNameCodeSequence[0], codes.DCM.TrackingUniqueIdentifier)]
+    uids = _tracking_uids(item)
     if not uids:
         return None
     tracking = _text_items(children, codes.DCM.TrackingIdentifier)
@@ -137,7 +153,7 @@ def _evaluated(item: Any) -> ReportedFinding | None:
         label=label,
         comment=comments[0] if comments else "",
         finding_type=finding_type,
-        site=_code(sites[0].ConceptCodeSequence[0]) if sites else None,
+        site=_anatomy(_code(sites[0].ConceptCodeSequence[0])) if sites else None,
     )
 
 
@@ -155,6 +171,7 @@ def read_sr(path_or_dataset: str | PathLike[str] | Dataset) -> SRContents:
             groups = [*report.get_planar_roi_measurement_groups(), *report.get_image_measurement_groups()]
     reported = [_reported(g) for g in groups]
     narrative: list[tuple[str, str]] = []
+    box_comments: dict[str, str] = {}
     for item in root.ContentSequence:
         if item.ValueType == "CONTAINER" and _is(item.ConceptNameCodeSequence[0], QUALITATIVE_EVALUATIONS):
             for child in item.get("ContentSequence", []):
@@ -164,8 +181,17 @@ def read_sr(path_or_dataset: str | PathLike[str] | Dataset) -> SRContents:
                     if finding is not None:
                         reported.append(finding)
                         continue
+                if child.ValueType == "TEXT" and _is(concept, codes.DCM.Comment):
+                    uids = _tracking_uids(child)
+                    if uids:  # a boxed finding's sentence (sr_writer.sr._box_comment)
+                        box_comments.setdefault(uids[0], str(child.TextValue))
+                        continue
                 if child.ValueType == "TEXT":
                     narrative.append((str(concept.CodeMeaning), str(child.TextValue)))
+    reported = [
+        replace(f, comment=box_comments[f.tracking_uid]) if not f.comment and f.tracking_uid in box_comments else f
+        for f in reported
+    ]
     findings = sorted(reported, key=lambda f: _order(f.tracking_id))
     language = ""
     device = ""

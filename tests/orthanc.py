@@ -1,5 +1,6 @@
 """Orthanc for the tests: :mod:`dicom_node.devtools.orthanc` re-exported, the ``orthanc_factory`` fixture, the
-``requires_orthanc`` mark, and :class:`StoreRecorder`, a Storage SCP that answers chosen statuses."""
+``requires_orthanc`` and ``requires_orthanc_dicomweb`` marks, and :class:`StoreRecorder`, a Storage SCP that
+answers chosen statuses."""
 
 from __future__ import annotations
 
@@ -15,13 +16,17 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import Status
 
 from dicom_node.devtools.orthanc import *  # noqa: F403  (the Orthanc helpers, re-exported for the tests)
-from dicom_node.devtools.orthanc import ORTHANC_BINARY, Orthanc, free_ports, wait_until
+from dicom_node.devtools.orthanc import DICOMWEB_PLUGIN, ORTHANC_BINARY, Orthanc, free_ports, wait_until
 
 LOGGER = logging.getLogger(__name__)
 
 requires_orthanc = pytest.mark.skipif(
     not ORTHANC_BINARY.exists(),
     reason=f"Orthanc not installed at {ORTHANC_BINARY} (Debian package 'orthanc')",
+)
+requires_orthanc_dicomweb = pytest.mark.skipif(
+    not (ORTHANC_BINARY.exists() and DICOMWEB_PLUGIN.exists()),
+    reason=f"Orthanc or its DICOMweb plugin ({DICOMWEB_PLUGIN}, Debian package 'orthanc-dicomweb') not installed",
 )
 
 

@@ -48,6 +48,15 @@ def _demo_settings(base: Settings, data_dir: Path, pacs: dict[str, Any]) -> tupl
     port = base.node.port if _port_free(base.node.port) else free_port()
     data = base.model_dump(mode="json", exclude={"store"})
     data["node"].update({"port": port, "bind": "127.0.0.1", "data_dir": str(data_dir)})
+    # The web console on 127.0.0.1 (8080 unless configured, or taken): the demo's jobs can be looked at there.
+    http_port = base.node.http_port or 8080
+    data["node"]["http_port"] = http_port if _port_free(http_port) else free_port()
+    data["node"]["http_bind"] = "127.0.0.1"
+    # Secrets dump masked: the file gets their values (it is the node's own, under its private data_dir).
+    if base.console.secret_key is not None:
+        data["console"]["secret_key"] = base.console.secret_key.get_secret_value()
+    for hook, given in zip(data["notifications"]["webhooks"], base.notifications.webhooks, strict=True):
+        hook["url"] = given.url.get_secret_value()
     data["study"]["stable_seconds"] = 3
     data["queue"].update({"start_workers": True, "reconcile_seconds": 5})
     data["destinations"] = [pacs]
@@ -127,6 +136,13 @@ def run_demo(base: Settings, console: Console, keep_running: bool = False, timeo
             console.print(f"[red]The study did not complete[/red] ({state}). See {data_dir / 'logs'}.")
             return 1
         _show(settings, job.id, console, orthanc, receiver, study_uid)
+        if node.console is not None and keep_running:
+            console.print(
+                f"Web console: {node.console.url}/jobs/{job.id} (add a user first: dicom-node users add admin "
+                f"--role admin --config {config_path})"
+            )
+        elif node.console is not None:
+            console.print("With --keep-running the node stays up and its web console shows this job.")
         if keep_running:
             console.print("Running until Ctrl-C: send more studies to the node or the PACS.")
             node.wait()

@@ -16,6 +16,10 @@ Each decision is written to the study's user metadata ``NodeRouting`` as
 sleeping. :class:`StoreRecorder` is a pynetdicom Storage SCP that stands in for the node (or for a PACS that
 answers with chosen statuses).
 
+With ``dicomweb=True`` Orthanc loads its DICOMweb plugin (Debian ``orthanc-dicomweb``) and serves STOW-RS, QIDO-RS
+and WADO-RS at :attr:`Orthanc.dicomweb_url`; with ``users`` its HTTP side (REST and DICOMweb alike) asks for HTTP
+Basic credentials, and the helpers here use the first user's.
+
 Typical use::
 
     with Orthanc(tmp_path / "orthanc", node=NodeModality("AINODE", "127.0.0.1", node_port)) as pacs:
@@ -27,6 +31,7 @@ Typical use::
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -44,6 +49,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
+    "DICOMWEB_PLUGIN",
     "NODE_MODALITY",
     "ORTHANC_BINARY",
     "NodeModality",
@@ -59,6 +65,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ORTHANC_BINARY = Path(os.environ.get("ORTHANC_BINARY", "/usr/sbin/Orthanc"))
+#: The DICOMweb plugin of Debian's ``orthanc-dicomweb``.
+DICOMWEB_PLUGIN = Path(
+    os.environ.get("ORTHANC_DICOMWEB_PLUGIN", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+)
+DICOMWEB_ROOT = "/dicom-web/"
 NODE_MODALITY = "node"  # the node's name in Orthanc's DicomModalities and REST API (/modalities/node)
 ROUTED_METADATA = "RoutedToNode"
 DECISION_METADATA = "NodeRouting"
@@ -170,10 +181,17 @@ class Orthanc:
         always_allow_store: bool = True,
         modalities: dict[str, tuple[str, str, int]] | None = None,
         sync_storage: bool = False,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
+        lua: str | None = None,
         binary: Path = ORTHANC_BINARY,
     ) -> None:
         """``sync_storage``: fsync each stored file (Orthanc's default). Off by default: tests kill processes,
-        not the machine, so the page cache keeps everything, and each fsync costs tens of ms on shared disks."""
+        not the machine, so the page cache keeps everything, and each fsync costs tens of ms on shared disks.
+
+        ``dicomweb``: load the DICOMweb plugin (:data:`DICOMWEB_PLUGIN`). ``users``: user name -> password of HTTP
+        Basic authentication on REST and DICOMweb; None: none asked. ``lua``: a Lua script of more callbacks
+        (``ReceivedInstanceFilter``, ``IncomingHttpRequestFilter``...) for a test to watch or hold Orthanc."""
         if stable_age < 1:
             raise ValueError(f"stable_age must be a whole number of seconds >= 1 (Orthanc's unit), got {stable_age}")
         self.workdir = Path(workdir)
@@ -183,29 +201,39 @@ class Orthanc:
         self.binary = binary
         self.dicom_port, self.http_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.http_port}"
+        self.dicomweb_url = self.url + DICOMWEB_ROOT.rstrip("/")
+        self.users = dict(users or {})
         self.log_path = self.workdir / "orthanc.log"
         self._process: subprocess.Popen[bytes] | None = None
 
+        if dicomweb and not DICOMWEB_PLUGIN.exists():
+            raise OrthancError(f"Orthanc's DICOMweb plugin is not installed at {DICOMWEB_PLUGIN} ('orthanc-dicomweb')")
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "storage").mkdir(exist_ok=True)
         all_modalities: dict[str, list[str | int]] = {name: [a, h, p] for name, (a, h, p) in (modalities or {}).items()}
-        lua: list[str] = []
+        scripts: list[str] = []
         if node is not None:
             all_modalities[NODE_MODALITY] = [node.aet, node.host, node.port]
             script = self.workdir / "route_to_node.lua"
             script.write_text(routing_script(node), encoding="utf-8")
-            lua.append(str(script))
+            scripts.append(str(script))
+        if lua is not None:
+            extra = self.workdir / "test_callbacks.lua"
+            extra.write_text(lua, encoding="utf-8")
+            scripts.append(str(extra))
         config = {
             "Name": f"test-pacs-{self.dicom_port}",
             "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "storage"),
             "StorageCompression": False,
-            "Plugins": [],
-            "LuaScripts": lua,
+            "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": DICOMWEB_ROOT, "EnableWado": True},
+            "LuaScripts": scripts,
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,  # HTTP from loopback only; Orthanc 1.10 has no bind address option
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "OrthancExplorerEnabled": False,
             "DicomServerEnabled": True,
             "DicomAet": aet,
@@ -312,6 +340,9 @@ class Orthanc:
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> bytes:
         headers = {"Content-Type": content_type} if content_type else {}
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as response:
@@ -387,6 +418,16 @@ class Orthanc:
             dest = dest / f"{instance_id}.dcm"
         dest.write_bytes(self.request("GET", f"/instances/{instance_id}/file"))
         return dest
+
+    def instance_count(self) -> int:
+        """How many instances Orthanc stores (``/statistics``): a copy stored twice would count twice only if it had
+        another SOP Instance UID, so compare with the expected UIDs too."""
+        return int(self.get("/statistics")["CountInstances"])
+
+    def new_instance_events(self) -> int:
+        """How many times Orthanc recorded a new instance (``NewInstance`` in ``/changes``)."""
+        changes = self.get("/changes?limit=10000")["Changes"]
+        return sum(1 for change in changes if change["ChangeType"] == "NewInstance")
 
     def sop_instance_uids(self) -> set[str]:
         """SOP Instance UIDs of everything stored."""

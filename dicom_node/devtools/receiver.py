@@ -34,6 +34,8 @@ class Receiver:
         self.store_dir = store_dir
         self.received: Counter[str] = Counter()
         self.modalities: dict[str, str] = {}
+        self.studies: dict[str, str] = {}  # SOP Instance UID -> Study Instance UID of what was received
+        self.calling_aets: set[str] = set()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
 
@@ -42,6 +44,8 @@ class Receiver:
         with self._lock:
             self.received[str(ds.SOPInstanceUID)] += 1
             self.modalities[str(ds.SOPInstanceUID)] = str(ds.get("Modality", ""))
+            self.studies[str(ds.SOPInstanceUID)] = str(ds.get("StudyInstanceUID", ""))
+            self.calling_aets.add(str(event.assoc.requestor.ae_title).strip())
         if self.store_dir is not None and self.status == 0:
             ds.file_meta = event.file_meta
             ds.save_as(self.store_dir / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
@@ -64,4 +68,8 @@ class Receiver:
             self._server = None
 
     def destination(self, name: str = "pacs") -> dict[str, Any]:
-        return {"name": name, "ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port, "timeout": 5}
+        return {"name": name, **self.known_ae()}
+
+    def known_ae(self) -> dict[str, Any]:
+        """This receiver as an entry of ``known_aes`` (where results go back to when it sent the study)."""
+        return {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port, "timeout": 5}

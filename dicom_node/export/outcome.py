@@ -1,5 +1,6 @@
 """What a send came to: C-STORE status names and their classification, association outcomes, and the per-file
-and per-batch reports :func:`dicom_node.export.scu.send_files` returns (the rules are in that module's docstring).
+and per-batch reports that :func:`dicom_node.export.scu.send_files` (DIMSE) and
+:func:`dicom_node.export.stow.send_files` (DICOMweb) return (the rules are in those modules' docstrings).
 
 Every transient-or-permanent decision of the export is made here, without Celery: :func:`classify_store_status`
 for a C-STORE response, :func:`classify_association` for an association that was not established, and
@@ -67,18 +68,20 @@ def classify_store_status(code: int) -> Outcome:
 
 
 class AssociationState(enum.StrEnum):
-    """How the association with the peer went."""
+    """How the association with the peer went (DIMSE), or the HTTP request (DICOMweb: one per STOW-RS request)."""
 
     RELEASED = "released"  # established, used, released
+    ANSWERED = "answered"  # HTTP: the request got the service's answer (its objects' outcomes are in it)
     NOT_ATTEMPTED = "not_attempted"  # nothing sendable in the batch
     REFUSED = "refused"  # TCP connection refused: nothing listens on host:port
     UNREACHABLE = "unreachable"  # no route, host down, name not resolved
-    TIMEOUT = "timeout"  # no TCP connection, association answer or response in time
-    REJECTED = "rejected"  # A-ASSOCIATE-RJ, permanent: configuration error (AE titles, protocol)
-    BUSY = "busy"  # A-ASSOCIATE-RJ, transient: peer congested or at its association limit
+    TIMEOUT = "timeout"  # no TCP connection, association answer or response in time (HTTP 408 too)
+    REJECTED = "rejected"  # A-ASSOCIATE-RJ permanent, HTTP 4xx: configuration error (AE titles, credentials, URL)
+    BUSY = "busy"  # A-ASSOCIATE-RJ transient, HTTP 429 or 503: peer congested or at its limit
     ABORTED = "aborted"  # A-ABORT / A-P-ABORT / connection dropped
+    SERVER_ERROR = "server_error"  # HTTP 5xx (but 503): the server failed to handle the request
     NO_CONTEXTS = "no_contexts"  # association accepted, but none of the SOP classes offered
-    TLS_FAILED = "tls_failed"  # TLS files unusable or handshake failed
+    TLS_FAILED = "tls_failed"  # TLS files unusable, handshake failed or certificate not trusted
 
     @property
     def permanent(self) -> bool:
@@ -153,7 +156,8 @@ class AssociationResult:
 
     @property
     def established(self) -> bool:
-        return self.state == AssociationState.RELEASED
+        """The association was used and released, or the HTTP request answered: the files have their own outcomes."""
+        return self.state in (AssociationState.RELEASED, AssociationState.ANSWERED)
 
     @property
     def permanent(self) -> bool:
@@ -204,7 +208,7 @@ class SendReport:
     @property
     def association(self) -> AssociationResult | None:
         """The first association that was not released normally, else the last one (None: none attempted)."""
-        failed = [a for a in self.associations if a.state not in (AssociationState.RELEASED,)]
+        failed = [a for a in self.associations if not a.established]
         return failed[0] if failed else (self.associations[-1] if self.associations else None)
 
     @property
@@ -272,14 +276,16 @@ class EchoResult:
     ok: bool
     state: AssociationState
     reason: str  # "" when ok
-    round_trip_ms: float | None  # C-ECHO request to response; None when no echo was exchanged
-    total_ms: float  # connect, associate, echo, release
-    status: int | None = None
+    round_trip_ms: float | None  # request to response; None when no request was answered
+    total_ms: float  # connect (and associate), request, release
+    status: int | None = None  # C-ECHO status, or the HTTP status code
+    service: str = "C-ECHO"  # what was asked: C-ECHO (DIMSE) or QIDO-RS (DICOMweb)
 
     def __str__(self) -> str:
         if self.ok:
+            setup = "association set-up and release" if self.service == "C-ECHO" else "connection set-up"
             return (
-                f"{self.destination} ({self.peer}): C-ECHO ok, round trip {self.round_trip_ms:.1f} ms "
-                f"({self.total_ms:.1f} ms with association set-up and release)"
+                f"{self.destination} ({self.peer}): {self.service} ok, round trip {self.round_trip_ms:.1f} ms "
+                f"({self.total_ms:.1f} ms with {setup})"
             )
-        return f"{self.destination} ({self.peer}): C-ECHO failed ({self.state.value}): {self.reason}"
+        return f"{self.destination} ({self.peer}): {self.service} failed ({self.state.value}): {self.reason}"

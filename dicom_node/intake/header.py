@@ -50,6 +50,7 @@ _WANTED: dict[int, tuple[str, str]] = {
     0x00080005: ("SpecificCharacterSet", "code"),
     0x00080016: ("SOPClassUID", "uid"),
     0x00080018: ("SOPInstanceUID", "uid"),
+    0x00080050: ("AccessionNumber", "text"),
     0x00080060: ("Modality", "code"),
     0x00081030: ("StudyDescription", "text"),
     0x0008103E: ("SeriesDescription", "text"),

@@ -23,7 +23,14 @@ from dicom_node.config import MatchSettings, RuleSettings
 from dicom_node.jobs.schema import InstanceRecord
 from dicom_node.logs import uid_hash
 
-__all__ = ["PATTERN_TIME_LIMIT", "RuleDecision", "nested_quantifier", "risky_patterns", "select_rule"]
+__all__ = [
+    "PATTERN_TIME_LIMIT",
+    "RuleDecision",
+    "explain_rules",
+    "nested_quantifier",
+    "risky_patterns",
+    "select_rule",
+]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +139,23 @@ def select_rule(
             return RuleDecision(rule, f"matched rule {rule.name!r}")
         reasons.append(f"{rule.name}: {why}")
     return RuleDecision(None, "no rule matched (" + "; ".join(reasons) + ")")
+
+
+def explain_rules(
+    rules: Sequence[RuleSettings],
+    found: Sequence[InstanceRecord],
+    calling_ae: str,
+    time_limit: float = PATTERN_TIME_LIMIT,
+) -> list[tuple[RuleSettings, str | None]]:
+    """Every rule with why it does not match the study (None: it matches), in order; the first that matches is the
+    one :func:`select_rule` chooses. For the console's rule tester and job pages."""
+    out: list[tuple[RuleSettings, str | None]] = []
+    for rule in rules:
+        try:
+            out.append((rule, _mismatch(rule.match, found, calling_ae, time_limit)))
+        except _PatternTimedOut as exc:
+            out.append((rule, str(exc)))
+    return out
 
 
 # A quantifier: +, *, or a brace count whose upper bound exceeds one ({2}, {1,}, {0,5}); ``?`` is not one here.

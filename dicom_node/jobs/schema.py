@@ -9,6 +9,8 @@ Tables (SQLAlchemy Core, so that PostgreSQL works by URL):
 - ``jobs``: one row per run of one study: the rule and profile chosen, its state, attempts and a readable error.
 - ``events``: the history of every state transition, with timestamps and a detail text.
 - ``results``: the result objects a job produced (SOP Instance UID, file, per-destination delivery state).
+- ``users``: the console's local users (password hash, role, failed logins, API token hash).
+- ``workers``: one row per running worker process, refreshed by its heartbeat (host, queues, device, model).
 """
 
 from __future__ import annotations
@@ -19,7 +21,19 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 
 __all__ = [
     "UNFINISHED",
@@ -29,7 +43,6 @@ __all__ = [
     "JobState",
     "Purged",
     "StudyState",
-    "WorkerRecord",
     "events",
     "instances",
     "jobs",
@@ -37,6 +50,7 @@ __all__ = [
     "patient_key",
     "results",
     "studies",
+    "users",
     "workers",
 ]
 
@@ -98,6 +112,7 @@ instances = Table(
     Column("series_description", String(128), nullable=False, default=""),
     Column("calling_ae", String(16), nullable=False, default=""),
     Column("patient_key", String(32), nullable=True),
+    Column("accession_number", String(16), nullable=True),
     Column("path", Text, nullable=False),
     Column("size", Integer, nullable=False),
     Column("run", Integer, nullable=False),
@@ -143,8 +158,17 @@ jobs = Table(
     Column("result_path", Text, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # What the console lists and filters by, copied from the study's instances when the job is created, so that a
+    # page of 100,000 jobs is one indexed query on this table.
+    Column("modality", String(64), nullable=True),
+    Column("calling_ae", String(16), nullable=True),
+    Column("accession_number", String(16), nullable=True),
     UniqueConstraint("study_uid", "run", name="uq_jobs_study_run"),
     Index("ix_jobs_state", "state"),
+    # Keyset paging (newest first) within a state, and the console's date and accession number filters.
+    Index("ix_jobs_state_id", "state", "id"),
+    Index("ix_jobs_created", "created_at"),
+    Index("ix_jobs_accession", "accession_number"),
 )
 
 events = Table(
@@ -170,40 +194,38 @@ results = Table(
     Index("ix_results_job", "job_id"),
 )
 
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("password_hash", Text, nullable=False),  # argon2id, with its parameters and salt
+    Column("role", String(16), nullable=False),
+    Column("failed_logins", Integer, nullable=False, default=0),
+    Column("locked", Boolean, nullable=False, default=False),
+    Column("token_hash", String(64), nullable=True),  # SHA-256 of the API token; the token itself is never kept
+    Column("created_at", Float, nullable=False),
+    Index("ix_users_token", "token_hash"),
+)
 
-#: The live workers, as each reports itself every few seconds (a heartbeat): what ``dicom-node status`` shows.
 workers = Table(
     "workers",
     metadata,
-    Column("worker_id", String(160), primary_key=True),  # host:pid
-    Column("host", String(128), nullable=False),
+    Column("name", String(255), primary_key=True),  # Celery's hostname of the worker: queues-pid@host
+    Column("host", String(255), nullable=False),
     Column("queues", String(64), nullable=False),
     Column("device", String(32), nullable=False, default=""),
-    Column("model", Text, nullable=False, default=""),  # family, checkpoint name and version, backend
-    Column("activity", Text, nullable=False, default=""),  # what it is doing: jobs in flight, batch
-    Column("metrics_url", String(256), nullable=False, default=""),
+    Column("model", String(255), nullable=False, default=""),
     Column("started_at", Float, nullable=False),
-    Column("last_seen", Float, nullable=False),
+    Column("seen_at", Float, nullable=False),
+    Column("activity", Text, nullable=True),  # what it is doing: jobs in flight, its last batch
+    Column("metrics_url", String(255), nullable=True),  # its Prometheus metrics, when served
 )
-
-
-@dataclass(frozen=True)
-class WorkerRecord:
-    worker_id: str
-    host: str
-    queues: str
-    device: str
-    model: str
-    activity: str
-    metrics_url: str
-    started_at: float
-    last_seen: float
 
 
 #: The length of each header text column of ``instances``, from the table itself (one definition).
 _TEXT_CAPS: dict[str, int] = {
     name: int(getattr(instances.c[name].type, "length", 0) or 0)
-    for name in ("modality", "body_part", "study_description", "series_description")
+    for name in ("modality", "body_part", "study_description", "series_description", "accession_number")
 }
 
 
@@ -240,6 +262,8 @@ class InstanceRecord:
     size: int
     #: :func:`patient_key` of the instance; "" for records written before the node compared patients.
     patient_key: str = ""
+    #: Accession Number (0008,0050), for the console's search; None when absent.
+    accession_number: str | None = None
 
     @classmethod
     def from_header(
@@ -277,6 +301,7 @@ class InstanceRecord:
             path=path,
             size=size,
             patient_key=patient_key(header.get("PatientID"), header.get("IssuerOfPatientID")),
+            accession_number=text("AccessionNumber", "accession_number") or None,
         )
 
 
@@ -302,6 +327,9 @@ class JobRecord:
     result_path: str | None
     created_at: float
     updated_at: float
+    modality: str | None = None
+    calling_ae: str | None = None
+    accession_number: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:
@@ -327,6 +355,9 @@ class JobRecord:
             result_path=m["result_path"],
             created_at=m["created_at"],
             updated_at=m["updated_at"],
+            modality=m.get("modality"),
+            calling_ae=m.get("calling_ae"),
+            accession_number=m.get("accession_number"),
         )
 
     def as_dict(self) -> dict[str, Any]:

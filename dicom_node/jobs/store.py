@@ -31,6 +31,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     or_,
     select,
     update,
@@ -45,14 +46,12 @@ from dicom_node.jobs.schema import (
     JobState,
     Purged,
     StudyState,
-    WorkerRecord,
     events,
     instances,
     jobs,
     metadata,
     results,
     studies,
-    workers,
 )
 from dicom_node.permissions import private_dir, private_file
 
@@ -199,8 +198,8 @@ class _RecordSQL:
 
 
 def _add_missing_columns(conn: Connection) -> None:
-    """Columns that later versions added to existing tables (``create_all`` creates only missing tables). Each is
-    nullable, so rows written before it stay valid."""
+    """Columns and indexes that later versions added to existing tables (``create_all`` creates only missing
+    tables). Each such column is nullable, so rows written before it stay valid."""
     for table in metadata.sorted_tables:
         have = {c["name"] for c in inspect(conn).get_columns(table.name)}
         for column in table.columns:
@@ -208,6 +207,11 @@ def _add_missing_columns(conn: Connection) -> None:
                 kind = column.type.compile(dialect=conn.dialect)
                 log.info("job store: adding column %s.%s (%s)", table.name, column.name, kind)
                 conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+        indexed = {i["name"] for i in inspect(conn).get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexed:
+                log.info("job store: adding index %s", index.name)
+                index.create(conn, checkfirst=True)
 
 
 def _restart_timers(conn: Connection, now: float | None, *where: Any) -> int:
@@ -466,6 +470,23 @@ class JobStore:
         fields = InstanceRecord.__dataclass_fields__
         return [InstanceRecord(**{k: r._mapping[k] for k in fields}) for r in rows]
 
+    def study_sender(self, study_uid: str, run: int) -> str | None:
+        """The calling AE title that sent the study, as recorded at intake: that of the first instance received for
+        ``run``, else of the study's first instance; None when none was recorded."""
+        with self.engine.connect() as conn:
+            first_of_run = conn.execute(
+                select(instances.c.calling_ae)
+                .where(instances.c.study_uid == study_uid, instances.c.run == run, instances.c.calling_ae != "")
+                .order_by(instances.c.received_at)
+                .limit(1)
+            ).scalar_one_or_none()
+            if first_of_run:
+                return str(first_of_run)
+            first = conn.execute(
+                select(studies.c.calling_ae).where(studies.c.study_uid == study_uid)
+            ).scalar_one_or_none()
+        return str(first) if first else None
+
     def complete_study(
         self,
         study_uid: str,
@@ -494,6 +515,13 @@ class JobStore:
                 .where(studies.c.study_uid == study_uid)
                 .values(state=StudyState.COMPLETE.value, runs=run)
             )
+            listed = conn.execute(
+                select(instances.c.modality, instances.c.accession_number)
+                .where(instances.c.study_uid == study_uid)
+                .order_by(instances.c.received_at)
+            ).all()
+            modalities = sorted({r[0] for r in listed if r[0]})
+            accession = next((r[1] for r in listed if r[1]), None)
             state = JobState.SKIPPED if skip_reason else JobState.QUEUED
             job_id = conn.execute(
                 insert(jobs).values(
@@ -510,6 +538,9 @@ class JobStore:
                     error=skip_reason,
                     created_at=now,
                     updated_at=now,
+                    modality=" ".join(modalities)[:64] or None,
+                    calling_ae=s._mapping["calling_ae"] or None,
+                    accession_number=accession,
                 )
             ).inserted_primary_key
             assert job_id is not None
@@ -596,33 +627,6 @@ class JobStore:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
         return JobRecord.from_row(row) if row else None
 
-    # --- workers ------------------------------------------------------------------------------------------------
-
-    def report_worker(self, record: WorkerRecord) -> None:
-        """Insert or refresh a worker's row (its heartbeat)."""
-        values = {k: getattr(record, k) for k in WorkerRecord.__dataclass_fields__}
-        with self._tx() as conn:
-            changed = conn.execute(
-                update(workers).where(workers.c.worker_id == record.worker_id).values(**values)
-            ).rowcount
-            if not changed:
-                conn.execute(insert(workers).values(**values))
-
-    def forget_worker(self, worker_id: str) -> None:
-        with self._tx() as conn:
-            conn.execute(delete(workers).where(workers.c.worker_id == worker_id))
-
-    def live_workers(self, max_age: float, now: float | None = None) -> list[WorkerRecord]:
-        """Workers whose last heartbeat is at most ``max_age`` seconds old (older rows are removed)."""
-        now = time.time() if now is None else now
-        with self._tx() as conn:
-            conn.execute(delete(workers).where(workers.c.last_seen < now - max(max_age * 20, 600)))
-            rows = conn.execute(
-                select(workers).where(workers.c.last_seen >= now - max_age).order_by(workers.c.worker_id)
-            ).all()
-        fields = WorkerRecord.__dataclass_fields__
-        return [WorkerRecord(**{k: r._mapping[k] for k in fields}) for r in rows]
-
     def queued_by_priority(self) -> dict[str, int]:
         """Jobs waiting for inference, by priority (urgent, routine)."""
         with self.engine.connect() as conn:
@@ -641,6 +645,52 @@ class JobStore:
             q = q.where(jobs.c.state.in_(list(states)))
         with self.engine.connect() as conn:
             return [JobRecord.from_row(r) for r in conn.execute(q).all()]
+
+    def job_page(
+        self,
+        *,
+        states: Sequence[str] = (),
+        since: float | None = None,
+        until: float | None = None,
+        modality: str | None = None,
+        calling_ae: str | None = None,
+        accession_number: str | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[JobRecord]:
+        """One page of jobs, newest first, for the console: keyset paging (``before_id``: the last id of the previous
+        page), so a page deep in 100,000 jobs costs what the first does. Filters are exact; ``modality`` matches
+        one of a study's modalities."""
+        q = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if states:
+            q = q.where(jobs.c.state.in_(list(states)))
+        if since is not None:
+            q = q.where(jobs.c.created_at >= since)
+        if until is not None:
+            q = q.where(jobs.c.created_at < until)
+        if modality:  # one of the study's modalities, which the column holds separated by spaces
+            q = q.where((literal(" ") + jobs.c.modality + literal(" ")).like(f"% {modality.strip().upper()} %"))
+        if calling_ae:
+            q = q.where(jobs.c.calling_ae == calling_ae)
+        if accession_number:
+            q = q.where(jobs.c.accession_number == accession_number)
+        if before_id is not None:
+            q = q.where(jobs.c.id < before_id)
+        with self.engine.connect() as conn:
+            return [JobRecord.from_row(r) for r in conn.execute(q).all()]
+
+    def jobs_since(self, since: float) -> dict[str, int]:
+        """Jobs created since ``since``, by state (the console's overview of the last 24 hours)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs.c.state, func.count()).where(jobs.c.created_at >= since).group_by(jobs.c.state)
+            ).all()
+        return {state: int(n) for state, n in rows}
+
+    def ping(self) -> None:
+        """One round trip to the database; raises when it cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(select(1)).scalar_one()
 
     def unfinished_jobs(self) -> list[JobRecord]:
         return self.list_jobs(UNFINISHED, limit=1_000_000)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import pydicom
 
-from dicom_node.config import Settings
+from dicom_node.config import SenderDestinationSettings, Settings
 from dicom_node.intake.spool import Spool, durable_write
 from dicom_node.jobs.lease import fail_if_redelivered_too_often, is_abandoned
 from dicom_node.jobs.schema import JobRecord, JobState
@@ -30,7 +30,7 @@ from dicom_node.logs import audit, uid_hash
 from dicom_node.permissions import private_dir
 
 if TYPE_CHECKING:
-    from dicom_node.work.worker_status import WorkerMetrics
+    from dicom_node.work.worker_metrics import WorkerMetrics
     from inference.engine import Engine
 
 __all__ = [
@@ -366,14 +366,13 @@ def _give_back_export(ctx: WorkerContext, job_id: int) -> None:
 
 
 def _export(ctx: WorkerContext, job: JobRecord) -> None:
+    from dicom_node.export.destinations import send
     from dicom_node.export.outcome import FileResult, Outcome
-    from dicom_node.export.scu import send_files
 
     store = ctx.store
     job_id = job.id
     made = _write_outbox(ctx, job)
     delivered = {r["sop_instance_uid"]: set(r["delivered_to"]) for r in store.job_results(job_id)}
-    by_name = {d.name: d for d in ctx.settings.destinations}
     if not job.destinations:
         store.transition(
             job_id, JobState.DELIVERED, expect=[JobState.SUCCEEDED],
@@ -381,13 +380,16 @@ def _export(ctx: WorkerContext, job: JobRecord) -> None:
         )
         return
     transient: list[str] = []
+    sender_ae: str | None = None
     for name in job.destinations:
-        destination = by_name.get(name)
+        destination = ctx.settings.destination(name)
         if destination is None:
             raise PermanentError(f"destination {name!r} is no longer configured")
         pending = [p for uid, _kind, p in made if name not in delivered.get(uid, set())]
         if not pending:
             continue
+        if isinstance(destination, SenderDestinationSettings) and sender_ae is None:
+            sender_ae = store.study_sender(job.study_uid, job.run)  # the calling AE title recorded at intake
 
         def record(item: FileResult, name: str = name) -> None:
             # As the peer acknowledges each object, before the next goes out: a worker killed mid-batch leaves
@@ -395,11 +397,11 @@ def _export(ctx: WorkerContext, job: JobRecord) -> None:
             if item.sop_instance_uid:
                 store.mark_delivered(item.sop_instance_uid, name)
 
-        report = send_files(destination, pending, ctx.settings.node.ae_title, on_delivered=record)
+        report = send(destination, pending, ctx.settings, sender_ae=sender_ae, on_delivered=record)
         audit(
-            "export", job=job_id, destination=name, delivered=len(report.delivered),
-            rejected=len(report.rejected), transient=len(report.transient),
-        )
+            "export", job=job_id, destination=name, kind=destination.kind.value, peer=report.peer,
+            delivered=len(report.delivered), rejected=len(report.rejected), transient=len(report.transient),
+        )  # fmt: skip
         store.note(job_id, "send", report.summary())
         if report.outcome is Outcome.REJECTED:  # the one classification: dicom_node.export.outcome
             raise PermanentError(f"{name}: {report.reason}")

@@ -79,3 +79,28 @@ def test_jobs_list_show_cancel_retry(
     assert "retried by administrator" in shown.output and "cancelled by administrator" in shown.output
     missing = runner.invoke(app, ["jobs", "show", "9999", "--config", str(config)])
     assert missing.exit_code == 1
+
+
+@pytest.mark.parametrize("example", sorted(Path("config").glob("*.example.yaml")), ids=lambda p: p.name)
+def test_every_example_configuration_is_valid(example: Path) -> None:
+    checked = runner.invoke(app, ["config", "check", "--config", str(example)])
+    assert checked.exit_code == 0, checked.output
+    assert "warning" not in checked.output, checked.output
+
+
+def test_config_check_warns_of_unverified_tls_and_plain_http_credentials_and_show_hides_secrets(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"destinations": [
+        {"name": "lab", "kind": "dicomweb", "url": "https://lab/dicom-web", "tls_verify": False},
+        {"name": "old", "kind": "dicomweb", "url": "http://old/dicom-web", "auth": "basic", "username": "u",
+         "password": "pw-in-file-42"},
+    ]}))  # fmt: skip
+    checked = runner.invoke(app, ["config", "check", "--config", str(config)])
+    said = " ".join(checked.output.split())
+    assert checked.exit_code == 0, checked.output
+    assert "warning: destination 'lab': tls_verify is false: the server's certificate is not checked" in said
+    assert "warning: destination 'old': basic credentials go over plain http to http://old/dicom-web" in said
+    shown = runner.invoke(app, ["config", "show", "--config", str(config)])
+    assert shown.exit_code == 0 and "pw-in-file-42" not in shown.output and '"**********"' in shown.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import highdicom as hd
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ from pydicom.sr.codedict import codes
 
 from sr_writer import BoundingBox, ResultUIDs, build_result_objects, render_sr
 from sr_writer.context import ResultOptions
+from sr_writer.findings import Language
 from sr_writer.render import read_findings, read_sr
+from sr_writer.sr import NO_FINDINGS_SERIES, NO_FINDINGS_TEXT
 from tests.sr_writer.conftest import BuiltStudy
 from tests.sr_writer.helpers import STUDIES, read, synthetic_result
 
@@ -84,13 +88,14 @@ def test_report_structure_follows_tid_1500(built_studies: dict[str, BuiltStudy])
     assert "Image Library" in names
     assert "Qualitative Evaluations" in names
     assert "Procedure reported" in names
-    purposes = [
-        item.ConceptCodeSequence[0].CodeMeaning
-        for group in report.get_planar_roi_measurement_groups()
-        for item in group[0].ContentSequence
-        if item.ConceptNameCodeSequence[0].CodeMeaning == "Geometric purpose of region"
-    ]
-    assert purposes and set(purposes) == {"Bounded by"}
+    (procedure,) = [item for item in root if item.ConceptNameCodeSequence[0].CodeMeaning == "Procedure reported"]
+    cid100 = {getattr(codes.cid100, name).value for name in codes.cid100.dir()}
+    assert procedure.ConceptCodeSequence[0].CodeValue in cid100  # TID 1500 row 4
+    groups = report.get_planar_roi_measurement_groups()
+    # Only what TID 1410 has rows for: no Geometric Purpose, no Algorithm Manufacturer, no free-text Comment.
+    names_in_groups = {item.ConceptNameCodeSequence[0].CodeMeaning for g in groups for item in g[0].ContentSequence}
+    assert not names_in_groups & {"Geometric purpose of region", "Algorithm Manufacturer", "Comment"}
+    assert all(len(g.finding_sites) == 1 for g in groups)
     equipment = sr.ContributingEquipmentSequence
     algorithm = [e for e in equipment if e.get("ManufacturerModelName") == "TestVLM"]
     assert algorithm and algorithm[0].DeviceUID == study.result.algorithm.device_uid
@@ -119,6 +124,21 @@ def test_study_without_findings_gets_a_valid_report_that_says_so():
     assert "No findings" in dict(contents.narrative)["Findings"]
     text = render_sr(objects[0])
     assert "(none)" in text and "No findings" in text
+    assert "no findings" in objects[0].SeriesDescription
+
+
+def test_chinese_study_without_findings_or_report_says_so_in_chinese(tmp_path: Path):
+    """Nothing in the result is Chinese but its language: the report's own words are, and must survive encoding."""
+    source = read("RG3_UNCI.dcm")
+    base = synthetic_result(source, Language.CHINESE, findings=[])
+    result = type(base)(base.study_instance_uid, base.profile, base.algorithm, language=Language.CHINESE)
+    uids = ResultUIDs(result.study_instance_uid, result.algorithm, result.profile)
+    (sr,) = build_result_objects(result, [source], uids, ResultOptions(sr=True))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    back = dcmread(path)
+    assert NO_FINDINGS_SERIES[Language.CHINESE] in back.SeriesDescription
+    assert dict(read_sr(back).narrative)["Findings"] == NO_FINDINGS_TEXT[Language.CHINESE]
 
 
 def test_render_shows_findings_boxes_and_narrative(built_studies: dict[str, BuiltStudy]):

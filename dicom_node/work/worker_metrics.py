@@ -1,39 +1,24 @@
-"""What an inference worker tells the world: Prometheus metrics on its own port, and a heartbeat in the job store.
+"""An inference worker's Prometheus metrics, on its own port (``queue.worker_metrics_port``; when several workers
+share a host each takes the next free port): jobs in flight, batch sizes, images and generated tokens (their rates
+are images/s and tokens/s), time to first token, queue wait by priority, GPU memory in use on CUDA.
 
-Metrics (``queue.worker_metrics_port``; when several workers share a host each takes the next free port):
-jobs in flight, batch sizes, images and generated tokens (rates give images/s and tokens/s), time to first token,
-queue wait by priority, GPU memory in use on CUDA.
-
-Heartbeat: every few seconds the worker writes its row of the ``workers`` table (host, queues, device, model
-identity, what it is doing, where its metrics are); ``dicom-node status`` lists the workers seen lately.
+Where the metrics are, and what the worker is doing, go into its heartbeat row (:mod:`dicom_node.work.heartbeat`),
+which ``dicom-node status`` and the console show.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from dicom_node.jobs.schema import WorkerRecord
-from dicom_node.jobs.store import JobStore, is_unreachable
-
 if TYPE_CHECKING:
     from inference.batching import BatchReport
-    from inference.engine import Engine
 
-__all__ = ["HEARTBEAT_SECONDS", "Heartbeat", "WorkerMetrics", "serve_worker_metrics"]
+__all__ = ["WorkerMetrics", "serve_worker_metrics"]
 
 log = logging.getLogger(__name__)
-
-#: How often a worker refreshes its row; ``dicom-node status`` counts a worker live for three times this.
-HEARTBEAT_SECONDS = 5.0
-
 
 class WorkerMetrics:
     """The inference worker's Prometheus metrics, in a registry of its own."""
@@ -103,57 +88,3 @@ def serve_worker_metrics(metrics: WorkerMetrics, first_port: int, bind: str = "0
         return port
     log.warning("no free port for the worker's metrics in %d-%d; metrics are off", first_port, first_port + 15)
     return 0
-
-
-class Heartbeat:
-    """Writes this worker's row of the ``workers`` table every :data:`HEARTBEAT_SECONDS` until stopped."""
-
-    def __init__(self, store: Callable[[], JobStore], queues: str, engine: Engine | None, activity: Any,
-                 metrics_url: str = "") -> None:
-        self.store = store  # called at each beat: the job store may be unreachable when the worker starts
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        self.queues = queues
-        self.engine = engine
-        self.activity = activity  # a callable giving the one-line "what it is doing"
-        self.metrics_url = metrics_url
-        self.started_at = time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    def record(self) -> WorkerRecord:
-        model, device = "", ""
-        if self.engine is not None:
-            identity = self.engine.identity
-            params = identity.parameters
-            model = f"{identity.family} {identity.name} (version {identity.version}) on {params.get('backend', '')}"
-            device = f"{params.get('device', '')} {params.get('dtype', '')}".strip()
-        return WorkerRecord(
-            worker_id=self.worker_id, host=socket.gethostname(), queues=self.queues, device=device, model=model,
-            activity=str(self.activity()), metrics_url=self.metrics_url, started_at=self.started_at,
-            last_seen=time.time(),
-        )
-
-    def beat(self) -> None:
-        try:
-            self.store().report_worker(self.record())
-        except Exception as exc:  # the heartbeat's boundary: a store outage must not stop the worker
-            if not is_unreachable(exc):
-                log.exception("worker heartbeat failed")
-            else:
-                log.debug("worker heartbeat: job store unreachable")
-
-    def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            self.beat()
-
-    def start(self) -> Heartbeat:
-        self.beat()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            self.store().forget_worker(self.worker_id)
-        except Exception as exc:  # shutting down: the row ages out by itself
-            log.debug("could not remove the worker row: %s", exc)
