@@ -58,7 +58,14 @@ class ModelSettings(BaseModel):
     slices_per_series: int = Field(3, ge=1, description="CT/MR: evenly spaced slices taken from each series")
     max_images_per_study: int = Field(8, ge=1, description="upper bound of images sent to the model per study")
     window: WindowName = Field("auto", description="VOI window of grey-scale images (CT presets: lung, ...)")
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="attention kernel; auto: flash attention where flash-attn is installed on CUDA, else SDPA"
+    )
+    compile: bool = Field(
+        False,
+        description="transformers backend: a static KV cache and torch.compile (CUDA graphs on a GPU); the first "
+        "batches of each shape compile, later ones run faster",
+    )
     max_image_side: int = Field(
         1024,
         ge=64,

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from inference.adapters.base import HFHandle, ModelAdapter
@@ -69,9 +70,11 @@ class TransformersBackend(Backend):
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ModelLoadError(f"model.device {self.device!r} asks for CUDA, but torch sees no CUDA device")
         self.dtype = resolve_dtype(self.settings.dtype, self.device)
+        if self.device.startswith("cuda"):
+            self._check_memory(directory)
         started = time.perf_counter()
         try:
-            self.handle = self.adapter.hf_load(directory, self.device, self.dtype, self.settings.attn_implementation)
+            self.handle = self.adapter.hf_load(directory, self.device, self.dtype, self.attention)
         except ModelLoadError:
             raise
         except Exception as exc:
@@ -81,14 +84,51 @@ class TransformersBackend(Backend):
                 f"cannot load the {self.adapter.family!r} checkpoint at {str(directory)!r} (expected {expected}): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+        if self.settings.compile:
+            self._compile()
         logger.info(
-            "loaded %s checkpoint %s on %s (%s) in %.1f s",
+            "loaded %s checkpoint %s on %s (%s, %s attention%s) in %.1f s",
             self.adapter.family,
             directory.name,
             self.device,
             self.dtype,
+            self.attention,
+            ", static KV cache + torch.compile" if self.settings.compile else "",
             time.perf_counter() - started,
         )
+
+    @property
+    def attention(self) -> str:
+        """``model.attn_implementation``, with ``auto`` resolved: flash attention where installed on CUDA, else SDPA."""
+        setting = self.settings.attn_implementation
+        if setting != "auto":
+            return setting
+        if self.device.startswith("cuda"):
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is not None:
+                return "flash_attention_2"
+        return "sdpa"
+
+    def _check_memory(self, directory: Path) -> None:
+        """Stop before loading when the weights cannot fit in the GPU's free memory (both figures in the message)."""
+        import torch
+
+        from inference.memory import check_fits, weight_bytes
+
+        needed = weight_bytes(directory, torch.tensor([], dtype=self.dtype).element_size())
+        if needed is None:
+            return
+        free, total = torch.cuda.mem_get_info(torch.device(self.device))
+        check_fits(needed, free, total, self.device, str(self.dtype).removeprefix("torch."))
+
+    def _compile(self) -> None:
+        """A static KV cache and ``torch.compile(mode="reduce-overhead")``: CUDA graphs for the decode steps."""
+        import torch
+
+        handle = self._require()
+        handle.model.generation_config.cache_implementation = "static"
+        handle.model.forward = torch.compile(handle.model.forward, mode="reduce-overhead", fullgraph=False)
 
     def _require(self) -> HFHandle:
         if self.handle is None:
@@ -144,6 +184,6 @@ class TransformersBackend(Backend):
             "backend": self.name,
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch.") if self.dtype is not None else self.settings.dtype,
-            "attention": self.settings.attn_implementation,
+            "attention": self.attention,
             "decoding": "greedy",
         }

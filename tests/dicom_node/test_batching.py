@@ -29,16 +29,16 @@ from inference.engine import Engine
 from sr_writer.findings import InferenceResult
 from tests.conftest import free_port, make_study
 from tests.dicom_node.test_intake import storescu
-from tests.dicom_node.test_queue import (  # noqa: F401 - fixtures
-    Deployment,
-    RedisServer,
-    deploy,
-    receiver,
-    redis,
-    tiny_model,
-)
+from tests.dicom_node import test_queue
+from tests.dicom_node.test_queue import Deployment, RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# The deployment, Redis, receiving PACS and tiny model fixtures of the queue tests.
+deploy = test_queue.deploy
+redis = test_queue.redis
+receiver = test_queue.receiver
+tiny_model = test_queue.tiny_model
 
 
 def delivered(jobs: list[Any]) -> bool:

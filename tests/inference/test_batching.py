@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from inference.batching import BatchReport, Batcher, Priority
+from inference.batching import Batcher, BatchReport, Priority
 from inference.geometry import ImageTransform
 from inference.types import ModelImage, PreparedInput, Profile, Prompt, TaskRequest
 from sr_writer.findings import ImageRef
@@ -23,7 +23,8 @@ from sr_writer.findings import ImageRef
 def _item(name: str) -> PreparedInput:
     pixels = np.zeros((4, 4, 3), dtype=np.uint8)
     image = ModelImage(pixels=pixels, ref=ImageRef(f"2.25.{abs(hash(name)) % 10**12}"))
-    return PreparedInput(image, TaskRequest(Profile.VQA, question="what?"), pixels, ImageTransform.identity(4, 4), Prompt(name), 4)
+    request = TaskRequest(Profile.VQA, question="what?")
+    return PreparedInput(image, request, pixels, ImageTransform.identity(4, 4), Prompt(name), 4)
 
 
 class Recorder:
