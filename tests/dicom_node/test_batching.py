@@ -28,8 +28,8 @@ from inference.demo.phantoms import generate_phantom
 from inference.engine import Engine
 from sr_writer.findings import InferenceResult
 from tests.conftest import free_port, make_study
-from tests.dicom_node.test_intake import storescu
 from tests.dicom_node import test_queue
+from tests.dicom_node.test_intake import storescu
 from tests.dicom_node.test_queue import Deployment, RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
