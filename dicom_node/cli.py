@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -19,23 +18,29 @@ from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.jobs.schema import JobState
 from dicom_node.jobs.store import JobStore, StoreUnavailable
 from dicom_node.logs import configure_logging
-from dicom_node.permissions import private_dir, restrict_umask
+from dicom_node.permissions import restrict_umask
 from dicom_node.tls import TLSConfigError, server_context
+from dicom_node.work.heartbeat import WorkerInfo, live_workers
 from dicom_node.work.queues import INFERENCE_QUEUE, QUEUES
 
 if TYPE_CHECKING:
     from dicom_node.console.users import UserStore
+    from dicom_node.work.heartbeat import Heartbeat
+    from dicom_node.work.steps import WorkerContext
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
 jobs_app = typer.Typer(help="List, inspect, retry and cancel jobs.", no_args_is_help=True)
+model_app = typer.Typer(help="Export the model for the onnxruntime and tensorrt backends, and check it.",
+                        no_args_is_help=True)
 app.add_typer(config_app, name="config")
 users_app = typer.Typer(help="Users of the web console: add, remove, passwords, API tokens.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(model_app, name="model")
 app.add_typer(users_app, name="users")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line in a log, however long
 
 ConfigOption = Annotated[
     Path | None,
@@ -122,19 +127,29 @@ def worker(
     config: ConfigOption = None,
     queues: Annotated[str, typer.Option(help="Queues: inference, export, or inference,export.")] = INFERENCE_QUEUE,
     device: Annotated[str | None, typer.Option(help="Model device (overrides model.device): cpu, cuda:N.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Worker processes (inference: one per GPU).")] = 1,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Export: worker processes (default 1). Inference: studies held at once, whose images "
+                          "share the model's batches (default queue.inference_concurrency); run one inference "
+                          "worker per GPU."),
+    ] = None,
 ) -> None:
-    """Run a Celery worker. An inference worker loads its model once per process, warms it up, then consumes."""
+    """Run a Celery worker. An inference worker loads its model once, warms it up, then consumes: it holds several
+    studies at once (threads) and one batcher runs their images through the model together."""
     import os
 
-    from dicom_node.work.celery_app import install_model_loader, make_celery
+    from dicom_node.work.celery_app import make_celery
     from dicom_node.work.steps import WorkerContext
+    from dicom_node.work.worker_metrics import WorkerMetrics, serve_worker_metrics
 
     settings = _settings(config)
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in wanted if q not in QUEUES]
     if not wanted or unknown:
         err.print(f"[red]error:[/red] --queues takes {' and/or '.join(QUEUES)}, got {queues!r}")
+        raise typer.Exit(2)
+    if concurrency is not None and concurrency < 1:
+        err.print(f"[red]error:[/red] --concurrency must be at least 1, got {concurrency}")
         raise typer.Exit(2)
     if device is not None:
         try:
@@ -144,70 +159,88 @@ def worker(
             err.print(f"[red]error:[/red] --device: {exc}")
             raise typer.Exit(2) from None
     configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
-    engine_factory = None
+    ctx = WorkerContext(settings)
+    metrics_url = ""
     if INFERENCE_QUEUE in wanted:
         from inference.engine import Engine
+        from inference.errors import InferenceError, ModelLoadError
 
         model = settings.model
-
-        def engine_factory() -> Engine:
-            return Engine.load(model, model.device)
-
-    ctx = WorkerContext(settings, engine_factory=engine_factory)
+        try:
+            Engine.preflight(model)  # a missing runtime (TensorRT, CUDA) stops here, before anything loads
+        except ModelLoadError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(2) from None
+        ctx.engine_factory = lambda: Engine.load(model, model.device)
+        try:
+            ctx.load_engine()  # once per worker, before it takes any job
+        except InferenceError as exc:
+            err.print(f"[red]error:[/red] the model could not be loaded: {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
+        metrics = WorkerMetrics(model.device)
+        ctx.metrics = metrics
+        engine = ctx.engine
+        engine.start_batching(on_batch=lambda report: metrics.observe_batch(report, engine.backend.last_stats))
+        if settings.queue.worker_metrics_port:
+            port = serve_worker_metrics(metrics, settings.queue.worker_metrics_port)
+            metrics_url = f"http://{_hostname()}:{port}/metrics" if port else ""
+        # Threads, not processes: the studies in flight share the one loaded model and its batches.
+        pool, threads = "threads", concurrency or settings.queue.inference_concurrency
+    else:
+        pool, threads = "prefork", concurrency or 1
     app_ = make_celery(settings, ctx)
-    run_dir = private_dir(settings.node.data_dir / "run")
-    failure = run_dir / f"worker-{os.getpid()}.failed"
-    failure.unlink(missing_ok=True)
-    if engine_factory is not None:
-        install_model_loader(ctx, failure)
-    name = f"{'-'.join(wanted)}-{os.getpid()}"
+    heartbeat = _start_heartbeat(settings, ctx, wanted, metrics_url)
     argv = [
-        "worker", "--queues", ",".join(wanted), "--concurrency", str(concurrency), "--pool", "prefork",
-        "--hostname", f"{name}@%h", "--loglevel", settings.logging.level,
+        "worker", "--queues", ",".join(wanted), "--concurrency", str(threads), "--pool", pool,
+        "--hostname", f"{'-'.join(wanted)}-{os.getpid()}@%h", "--loglevel", settings.logging.level,
         "--without-gossip", "--without-mingle",
     ]
-    _install_heartbeat(settings, name, wanted)
     try:
         app_.worker_main(argv)
     except SystemExit:
         pass
-    if failure.exists():
-        err.print(f"[red]error:[/red] the model could not be loaded: {failure.read_text(encoding='utf-8')}")
-        failure.unlink(missing_ok=True)
-        raise typer.Exit(1)
+    finally:
+        for beat in heartbeat:
+            beat.stop()
+        if ctx.engine_factory is not None and ctx._engine is not None and ctx._engine.batcher is not None:
+            ctx._engine.batcher.close()
 
 
-def _install_heartbeat(settings: Settings, name: str, queues: list[str]) -> None:
-    """Record this worker in the job store once it consumes, and remove it when it stops (see work.heartbeat)."""
+def _hostname() -> str:
     import socket
 
-    from celery.signals import worker_ready, worker_shutdown
+    return socket.gethostname()
+
+
+def _start_heartbeat(settings: Settings, ctx: WorkerContext, queues: list[str], metrics_url: str) -> list[Heartbeat]:
+    """Record this worker in the job store once it consumes, with what it is doing, until it stops (see
+    work.heartbeat); the list holds the heartbeat once it started, for the caller to stop."""
+    import os
+    import socket
+
+    from celery.signals import worker_ready
 
     from dicom_node.work.heartbeat import Heartbeat
 
-    model = settings.model
     running: list[Heartbeat] = []
+    engine = ctx._engine
+    device = model = ""
+    if engine is not None:
+        identity, params = engine.identity, engine.identity.parameters
+        model = f"{identity.family} {identity.name} (version {identity.version}) on {params.get('backend', '')}"
+        device = f"{params.get('device', '')} {params.get('dtype', '')}".strip()
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        try:
-            store = JobStore(settings.store_url)
-        except StoreUnavailable as exc:  # the worker runs all the same; the console shows it as not reporting
-            logging.getLogger(__name__).warning("worker heartbeat off: %s", exc)
-            return
         running.append(
             Heartbeat(
-                store, f"{name}@{socket.gethostname()}", queues,
-                device=model.device if INFERENCE_QUEUE in queues else "",
-                model=f"{model.family} ({model.path or 'packaged'})" if INFERENCE_QUEUE in queues else "",
-                period=settings.queue.worker_heartbeat_seconds,
+                lambda: JobStore(settings.store_url), f"{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}",
+                queues, device=device, model=model, period=settings.queue.worker_heartbeat_seconds,
+                activity=ctx.activity, metrics_url=metrics_url,
             ).start()
         )
 
-    @worker_shutdown.connect(weak=False)
-    def _shutdown(**_: object) -> None:
-        for beat in running:
-            beat.stop()
+    return running
 
 
 @app.command()
@@ -327,7 +360,8 @@ def config_show(config: ConfigOption = None) -> None:
 
 @app.command()
 def status(config: ConfigOption = None) -> None:
-    """Health at a glance: jobs per state, studies still receiving, spool space, oldest unfinished job."""
+    """Health at a glance: jobs per state, studies still receiving, spool space, oldest unfinished job, the queue by
+    priority, and each live worker (host, device, model, what it is doing)."""
     import shutil
     import time
 
@@ -353,6 +387,27 @@ def status(config: ConfigOption = None) -> None:
     failed = counts.get("jobs_failed", 0)
     if failed:
         out.print(f"[red]{failed} failed job(s)[/red]: dicom-node jobs list --state failed")
+    queued = store.queued_by_priority()
+    out.print(f"waiting for inference: {queued['urgent']} urgent, {queued['routine']} routine", highlight=False)
+    _print_workers(live_workers(store, settings.queue.worker_heartbeat_seconds), settings)
+
+
+def _print_workers(workers: list[WorkerInfo], settings: Settings) -> None:
+    """The live workers: name, queues, device, model, what each is doing, where its metrics are."""
+    import time
+
+    if not workers:
+        out.print(f"no live worker (none reported in the last {3 * settings.queue.worker_heartbeat_seconds:.0f} s): "
+                  "start one with `dicom-node worker`", highlight=False)
+        return
+    table = Table(title=f"{len(workers)} live worker(s)")
+    for column in ("worker", "queues", "device", "model", "doing", "metrics", "seen"):
+        table.add_column(column)
+    now = time.time()
+    for w in workers:
+        table.add_row(w.name, ",".join(w.queues), w.device or "-", w.model or "-", w.activity or "-",
+                      w.metrics_url or "-", f"{now - w.seen_at:.0f} s ago")
+    out.print(table)
 
 
 @jobs_app.command("list")
@@ -369,13 +424,14 @@ def jobs_list(
     if as_json:
         print(json.dumps([j.as_dict() for j in found], indent=2))
         return
-    table = Table("id", "state", "study", "run", "rule", "profile", "attempts", "updated", "error")
+    table = Table("id", "state", "priority", "study", "run", "rule", "profile", "attempts", "updated", "error")
     colours = {"failed": "red", "delivered": "green", "skipped": "yellow"}
     for j in found:
         colour = colours.get(j.state.value, "white")
         table.add_row(
             str(j.id),
             f"[{colour}]{j.state.value}[/{colour}]",
+            "[bold red]urgent[/bold red]" if j.priority == "urgent" else "routine",
             j.study_uid[-24:],
             str(j.run),
             j.rule or "-",
@@ -407,7 +463,8 @@ def jobs_show(
         return
     out.print(f"[bold]job {job.id}[/bold]: {job.state.value}", highlight=False)
     out.print(f"  study {job.study_uid} run {job.run}", highlight=False)
-    out.print(f"  rule {job.rule or '-'}; profile {job.profile or '-'} ({job.language or '-'})", highlight=False)
+    out.print(f"  rule {job.rule or '-'}; profile {job.profile or '-'} ({job.language or '-'}); "
+              f"priority {job.priority}", highlight=False)
     out.print(f"  outputs {job.outputs}; destinations {job.destinations}", highlight=False)
     out.print(f"  attempts {job.attempts}; redeliveries {job.redeliveries}", highlight=False)
     if job.owner:
@@ -449,6 +506,65 @@ def jobs_cancel(job_id: Annotated[int, typer.Argument()], config: ConfigOption =
         raise typer.Exit(1) from None
     out.print(f"job {job_id} cancelled")
 
+
+@model_app.command("export")
+def model_export(
+    config: ConfigOption = None,
+    dtype: Annotated[str, typer.Option(help="Graph precision: float32 (CPU, exact) or float16 (GPU).")] = "float32",
+    force: Annotated[bool, typer.Option(help="Export again even when a valid export exists.")] = False,
+) -> None:
+    """Export the configured checkpoint to ONNX graphs (once per checkpoint version; minutes for a real one)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from inference.errors import ModelLoadError
+    from inference.export.exporter import export_checkpoint
+
+    settings = _settings(config)
+    configure_logging("WARNING", False, None)
+    model = settings.model
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=err, transient=False,
+    ) as progress:
+        task = progress.add_task(f"exporting {model.family}", total=1)
+
+        def report(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=done, total=total)
+
+        try:
+            folder, written = export_checkpoint(model, dtype=dtype, force=force, progress=report)
+        except ModelLoadError as exc:
+            progress.stop()
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    verb = "exported to" if written else "a valid export already exists in"
+    out.print(f"{model.family} checkpoint {verb} {folder} ({size / 1e6:.1f} MB); "
+              f"run it with model.backend: onnxruntime or tensorrt", highlight=False)
+
+
+@model_app.command("check")
+def model_check(
+    config: ConfigOption = None,
+    compare: Annotated[bool, typer.Option(help="Also run transformers on the same input and compare the tokens.")]
+    = False,
+) -> None:
+    """Check that the configured model loads on its backend (export present and current) and generates."""
+    from inference.errors import InferenceError
+    from inference.model_check import check_model
+
+    settings = _settings(config)
+    configure_logging("WARNING", False, None)
+    try:
+        lines, agreed = check_model(settings.model, compare=compare)
+    except InferenceError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    for line in lines:
+        out.print(line, highlight=False, markup=False)
+    if not agreed:
+        err.print("[red]error:[/red] the backends do not give the same tokens for the same input")
+        raise typer.Exit(1)
 
 def _password(given: str | None, from_stdin: bool) -> str:
     if from_stdin:

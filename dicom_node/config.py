@@ -225,6 +225,19 @@ class QueueSettings(_Section):
         None, description="`serve` starts and supervises an inference and an export worker; None: only when embedded"
     )
     reconcile_seconds: float = Field(30, gt=0, description="how often the store is compared with the queue")
+    inference_concurrency: int = Field(
+        8, ge=1, le=256,
+        description="studies one inference worker process holds at once; their images share the model's batches "
+        "(model.batch_size, model.batch_wait_ms)",
+    )
+    urgent_calling_aets: list[str] = Field(
+        default_factory=list, description="studies from these calling AE titles are urgent, whatever their rule says"
+    )
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535,
+        description="first port of the inference workers' Prometheus /metrics (the next free one is taken when "
+        "several workers share a host); 0: off",
+    )
     requeue_after_seconds: float = Field(
         600, gt=0, description="a queued job with no sign of a worker this long is enqueued again (lost message)"
     )
@@ -255,6 +268,11 @@ class QueueSettings(_Section):
             retry.setdefault("max_retries", legacy)
             data["retry"] = retry
         return data
+
+    @field_validator("urgent_calling_aets")
+    @classmethod
+    def _urgent_aets(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v, "queue.urgent_calling_aets[]") for v in values]
 
     @field_validator("broker_url")
     @classmethod
@@ -502,6 +520,9 @@ class RuleSettings(_Section):
     targets: list[str] = Field(default_factory=list, description="structures to locate (text_to_region)")
     outputs: list[ObjectKind] = Field(default_factory=lambda: [ObjectKind.SR, ObjectKind.GSPS])
     destinations: list[str] = Field(default_factory=list, description="destination names; empty: all")
+    priority: Literal["urgent", "routine"] = Field(
+        "routine", description="urgent jobs overtake routine ones in the queue and in a worker's batches"
+    )
 
 
 class ConsoleSettings(_Section):
@@ -606,6 +627,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
+        if self.model.export_dir is None:  # exports live with the node's other data unless placed elsewhere
+            self.model.export_dir = self.node.data_dir / "model-exports"
         names = [d.name for d in self.destinations]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:

@@ -249,9 +249,11 @@ class Node:
                 log.info("study %s skipped: %s", uid_hash(study_uid), decision.reason)
             return job_id
         destinations = rule.destinations or [d.name for d in self.settings.destinations]
+        urgent = rule.priority == "urgent" or calling.strip() in self.settings.queue.urgent_calling_aets
         job_id = self.store.complete_study(
             study_uid,
             rule=rule.name,
+            priority="urgent" if urgent else "routine",
             profile=rule.profile.value,
             language=rule.language.value,
             targets=rule.targets,
@@ -261,7 +263,8 @@ class Node:
         if job_id is None:
             return None
         log.info(
-            "study %s complete (%d instances): job %d, rule %s", uid_hash(study_uid), len(found), job_id, rule.name
+            "study %s complete (%d instances): job %d, rule %s, %s", uid_hash(study_uid), len(found), job_id,
+            rule.name, "urgent" if urgent else "routine",
         )
         job = self.store.job(job_id)
         assert job is not None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 
 from inference.adapters.base import ModelAdapter
 from inference.backends.base import Backend
+from inference.batching import Batcher, BatchReport, Priority
 from inference.config import ModelSettings
 from inference.errors import PoisonInputError
 from inference.pixels import (
@@ -87,6 +88,24 @@ class Engine:
         self.adapter = adapter
         self.backend = backend
         self.identity = identity
+        self.batcher: Batcher | None = None
+
+    def start_batching(self, on_batch: Callable[[BatchReport], None] | None = None) -> Batcher:
+        """Share the backend between threads: from now on every :meth:`run_study` call (from any thread) hands its
+        images to one :class:`~inference.batching.Batcher`, which runs them in batches of up to ``model.batch_size``
+        with the images of the other studies in flight."""
+        if self.batcher is None:
+            self.batcher = Batcher(
+                self.backend.generate, self.settings.batch_size, self.settings.batch_wait_ms, on_batch=on_batch
+            )
+        return self.batcher
+
+    @staticmethod
+    def preflight(settings: ModelSettings) -> None:
+        """Check, cheaply, that the family and backend exist and the runtime can run here (TensorRT and CUDA for
+        ``tensorrt``); :class:`ModelLoadError` with one line saying what is missing. Reads no checkpoint file."""
+        adapter = adapter_class(settings.family)(settings)
+        backend_class(settings.backend)(adapter, settings, settings.device).check_runtime()
 
     @classmethod
     def load(cls, settings: ModelSettings, device: str | None = None) -> Engine:
@@ -126,11 +145,13 @@ class Engine:
         targets: Sequence[str] = (),
         region: RegionInput | BoundingBox | None = None,
         question: str = "",
+        priority: int = Priority.ROUTINE,
     ) -> InferenceResult:
         """Run ``profile`` on a study's files; boxes in the result are in source pixel space.
 
         ``region`` (region_to_text): a :class:`RegionInput` or a box on the first selected image; when ``None`` the
-        first graphic of a GSPS or SR in ``files`` is used. ``question`` is the vqa question.
+        first graphic of a GSPS or SR in ``files`` is used. ``question`` is the vqa question. ``priority`` orders
+        the images in the batcher's queue (:class:`~inference.batching.Priority`) when batching is on.
         Raises :class:`PoisonInputError` when no usable image exists or the region has nothing to point at.
         """
         profile = Profile(profile)
@@ -150,7 +171,7 @@ class Engine:
             raise PoisonInputError("no image of the study could be decoded: " + "; ".join(problems[:3]))
         request = TaskRequest(profile, language, tuple(targets), region, question)
         prepared = [self.adapter.prepare(image, request) for image in images]
-        answers = self._generate(prepared)
+        answers = self._generate(prepared, priority)
         findings: list[Finding] = []
         narratives: list[str] = []
         for item, answer in zip(prepared, answers, strict=True):
@@ -170,7 +191,10 @@ class Engine:
             report = compose_report(narratives, language)
         return InferenceResult(study_uid, profile.value, self.identity, tuple(findings), report, language)
 
-    def _generate(self, prepared: Sequence[PreparedInput]) -> list[ParsedAnswer]:
+    def _generate(self, prepared: Sequence[PreparedInput], priority: int = Priority.ROUTINE) -> list[ParsedAnswer]:
+        if self.batcher is not None:
+            texts = self.batcher.generate(prepared, priority)
+            return [self.adapter.parse(text, item) for text, item in zip(texts, prepared, strict=True)]
         answers: list[ParsedAnswer] = []
         size = self.settings.batch_size
         for start in range(0, len(prepared), size):

@@ -30,6 +30,8 @@ ADAPTERS: dict[str, str] = {
 #: ``model.backend`` -> backend class.
 BACKENDS: dict[str, str] = {
     "transformers": "inference.backends.hf:TransformersBackend",
+    "onnxruntime": "inference.backends.onnxrt:OnnxRuntimeBackend",
+    "tensorrt": "inference.backends.tensorrt:TensorRTBackend",
 }
 
 

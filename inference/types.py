@@ -17,6 +17,7 @@ from sr_writer.findings import BoundingBox, Finding, ImageRef, Language
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
+    "GraphInputs",
     "ModelImage",
     "ParsedAnswer",
     "PreparedInput",
@@ -132,3 +133,25 @@ class ParsedAnswer:
     findings: tuple[Finding, ...] = ()
     narrative: str = ""
     problems: tuple[str, ...] = ()  # why boxes were dropped or findings made text-only (no patient data)
+
+
+@dataclass
+class GraphInputs:
+    """A batch encoded for the graph backends (onnxruntime, tensorrt): host arrays, prompts left-padded.
+
+    The backend runs the ``vision`` graph once per entry of :attr:`vision_feeds` (rows of the outputs concatenated
+    in order, one row per image token), writes those rows over the embeddings of the image tokens, then runs the
+    decoder: the prefill with :attr:`prefill_extras`, each decode step with :attr:`decode_extras`.
+    """
+
+    input_ids: np.ndarray  # (batch, seq) int64
+    attention_mask: np.ndarray  # (batch, seq) int64, 0 on the left padding
+    position_ids: np.ndarray  # (batch, seq), or (3, batch, seq) for M-RoPE; int64
+    vision_feeds: list[dict[str, np.ndarray]]
+    prefill_extras: dict[str, np.ndarray] = field(default_factory=dict)
+    decode_extras: dict[str, np.ndarray] = field(default_factory=dict)  # batch axis first, one position
+
+    def next_positions(self) -> np.ndarray:
+        """(batch,) the position of each row's first generated token: one past the row's largest position."""
+        positions = self.position_ids if self.position_ids.ndim == 3 else self.position_ids[None]
+        return positions.max(axis=(0, 2)) + 1

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, requires_orthanc]
 class Site:
     """Orthanc as the hospital PACS, and the node as `dicom-node serve` sending results back to it."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, backend: str = "transformers") -> None:
         self.tmp_path = tmp_path
         self.port = free_port()
         self.pacs = Orthanc(tmp_path / "pacs", node=NodeModality("AINODE", "127.0.0.1", self.port), stable_age=1)
@@ -41,7 +41,7 @@ class Site:
                     "node": {"port": self.port, "bind": "127.0.0.1", "data_dir": str(tmp_path / "var")},
                     "study": {"stable_seconds": 1},
                     "queue": {"reconcile_seconds": 2},
-                    "model": {"family": "demo"},
+                    "model": {"family": "demo", "backend": backend},
                     "destinations": [
                         {"name": "pacs", "ae_title": self.pacs.aet, "host": "127.0.0.1", "port": self.pacs.dicom_port}
                     ],
@@ -216,3 +216,50 @@ def test_node_killed_before_export_delivers_same_uids_after_restart(site: Site, 
     store.close()
     assert after == before
     assert before <= site.pacs.sop_instance_uids()
+
+
+def _sr_boxes(sr: pydicom.Dataset) -> list[tuple[float, ...]]:
+    """The extents (x0, y0, x1, y1) of every SCOORD of an SR, sorted."""
+    boxes = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if item.get("ValueType") == "SCOORD":
+                data = [float(v) for v in item.GraphicData]
+                xs, ys = data[0::2], data[1::2]
+                boxes.append((round(min(xs), 3), round(min(ys), 3), round(max(xs), 3), round(max(ys), 3)))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.get("ContentSequence", []))
+    return sorted(boxes)
+
+
+def test_onnxruntime_backend_delivers_the_same_boxes_as_transformers(tmp_path: Path) -> None:
+    """The whole loop with model.backend onnxruntime (after `dicom-node model export`): the SR that reaches the
+    PACS carries exactly the boxes the transformers backend finds for the same image."""
+    from inference.config import ModelSettings
+    from inference.engine import Engine
+
+    site = Site(tmp_path, backend="onnxruntime")
+    site.pacs.start()
+    try:
+        export = subprocess.run([sys.executable, "-m", "dicom_node.cli", "model", "export", "--config",
+                                 str(site.config)], capture_output=True, text=True, timeout=600)
+        assert export.returncode == 0, export.stdout + export.stderr
+        site.start_node()
+        cr = corpus_file("RG1_UNCI.dcm")
+        site.pacs.upload(cr)
+        jobs = site.wait_jobs(1)
+        assert jobs[0].state is JobState.DELIVERED, (jobs[0].state, jobs[0].error)
+        found = results_in_pacs(site, pydicom.dcmread(cr, stop_before_pixels=True).StudyInstanceUID, tmp_path / "dl")
+        delivered = _sr_boxes(found["SR"][0])
+    finally:
+        site.stop_node()
+        site.pacs.kill()
+    reference = Engine.load(ModelSettings(family="demo", backend="transformers")).run_study([cr], "grounded_report")
+    expected = sorted(
+        (round(f.box.x0, 3), round(f.box.y0, 3), round(f.box.x1, 3), round(f.box.y1, 3))
+        for f in reference.findings if f.box is not None
+    )
+    assert expected, "the demo model finds regions on the chest radiograph"
+    assert delivered == expected

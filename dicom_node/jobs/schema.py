@@ -142,6 +142,8 @@ jobs = Table(
     Column("run", Integer, nullable=False),
     Column("state", String(16), nullable=False),
     Column("rule", String(128), nullable=True),
+    # urgent | routine: urgent jobs overtake routine ones in the queue and in a worker's batches.
+    Column("priority", String(8), nullable=True),
     Column("profile", String(32), nullable=True),
     Column("language", String(8), nullable=True),
     Column("targets", Text, nullable=False, default="[]"),
@@ -215,6 +217,8 @@ workers = Table(
     Column("model", String(255), nullable=False, default=""),
     Column("started_at", Float, nullable=False),
     Column("seen_at", Float, nullable=False),
+    Column("activity", Text, nullable=True),  # what it is doing: jobs in flight, its last batch
+    Column("metrics_url", String(255), nullable=True),  # its Prometheus metrics, when served
 )
 
 
@@ -309,6 +313,7 @@ class JobRecord:
     state: JobState
     rule: str | None
     profile: str | None
+    priority: str
     language: str | None
     targets: list[str]
     outputs: list[str]
@@ -336,6 +341,7 @@ class JobRecord:
             state=JobState(m["state"]),
             rule=m["rule"],
             profile=m["profile"],
+            priority=m["priority"] or "routine",
             language=m["language"],
             targets=json.loads(m["targets"]),
             outputs=json.loads(m["outputs"]),

@@ -498,6 +498,7 @@ class JobStore:
         destinations: Sequence[str] = (),
         skip_reason: str | None = None,
         now: float | None = None,
+        priority: str = "routine",
     ) -> int | None:
         """Close a study's receive window and create its job (queued, or skipped with ``skip_reason``).
 
@@ -528,6 +529,7 @@ class JobStore:
                     run=run,
                     state=state.value,
                     rule=rule,
+                    priority=priority,
                     profile=profile,
                     language=language,
                     targets=json.dumps(list(targets)),
@@ -624,6 +626,18 @@ class JobStore:
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
         return JobRecord.from_row(row) if row else None
+
+    def queued_by_priority(self) -> dict[str, int]:
+        """Jobs waiting for inference, by priority (urgent, routine)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(jobs.c.priority, func.count()).where(jobs.c.state == JobState.QUEUED.value)
+                .group_by(jobs.c.priority)
+            ).all()
+        counts = {"urgent": 0, "routine": 0}
+        for priority, count in rows:
+            counts[priority or "routine"] = counts.get(priority or "routine", 0) + int(count)
+        return counts
 
     def list_jobs(self, states: Sequence[str] = (), limit: int = 200) -> list[JobRecord]:
         q = select(jobs).order_by(jobs.c.id.desc()).limit(limit)

@@ -16,13 +16,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
-import signal
-from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
@@ -57,6 +53,9 @@ def broker_settings(settings: Settings) -> tuple[str, dict[str, Any]]:
     return settings.queue.broker_url, {
         # Longer than the hard time limit: Redis must not hand a job still running to a second worker.
         "visibility_timeout": int(hard * 1.5 + 60),
+        # One list per priority (0 urgent ... 9), taken in that order: urgent jobs overtake routine ones.
+        "priority_steps": list(range(10)),
+        "queue_order_strategy": "priority",
         # Fail fast when Redis is down: the job stays queued in the store and the reconciler re-enqueues it.
         "max_retries": 1,
         "socket_connect_timeout": 3,
@@ -219,7 +218,7 @@ class CeleryDispatcher:
             (EXPORT_TASK, EXPORT_QUEUE) if job.state is JobState.SUCCEEDED else (INFERENCE_TASK, INFERENCE_QUEUE)
         )
         try:
-            self.app.send_task(task, args=[job.id], queue=queue)
+            self.app.send_task(task, args=[job.id], queue=queue, priority=queue_priority(job.priority))
         except Exception as exc:  # the broker's boundary: kombu, redis and the OS each raise their own errors
             log.warning(
                 "job %d NOT enqueued: the broker did not take it (%s: %s); it stays %s in the job store and the "
@@ -245,6 +244,13 @@ class CeleryDispatcher:
             return None
         found = (_job_of(payload) for payload in payloads)
         return {job_id for job_id in found if job_id is not None}
+
+
+def queue_priority(priority: str) -> int:
+    """A job's priority as a message priority: 0 (urgent) is taken before 5 (routine), on Redis and embedded."""
+    from inference.batching import Priority
+
+    return Priority.of(priority)
 
 
 def _redis_messages(app: Celery) -> list[dict[str, Any]]:
@@ -277,17 +283,3 @@ def _job_of(payload: Any) -> int | None:
         return int(json.loads(body)[0][0])
     except (AttributeError, KeyError, IndexError, TypeError, ValueError):  # not a message of ours
         return None
-
-
-def install_model_loader(ctx: WorkerContext, failure_file: Path) -> None:
-    """Load the model once in each worker process, before it consumes; a failure stops the whole worker."""
-
-    @worker_process_init.connect(weak=False)
-    def _load(**_: Any) -> None:
-        try:
-            ctx.load_engine()
-        except Exception as exc:
-            failure_file.write_text(str(exc), encoding="utf-8")
-            log.error("model could not be loaded: %s", exc)
-            os.kill(os.getppid(), signal.SIGTERM)
-            os._exit(1)

@@ -5,6 +5,9 @@ folder can take the file in between, read nothing, and stop with ``JSONDecodeErr
 message is gone (kombu removes the file before decoding it) and the worker process exits. Measured with
 ``bench/bench_queue.py --variants embedded``: the inference worker stopped within the first ten jobs.
 
+Messages are taken in the order of their names, so a name starts with the message's priority: an urgent job's
+message overtakes the routine ones already waiting, as it does on Redis.
+
 Here a message is written under a name the consumers ignore (it starts with a dot, so its suffix is not
 ``<queue>.msg``) and renamed to its final name once complete; a rename within one folder is atomic, so a consumer
 sees the whole message or none of it. Everything else is kombu's. The job store stays the source of truth: a
@@ -18,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
-from time import monotonic
 from typing import Any
 
 from kombu.exceptions import ChannelError
@@ -35,8 +38,10 @@ SCHEME = "nodefs"
 
 class Channel(filesystem.Channel):
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]  # kombu names it twice
-        # The same name as kombu's (time first, so that the folder's sort order is the queue's order).
-        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        # Consumers take the folder in name order: the priority first (0 urgent before 5 routine, as on Redis), then
+        # the time, zero-padded so that the order of names is the order of arrival.
+        priority = self._get_message_priority(payload, reverse=False)
+        name = f"{priority}_{round(time.time() * 1000):015d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = os.path.join(self.data_folder_out, f".{name}.part")
         data = dumps(payload).encode("utf-8")

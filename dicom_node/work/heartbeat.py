@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select, update
@@ -37,34 +38,56 @@ class WorkerInfo:
     model: str
     started_at: float
     seen_at: float
+    activity: str = ""  # what it is doing: jobs in flight, its last batch
+    metrics_url: str = ""  # where its Prometheus metrics are served ("" when off)
 
 
 class Heartbeat:
-    """Writes one worker's row every ``period`` seconds from a daemon thread, until :meth:`stop`."""
+    """Writes one worker's row every ``period`` seconds from a daemon thread, until :meth:`stop`.
 
-    def __init__(self, store: JobStore, name: str, queues: list[str], device: str, model: str, period: float) -> None:
-        self.store = store
+    ``store`` is called at the first beat (the job store may be unreachable when the worker starts: the heartbeat
+    then tries again each period). ``activity`` says, at each beat, what the worker is doing.
+    """
+
+    def __init__(
+        self, store: Callable[[], JobStore], name: str, queues: list[str], device: str, model: str, period: float,
+        activity: Callable[[], str] | None = None, metrics_url: str = "",
+    ) -> None:
+        self._make_store = store
+        self._store: JobStore | None = None
         self.name = name
         self.queues = queues
         self.device = device
         self.model = model
         self.period = period
+        self.activity = activity
+        self.metrics_url = metrics_url
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._started_at = time.time()
-        # A pool process forked later (Celery's prefork replaces dead ones) must not touch this process's database
-        # connections: it forgets them without closing them.
-        os.register_at_fork(after_in_child=lambda: store.engine.dispose(close=False))
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            store = self._store = self._make_store()
+            # A pool process forked later (Celery's prefork replaces dead ones) must not touch this process's database
+            # connections: it forgets them without closing them.
+            os.register_at_fork(after_in_child=lambda: store.engine.dispose(close=False))
+        return self._store
 
     def beat(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
+        doing = self.activity() if self.activity is not None else ""
         with self.store.engine.begin() as conn:
-            changed = conn.execute(update(workers).where(workers.c.name == self.name).values(seen_at=now)).rowcount
+            changed = conn.execute(
+                update(workers).where(workers.c.name == self.name).values(seen_at=now, activity=doing)
+            ).rowcount
             if not changed:
                 conn.execute(
                     insert(workers).values(
                         name=self.name, host=socket.gethostname(), queues=",".join(self.queues),
-                        device=self.device, model=self.model, started_at=self._started_at, seen_at=now,
+                        device=self.device, model=self.model, activity=doing, metrics_url=self.metrics_url,
+                        started_at=self._started_at, seen_at=now,
                     )
                 )
 
@@ -89,6 +112,8 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._store is None:
+            return
         try:
             with self.store.engine.begin() as conn:
                 conn.execute(delete(workers).where(workers.c.name == self.name))
@@ -106,7 +131,7 @@ def live_workers(store: JobStore, period: float, now: float | None = None) -> li
     return [
         WorkerInfo(
             name=r.name, host=r.host, queues=[q for q in r.queues.split(",") if q], device=r.device, model=r.model,
-            started_at=r.started_at, seen_at=r.seen_at,
+            started_at=r.started_at, seen_at=r.seen_at, activity=r.activity or "", metrics_url=r.metrics_url or "",
         )
         for r in rows
     ]

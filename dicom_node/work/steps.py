@@ -29,6 +29,7 @@ from dicom_node.logs import audit, uid_hash
 from dicom_node.permissions import private_dir
 
 if TYPE_CHECKING:
+    from dicom_node.work.worker_metrics import WorkerMetrics
     from inference.engine import Engine
 
 __all__ = [
@@ -70,6 +71,10 @@ class WorkerContext:
     fixed_worker_id: str | None = None
     #: Jobs this process claimed and left running because the job store became unreachable (see claim_job).
     interrupted: set[int] = field(default_factory=set)
+    #: Inference jobs this process holds now (job id -> start time); an inference worker holds several at once.
+    in_flight: dict[int, float] = field(default_factory=dict)
+    #: The worker's Prometheus metrics (inference workers only).
+    metrics: WorkerMetrics | None = None
     _store: JobStore | None = None
     _engine: Engine | None = None
 
@@ -100,6 +105,14 @@ class WorkerContext:
         """Load and warm up the model now (worker start), so that the first job is not slow."""
         engine = self.engine
         engine.warm_up()
+
+    def activity(self) -> str:
+        """What this worker is doing, in one line (its heartbeat, ``dicom-node status``)."""
+        held = sorted(self.in_flight)
+        doing = f"{len(held)} job(s) in flight: {', '.join(map(str, held[:8]))}" if held else "idle"
+        if self.metrics is not None and self.metrics.last_batch:
+            doing += f"; {self.metrics.last_batch}"
+        return doing
 
     def results_dir(self, job: JobRecord) -> Path:
         return results_dir(self.settings.node.data_dir, job.id)
@@ -221,15 +234,25 @@ def run_inference(ctx: WorkerContext, job_id: int) -> bool:
     job = claim_job(ctx, job_id, lease)
     if job is None:
         return False
+    ctx.in_flight[job_id] = time.time()
+    if ctx.metrics is not None:
+        ctx.metrics.in_flight.set(len(ctx.in_flight))
+        if job.enqueued_at is not None:
+            ctx.metrics.queue_wait.labels(job.priority).observe(max(0.0, time.time() - job.enqueued_at))
     try:
         return _infer(ctx, job)
     except Exception as exc:
         if is_unreachable(exc):  # the job stays running, ours: the task's retry resumes it (claim_job)
             ctx.interrupted.add(job_id)
         raise
+    finally:
+        ctx.in_flight.pop(job_id, None)
+        if ctx.metrics is not None:
+            ctx.metrics.in_flight.set(len(ctx.in_flight))
 
 
 def _infer(ctx: WorkerContext, job: JobRecord) -> bool:
+    from inference.batching import Priority
     from inference.errors import PoisonInputError
 
     job_id = job.id
@@ -237,7 +260,8 @@ def _infer(ctx: WorkerContext, job: JobRecord) -> bool:
     files = study_files(ctx, job)
     try:
         result = ctx.engine.run_study(
-            files, job.profile or "grounded_report", job.language or "en", targets=job.targets
+            files, job.profile or "grounded_report", job.language or "en", targets=job.targets,
+            priority=Priority.of(job.priority),
         )
     except PoisonInputError as exc:
         ctx.store.transition(job_id, JobState.FAILED, expect=[JobState.RUNNING], error=f"unusable study: {exc}")

@@ -41,7 +41,7 @@ from inference.errors import ModelLoadError
 from inference.geometry import ImageTransform
 from inference.parsing import BoxSpace
 from inference.profiles import default_max_new_tokens
-from inference.types import ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+from inference.types import GraphInputs, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
 from sr_writer.findings import AlgorithmIdentity
 
 __all__ = ["HFHandle", "ModelAdapter", "WeightFiles", "checkpoint_fingerprint", "read_chat_template"]
@@ -88,6 +88,13 @@ class HFHandle:
     processor: Any
     tokenizer: Any
     extras: dict[str, Any] = field(default_factory=dict)
+    #: The checkpoint's configuration; the model's own when a model is loaded. The graph backends (onnxruntime,
+    #: tensorrt) hold a handle without a torch model: the hooks read ``handle.config``, never ``handle.model``.
+    model_config: Any = None
+
+    @property
+    def config(self) -> Any:
+        return self.model.config if self.model is not None else self.model_config
 
 
 def checkpoint_fingerprint(directory: Path) -> str:
@@ -212,9 +219,9 @@ class ModelAdapter(ABC):
 
         return AutoModelForImageTextToText
 
-    def hf_load(self, directory: Path, device: str, dtype: Any, attn_implementation: str) -> HFHandle:
-        """Load tokenizer, image processor and model from ``directory`` (local files only) onto ``device``."""
-        from transformers import AutoImageProcessor, AutoTokenizer
+    def hf_load_preprocessing(self, directory: Path) -> HFHandle:
+        """Tokenizer, image processor, chat template and configuration from ``directory``, without the model."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         trust = bool(self.needs_remote_code and self.settings.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust)
@@ -222,6 +229,18 @@ class ModelAdapter(ABC):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         image_processor = AutoImageProcessor.from_pretrained(directory, local_files_only=True, trust_remote_code=trust)
+        return HFHandle(
+            model=None,
+            processor=image_processor,
+            tokenizer=tokenizer,
+            extras={"chat_template": read_chat_template(directory)},
+            model_config=AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=trust),
+        )
+
+    def hf_load(self, directory: Path, device: str, dtype: Any, attn_implementation: str) -> HFHandle:
+        """Load tokenizer, image processor and model from ``directory`` (local files only) onto ``device``."""
+        handle = self.hf_load_preprocessing(directory)
+        trust = bool(self.needs_remote_code and self.settings.trust_remote_code)
         model = self.hf_model_class().from_pretrained(
             directory,
             local_files_only=True,
@@ -230,12 +249,8 @@ class ModelAdapter(ABC):
             attn_implementation=attn_implementation,
         )
         model.to(device).eval()
-        return HFHandle(
-            model=model,
-            processor=image_processor,
-            tokenizer=tokenizer,
-            extras={"chat_template": read_chat_template(directory)},
-        )
+        handle.model = model
+        return handle
 
     def hf_messages(self, item: PreparedInput) -> list[dict[str, Any]]:
         """The chat messages of one item in content-list form (the image at the placeholder)."""
@@ -317,6 +332,42 @@ class ModelAdapter(ABC):
         new_tokens = sequences[:, prompt_length:]
         texts = handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [t.strip() for t in texts]
+
+
+    # -- ONNX export and the graph backends (onnxruntime, tensorrt) --
+    #: Why this family has no ONNX export yet ("" when :meth:`export_plan` is implemented).
+    export_unsupported: ClassVar[str] = "its ONNX export is not implemented yet"
+
+    def export_plan(self, handle: HFHandle) -> Any:
+        """The graphs to export (an :class:`inference.export.modules.ExportPlan`) for a loaded checkpoint.
+
+        Families that implement it split the model into ``vision``, ``embed`` and ``decoder`` graphs (see
+        :mod:`inference.export.modules`); the default refuses, naming the family and the reason.
+        """
+        from inference.export.manifest import ExportUnsupportedError
+
+        raise ExportUnsupportedError(
+            f"family {self.family!r} cannot run on the onnxruntime or tensorrt backends: {self.export_unsupported}; "
+            "use model.backend: transformers"
+        )
+
+    def export_encode(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> GraphInputs:
+        """A batch as the graphs' host inputs, built exactly as :meth:`hf_encode` builds the model's.
+
+        The default fits a vision graph that takes the image processor's ``pixel_values`` for the whole batch and
+        a decoder with 1-D positions (transformers' ``cumsum(attention_mask) - 1``, pads at 1).
+        """
+        image_inputs = self.hf_image_inputs(handle, batch)
+        texts = [
+            self.hf_expand_image_tokens(handle, self.hf_render(handle, item), image_inputs, i)
+            for i, item in enumerate(batch)
+        ]
+        text_inputs = handle.tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
+        ids = np.asarray(text_inputs["input_ids"], dtype=np.int64)
+        mask = np.asarray(text_inputs["attention_mask"], dtype=np.int64)
+        positions = np.where(mask == 0, 1, mask.cumsum(axis=-1) - 1).astype(np.int64)
+        pixels = np.asarray(image_inputs["pixel_values"], dtype=np.float32)
+        return GraphInputs(ids, mask, positions, [{"pixel_values": pixels}])
 
 
 def read_chat_template(directory: Path) -> str | None:

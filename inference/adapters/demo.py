@@ -97,9 +97,29 @@ class DemoAdapter(ModelAdapter):
     # -- transformers backend --
     def hf_expand_image_tokens(self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int) -> str:
         """LLaVA: the ``<image>`` placeholder becomes one token per vision patch (the CLS token is dropped)."""
-        vision = handle.model.config.vision_config
+        vision = handle.config.vision_config
         count = (int(vision.image_size) // int(vision.patch_size)) ** 2
         return text.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * count, 1)
+
+    # -- ONNX export --
+    export_unsupported: ClassVar[str] = ""
+
+    def export_plan(self, handle: HFHandle) -> Any:
+        """LLaVA: the vision tower and projector on a batch of 128 x 128 images, a Llama decoder."""
+        import torch
+
+        from inference.export.modules import GraphSpec, LlavaVision, standard_plan
+
+        vision = handle.config.vision_config
+        side = int(vision.image_size)
+        images = torch.export.Dim("images")
+        dtype = handle.model.dtype
+        spec = GraphSpec(
+            "vision", LlavaVision(handle.model), (torch.randn(2, 3, side, side, dtype=dtype),), ["pixel_values"],
+            ["image_features"], {"pixel_values": {0: images}},
+            checks=[(torch.randn(3, 3, side, side, dtype=dtype),)],
+        )
+        return standard_plan(handle.model, handle.tokenizer, spec, dtype)
 
     # -- post-process --
     def parse(self, text: str, item: PreparedInput) -> ParsedAnswer:

@@ -90,7 +90,7 @@ class InternVLAdapter(ModelAdapter):
 
     def hf_expand_image_tokens(self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int) -> str:
         patches = image_inputs["num_patches"]
-        count = int(patches[index]) * int(handle.model.config.image_seq_length)
+        count = int(patches[index]) * int(handle.config.image_seq_length)
         return text.replace(IMG_CONTEXT, "<img>" + IMG_CONTEXT * count + "</img>", 1)
 
     def hf_model_inputs(

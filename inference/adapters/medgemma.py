@@ -110,7 +110,7 @@ class MedGemmaAdapter(ModelAdapter):
         return build_answer(parse_json_boxes(text, key="box_2d", order="yxyx"), self.box_space, item, text)
 
     def hf_expand_image_tokens(self, handle: HFHandle, text: str, image_inputs: Mapping[str, Any], index: int) -> str:
-        config = handle.model.config
+        config = handle.config
         soft = handle.tokenizer.convert_ids_to_tokens(int(config.image_token_index))
         eoi = handle.tokenizer.convert_ids_to_tokens(int(config.eoi_token_index))
         tokens = f"\n\n{BOI}{soft * int(config.mm_tokens_per_image)}{eoi}\n\n"
@@ -120,7 +120,7 @@ class MedGemmaAdapter(ModelAdapter):
         self, handle: HFHandle, image_inputs: dict[str, Any], text_inputs: dict[str, Any]
     ) -> dict[str, Any]:
         ids = text_inputs["input_ids"]
-        token_type_ids = (ids == int(handle.model.config.image_token_index)).long()
+        token_type_ids = (ids == int(handle.config.image_token_index)).long()
         return {**text_inputs, "token_type_ids": token_type_ids, "pixel_values": image_inputs["pixel_values"]}
 
     def hf_generate_kwargs(self, handle: HFHandle) -> dict[str, Any]:

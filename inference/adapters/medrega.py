@@ -202,7 +202,7 @@ class MedRegAAdapter(ModelAdapter):
         value = getattr(handle.model, "num_image_token", None)
         if value:
             return int(value)
-        config = handle.model.config
+        config = handle.config
         vision = config.vision_config
         size = getattr(config, "force_image_size", None) or vision.image_size
         return int((size // vision.patch_size) ** 2 * (config.downsample_ratio**2))

@@ -147,7 +147,7 @@ class Qwen25VLAdapter(ModelAdapter):
         Only image tokens are marked (the adapter sends no video; the processor would mark a video token 2).
         """
         ids = text_inputs["input_ids"]
-        token_types = (ids == int(handle.model.config.image_token_id)).long()
+        token_types = (ids == int(handle.config.image_token_id)).long()
         return {**text_inputs, **image_inputs, "mm_token_type_ids": token_types}
 
 

@@ -169,7 +169,9 @@ def delivered(jobs: list[Any]) -> bool:
 def test_two_inference_workers_share_the_queue(
     deploy: Callable[..., Deployment], redis: RedisServer, tiny_model: Path, receiver: Receiver, tmp_path: Path
 ) -> None:
-    d = deploy(queue={"broker_url": redis.url}, model=model(tiny_model, 48), destinations=[receiver.destination()])
+    # One study at a time per worker, so that the second worker gets work while the first is busy.
+    d = deploy(queue={"broker_url": redis.url, "inference_concurrency": 1}, model=model(tiny_model, 48),
+               destinations=[receiver.destination()])
     d.start_worker("inference")
     d.start_worker("inference")
     d.start_worker("export")
@@ -207,7 +209,10 @@ def test_worker_killed_mid_task_job_is_redelivered_and_completes_once(
     assert storescu(node, make_study(tmp_path / "s", 1, "RG1_UNCI.dcm")).returncode == 0
     running = d.wait_jobs(lambda js: js[0].state is JobState.RUNNING and js[0].owner is not None)
     pid = int(running[0].owner.rpartition(":")[2])
-    os.kill(pid, signal.SIGKILL)  # the process running the task, as the out-of-memory killer would
+    os.kill(pid, signal.SIGKILL)  # the worker process holding the task, as the out-of-memory killer would
+    killed = next(p for p in d.workers if p.pid == pid)
+    killed.wait(timeout=30)  # reaped, as its supervisor would: a zombie still answers kill(pid, 0)
+    d.start_worker("inference")  # restarted, as the node's supervisor, systemd or a container runtime does
     jobs = d.wait_jobs(delivered, timeout=180)
     assert jobs[0].redeliveries == 1 and jobs[0].attempts == 2
     assert all(n == 1 for n in receiver.received.values()) and receiver.received
@@ -346,6 +351,13 @@ def redis_cli(redis: RedisServer, *command: str) -> str:
     ).stdout.strip()
 
 
+def waiting(redis: RedisServer, queue: str) -> int:
+    """Messages waiting in ``queue`` on Redis, over its lists of every priority (kombu names them ``queue``, and
+    ``queue`` + separator + priority for priorities above 0)."""
+    keys = [k for k in redis_cli(redis, "--raw", "KEYS", f"{queue}*").splitlines() if k.startswith(queue)]
+    return sum(int(redis_cli(redis, "LLEN", key)) for key in keys)
+
+
 def test_an_enqueue_while_redis_is_down_is_logged_as_failed_and_retried_not_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -372,7 +384,7 @@ def test_an_enqueue_while_redis_is_down_is_logged_as_failed_and_retried_not_coun
         with caplog.at_level(logging.INFO, logger="dicom_node"):
             assert node.reconcile() == 1  # the next pass
         assert "reconciled: 1 job(s) enqueued" in [r.getMessage() for r in caplog.records]
-        assert redis_cli(redis, "LLEN", "inference") == "1"
+        assert waiting(redis, "inference") == 1
         assert node.dispatcher.queued_job_ids() == {job_id}
         job = node.store.job(job_id)
         assert job is not None and job.enqueued_at is not None
@@ -393,11 +405,11 @@ def test_a_queued_job_whose_message_a_redis_restart_lost_is_enqueued_again_and_r
     node = d.start_node()  # no worker yet: the job's message waits in Redis
     assert storescu(node, make_study(tmp_path / "s", 1, "RG1_UNCI.dcm")).returncode == 0
     jobs = d.wait_jobs(lambda js: js[0].state is JobState.QUEUED and js[0].enqueued_at is not None)
-    assert redis_cli(redis, "LLEN", "inference") == "1"
+    assert waiting(redis, "inference") == 1
 
     redis.stop()
     redis.start()  # empty: the message is gone
-    assert redis_cli(redis, "LLEN", "inference") == "0"
+    assert waiting(redis, "inference") == 0
     d.start_worker("inference")
     d.start_worker("export")
     jobs = d.wait_jobs(delivered, timeout=150)
@@ -432,7 +444,7 @@ def test_a_running_export_keeps_its_message_in_redis_and_is_not_sent_again(
             deadline = time.monotonic() + 120
             while not holding.wait(0.2):
                 assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            assert redis_cli(redis, "LLEN", "export") == "0"  # taken by the worker...
+            assert waiting(redis, "export") == 0  # taken by the worker...
             assert node.dispatcher.queued_job_ids() == {job.job_id}  # ...and still held by Redis
             assert node.requeue_lost() == 0 and node.requeue_lost() == 0
             release.set()
