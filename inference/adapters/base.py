@@ -351,12 +351,10 @@ class ModelAdapter(ABC):
             "use model.backend: transformers"
         )
 
-    def export_encode(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> GraphInputs:
-        """A batch as the graphs' host inputs, built exactly as :meth:`hf_encode` builds the model's.
-
-        The default fits a vision graph that takes the image processor's ``pixel_values`` for the whole batch and
-        a decoder with 1-D positions (transformers' ``cumsum(attention_mask) - 1``, pads at 1).
-        """
+    def export_tokens(
+        self, handle: HFHandle, batch: Sequence[PreparedInput]
+    ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+        """The image processor's output, the token ids and the attention mask of a batch, as :meth:`hf_encode`."""
         image_inputs = self.hf_image_inputs(handle, batch)
         texts = [
             self.hf_expand_image_tokens(handle, self.hf_render(handle, item), image_inputs, i)
@@ -365,6 +363,15 @@ class ModelAdapter(ABC):
         text_inputs = handle.tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
         ids = np.asarray(text_inputs["input_ids"], dtype=np.int64)
         mask = np.asarray(text_inputs["attention_mask"], dtype=np.int64)
+        return image_inputs, ids, mask
+
+    def export_encode(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> GraphInputs:
+        """A batch as the graphs' host inputs, built exactly as :meth:`hf_encode` builds the model's.
+
+        The default fits a vision graph that takes the image processor's ``pixel_values`` for the whole batch and
+        a decoder with 1-D positions (transformers' ``cumsum(attention_mask) - 1``, pads at 1).
+        """
+        image_inputs, ids, mask = self.export_tokens(handle, batch)
         positions = np.where(mask == 0, 1, mask.cumsum(axis=-1) - 1).astype(np.int64)
         pixels = np.asarray(image_inputs["pixel_values"], dtype=np.float32)
         return GraphInputs(ids, mask, positions, [{"pixel_values": pixels}])

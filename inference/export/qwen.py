@@ -1,0 +1,57 @@
+"""The Qwen-VL vision encoders as exportable modules: one image per run, the data-dependent parts from the host.
+
+transformers' Qwen2.5-VL vision tower computes its window order and its attention segments from
+``grid_thw.tolist()`` and splits the attention by ``cu_seqlens.tolist()``: both freeze at export. Here the host
+computes them for each image (:mod:`inference.adapters.qwen_graphs`, numpy) and the graph receives
+
+* the patches already in window order (``pixel_values``), their (row, column) patch positions in the same order
+  (``position_ids``, for the rotary embedding),
+* ``window_mask``: the block-diagonal mask of the window-attention blocks (True where two patches share a window;
+  the full-attention blocks attend over the whole image, which is one segment when images run one at a time),
+* ``reverse_index``: the permutation that puts the merged features back in raster order.
+
+This module imports torch and transformers: only the exporter imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["Qwen25Vision", "vision_attention"]
+
+
+def vision_attention(attn: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """A Qwen vision attention layer over one image's patches ``(patches, width)``, ``mask`` None: all pairs."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    length = hidden.shape[0]
+    query, key, value = attn.qkv(hidden).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+    query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling)
+    return attn.proj(out.squeeze(0).transpose(0, 1).reshape(length, -1))  # type: ignore[no-any-return]
+
+
+class Qwen25Vision(torch.nn.Module):
+    """Qwen2.5-VL's vision tower and patch merger for one image; output ``(tokens, hidden)`` in raster order."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.visual = model.model.visual
+        self.full_blocks = frozenset(int(i) for i in self.visual.fullatt_block_indexes)
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, window_mask: torch.Tensor,
+                reverse_index: torch.Tensor) -> torch.Tensor:
+        visual = self.visual
+        hidden = visual.patch_embed(pixel_values)
+        cos, sin = visual.rotary_pos_emb(hidden, position_ids)
+        for index, block in enumerate(visual.blocks):
+            mask = None if index in self.full_blocks else window_mask[None, None]
+            hidden = hidden + vision_attention(block.attn, block.norm1(hidden), cos, sin, mask)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        merged = visual.merger(hidden)
+        return merged[reverse_index]  # type: ignore[no-any-return]
