@@ -26,12 +26,14 @@ from inference.export.manifest import DecoderLayout
 __all__ = [
     "ExportPlan",
     "GraphSpec",
+    "ImageFeatures",
     "LlavaVision",
     "TextDecoder",
     "TokenEmbedding",
     "decoder_spec",
     "embed_spec",
     "end_tokens",
+    "image_batch_spec",
     "layout_of",
     "standard_plan",
 ]
@@ -185,6 +187,36 @@ class LlavaVision(torch.nn.Module):
             hidden = hidden[:, 1:]
         features = self.projector(hidden)
         return features.reshape(-1, features.shape[-1])  # type: ignore[no-any-return]
+
+
+class ImageFeatures(torch.nn.Module):
+    """A model's own ``get_image_features`` on a batch of images (or tiles) of one fixed size, when it is batched
+    (no Python loop over the images): vision tower, feature selection and projector as the model runs them.
+
+    ``options``: keyword arguments the model's forward would pass (InternVL's ``vision_feature_layer``).
+    Output: one row per image token, ``(images * tokens, hidden)``.
+    """
+
+    def __init__(self, model: Any, **options: Any) -> None:
+        super().__init__()
+        self.model = model.model
+        self.options = options
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **self.options)
+        features = out.pooler_output
+        return features.reshape(-1, features.shape[-1])  # type: ignore[no-any-return]
+
+
+def image_batch_spec(module: torch.nn.Module, channels: int, height: int, width: int,
+                     dtype: torch.dtype) -> GraphSpec:
+    """The ``vision`` graph of a module over ``(images, channels, height, width)`` pixel values of one size."""
+    images = torch.export.Dim("images")
+    return GraphSpec(
+        "vision", module, (torch.randn(2, channels, height, width, dtype=dtype),), ["pixel_values"],
+        ["image_features"], {"pixel_values": {0: images}},
+        checks=[(torch.randn(3, channels, height, width, dtype=dtype),)],
+    )
 
 
 def layout_of(text_config: Any, position_rows: int = 1) -> DecoderLayout:
