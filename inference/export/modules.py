@@ -243,11 +243,17 @@ def end_tokens(model: Any, tokenizer: Any) -> tuple[int, ...]:
 
 def standard_plan(model: Any, tokenizer: Any, vision: GraphSpec, dtype: torch.dtype,
                   position_rows: int = 1,
-                  extras: Sequence[tuple[str, torch.Tensor, dict[int, str]]] = ()) -> ExportPlan:
-    """The plan of an image-text model whose ``model.model.language_model`` and ``model.lm_head`` are the decoder."""
+                  extras: Sequence[tuple[str, torch.Tensor, dict[int, str]]] = (),
+                  language_model: torch.nn.Module | None = None) -> ExportPlan:
+    """The plan of an image-text model whose ``model.model.language_model`` and ``model.lm_head`` are the decoder.
+
+    ``language_model``: the module run on the embeddings instead (Gemma 3's whole ``model.model``, which builds the
+    bidirectional image-token mask from ``token_type_ids`` before its language model).
+    """
     config = model.config
     layout = layout_of(config.text_config, position_rows)
-    decoder = decoder_spec(model.model.language_model, model.lm_head, layout, dtype, extras)
+    decoder_module = model.model.language_model if language_model is None else language_model
+    decoder = decoder_spec(decoder_module, model.lm_head, layout, dtype, extras)
     image_token = getattr(config, "image_token_id", None)
     if image_token is None:
         image_token = config.image_token_index
