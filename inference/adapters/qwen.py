@@ -304,6 +304,58 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     patch_size: ClassVar[int] = 16
     default_min_pixels: ClassVar[int] = 64 * 64
     default_max_pixels: ClassVar[int] = 32 * 32 * 1280
-    export_unsupported: ClassVar[str] = "its ONNX export is not implemented yet"
-    export_plan = ModelAdapter.export_plan
-    export_encode = ModelAdapter.export_encode
+    # -- ONNX export --
+    vision_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "position_ids", "interp_indices", "interp_weights")
+
+    def export_plan(self, handle: HFHandle) -> Any:
+        """The vision tower one image at a time, its deepstack features as a second output; a 3-row M-RoPE decoder
+        that adds them to its first layers' image-token states (``visual_pos_masks``, ``deepstack_features``)."""
+        import torch
+
+        from inference.export.modules import GraphSpec, standard_plan
+        from inference.export.qwen import DeepstackLanguageModel, Qwen3Vision
+
+        dtype = handle.model.dtype
+        patches = 4 * torch.export.Dim("tokens")
+        example, check = (self._vision_example(handle, grid, dtype) for grid in ((6, 8), (10, 4)))
+        spec = GraphSpec(
+            "vision", Qwen3Vision(handle.model), example, list(self.vision_inputs),
+            ["image_features", "deepstack_features"], {name: {0: patches} for name in self.vision_inputs},
+            checks=[check],
+        )
+        config = handle.config
+        layers = len(config.vision_config.deepstack_visual_indexes)
+        hidden = int(config.text_config.hidden_size)
+        image_tokens = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]], dtype=torch.int64)
+        extras = [
+            ("visual_pos_masks", image_tokens, {0: "batch", 1: "seq"}),
+            ("deepstack_features", torch.randn(4, layers, hidden, dtype=dtype), {0: "visual"}),
+        ]
+        return standard_plan(handle.model, handle.tokenizer, spec, dtype, position_rows=3, extras=extras,
+                             language_model=DeepstackLanguageModel(handle.model.model.language_model))
+
+    def vision_feed(self, handle: HFHandle, pixels: np.ndarray, h: int, w: int) -> dict[str, np.ndarray]:
+        """The vision graph's inputs for one image's patches ``(h * w, features)`` (processor order)."""
+        import torch
+        from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+        vision = handle.config.vision_config
+        merge = int(vision.spatial_merge_size)
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            torch.tensor([[1, h, w]]), num_grid_per_side=int(int(vision.num_position_embeddings) ** 0.5),
+            mode="bilinear", align_corners=True, spatial_merge_size=merge,
+        )
+        return {
+            "pixel_values": np.ascontiguousarray(pixels, dtype=np.float32),
+            "position_ids": vision_patch_positions(h, w, merge).astype(np.int64),
+            "interp_indices": indices.numpy().astype(np.int64),
+            "interp_weights": weights.numpy().astype(np.float32),
+        }
+
+    def export_encode(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> GraphInputs:
+        """As Qwen2.5-VL's, plus ``visual_pos_masks`` (1 on image tokens in the prefill, 0 in each decode step)."""
+        inputs = super().export_encode(handle, batch)
+        image_tokens = (inputs.input_ids == int(handle.config.image_token_id)).astype(np.int64)
+        inputs.prefill_extras["visual_pos_masks"] = image_tokens
+        inputs.decode_extras["visual_pos_masks"] = np.zeros((image_tokens.shape[0], 1), dtype=np.int64)
+        return inputs

@@ -93,14 +93,20 @@ def greedy_generate(
     batch = ids.shape[0]
     embeds = runner.to_host(runner.run("embed", {"input_ids": ids})[0]).astype(runner.float_dtype, copy=True)
     image_rows = ids == manifest.image_token_id
+    vision_extras: dict[str, np.ndarray] = {}
     if inputs.vision_feeds:
-        features = [runner.to_host(runner.run("vision", feeds)[0]) for feeds in inputs.vision_feeds]
-        rows = np.concatenate([f.reshape(-1, layout.hidden_size) for f in features])
+        vision = [[runner.to_host(v) for v in runner.run("vision", feeds)] for feeds in inputs.vision_feeds]
+        rows = np.concatenate([out[0].reshape(-1, layout.hidden_size) for out in vision])
         if rows.shape[0] != int(image_rows.sum()):
             raise InferenceError(
                 f"the vision graph gave {rows.shape[0]} image features for {int(image_rows.sum())} image tokens"
             )
         embeds[image_rows] = rows.astype(runner.float_dtype)
+        # Further vision outputs (Qwen3-VL's deepstack features): one row per image token, to the prefill by name;
+        # the decode steps, which hold no image token, get them with no rows.
+        for index, name in enumerate(manifest.graphs["vision"].outputs[1:], start=1):
+            vision_extras[name] = np.concatenate([out[index] for out in vision])
+    vision_empty = {name: np.zeros((0, *value.shape[1:]), dtype=value.dtype) for name, value in vision_extras.items()}
     mask = inputs.attention_mask.astype(np.int64)
     feeds: dict[str, Any] = {
         "inputs_embeds": embeds,
@@ -108,6 +114,7 @@ def greedy_generate(
         "position_ids": inputs.position_ids.astype(np.int64),
         **runner.empty_cache(batch),
         **inputs.prefill_extras,
+        **vision_extras,
     }
     outputs = runner.run("decoder", feeds)
     prefill = time.perf_counter() - started
@@ -137,6 +144,7 @@ def greedy_generate(
             "position_ids": positions,
             **dict(zip(layout.past_names(), outputs[1:], strict=True)),
             **inputs.decode_extras,
+            **vision_empty,
         }
         outputs = runner.run("decoder", feeds)
     tokens = np.stack(generated, axis=1) if generated else np.zeros((batch, 0), dtype=np.int64)

@@ -134,9 +134,11 @@ def decoder_spec(language_model: torch.nn.Module, lm_head: torch.nn.Module, layo
                  dtype: torch.dtype, extras: Sequence[tuple[str, torch.Tensor, dict[int, str]]] = ()) -> GraphSpec:
     """The ``decoder`` graph: ``(inputs_embeds, attention_mask, position_ids, past..., extras...)``.
 
-    ``extras``: (name, example for batch 2 and sequence 5, dynamic axes by dim name: ``{0: "batch", 1: "seq"}``).
+    ``extras``: (name, example for batch 2 and sequence 5, dynamic axes by dim name: ``{0: "batch", 1: "seq"}``;
+    a name other than batch, seq, past and mask is a dimension of its own).
     """
-    dims = {n: torch.export.Dim(n) for n in ("batch", "seq", "past", "mask")}
+    dim_names = {"batch", "seq", "past", "mask", *(name for e in extras for name in e[2].values())}
+    dims = {n: torch.export.Dim(n) for n in sorted(dim_names)}
     batch, seq, past_len, mask_len = dims["batch"], dims["seq"], dims["past"], dims["mask"]
     b, s, p = 2, 5, 3
     embeds = torch.randn(b, s, layout.hidden_size, dtype=dtype)

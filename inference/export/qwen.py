@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-__all__ = ["Qwen25Vision", "vision_attention"]
+__all__ = ["DeepstackLanguageModel", "Qwen3Vision", "Qwen25Vision", "vision_attention"]
 
 
 def vision_attention(attn: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -55,3 +55,49 @@ class Qwen25Vision(torch.nn.Module):
             hidden = hidden + block.mlp(block.norm2(hidden))
         merged = visual.merger(hidden)
         return merged[reverse_index]  # type: ignore[no-any-return]
+
+
+class Qwen3Vision(torch.nn.Module):
+    """Qwen3-VL's vision tower for one image: ``(image_features, deepstack_features)``.
+
+    ``interp_indices``/``interp_weights`` resample the learned position-embedding grid to the image's grid (the
+    host computes them as transformers does). ``deepstack_features`` is ``(tokens, deepstack layers, hidden)``:
+    the features the decoder adds to its first layers' image-token hidden states.
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.visual = model.model.visual
+        self.deepstack = [int(i) for i in self.visual.deepstack_visual_indexes]
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, interp_indices: torch.Tensor,
+                interp_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.visual
+        hidden = visual.patch_embed(pixel_values)
+        hidden = hidden + (visual.pos_embed(interp_indices) * interp_weights[:, :, None]).sum(1).to(hidden.dtype)
+        cos, sin = visual.rotary_pos_emb(hidden, position_ids)
+        stacked: list[torch.Tensor] = []
+        for index, block in enumerate(visual.blocks):
+            hidden = hidden + vision_attention(block.attn, block.norm1(hidden), cos, sin, None)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+            if index in self.deepstack:
+                stacked.append(visual.deepstack_merger_list[self.deepstack.index(index)](hidden))
+        return visual.merger(hidden), torch.stack(stacked, dim=1)
+
+
+class DeepstackLanguageModel(torch.nn.Module):
+    """Qwen3-VL's text model with its deepstack inputs as tensors: ``visual_pos_masks`` (batch, seq) and
+    ``deepstack_features`` (image tokens, layers, hidden), empty in decode steps."""
+
+    def __init__(self, language_model: Any) -> None:
+        super().__init__()
+        self.language_model = language_model
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                use_cache: bool, cache: Any, visual_pos_masks: torch.Tensor,
+                deepstack_features: torch.Tensor) -> Any:
+        return self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=use_cache, cache=cache, visual_pos_masks=visual_pos_masks.bool(),
+            deepstack_visual_embeds=list(deepstack_features.unbind(1)),
+        )
