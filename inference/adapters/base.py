@@ -338,18 +338,28 @@ class ModelAdapter(ABC):
     #: Why this family has no ONNX export yet ("" when :meth:`export_plan` is implemented).
     export_unsupported: ClassVar[str] = "its ONNX export is not implemented yet"
 
+    def check_exportable(self) -> None:
+        """Raise :class:`~inference.export.manifest.ExportUnsupportedError` (family and reason) when
+        :attr:`export_unsupported` is set: the exporter and the graph backends call it before reading a file."""
+        from inference.export.manifest import ExportUnsupportedError
+
+        if self.export_unsupported:
+            raise ExportUnsupportedError(
+                f"family {self.family!r} cannot run on the onnxruntime or tensorrt backends: "
+                f"{self.export_unsupported}; use model.backend: transformers"
+            )
+
     def export_plan(self, handle: HFHandle) -> Any:
         """The graphs to export (an :class:`inference.export.modules.ExportPlan`) for a loaded checkpoint.
 
         Families that implement it split the model into ``vision``, ``embed`` and ``decoder`` graphs (see
-        :mod:`inference.export.modules`); the default refuses, naming the family and the reason.
+        :mod:`inference.export.modules`) and set :attr:`export_unsupported` to ""; the default refuses, naming
+        the family and the reason.
         """
         from inference.export.manifest import ExportUnsupportedError
 
-        raise ExportUnsupportedError(
-            f"family {self.family!r} cannot run on the onnxruntime or tensorrt backends: {self.export_unsupported}; "
-            "use model.backend: transformers"
-        )
+        self.check_exportable()
+        raise ExportUnsupportedError(f"family {self.family!r} has no ONNX export; use model.backend: transformers")
 
     def export_tokens(
         self, handle: HFHandle, batch: Sequence[PreparedInput]

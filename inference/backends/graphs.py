@@ -174,6 +174,7 @@ class GraphBackend(Backend):
         from inference.backends.hf import set_offline
 
         set_offline()
+        self.adapter.check_exportable()
         self.check_runtime()
         directory = self.adapter.check_checkpoint()
         if self.settings.export_dir is None:

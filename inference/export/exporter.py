@@ -159,8 +159,7 @@ def export_checkpoint(
             return folder, False
         except ExportMissingError as exc:
             logger.info("the export in %s is not usable (%s): exporting again", folder, exc)
-    if adapter.export_unsupported:
-        adapter.export_plan(None)  # type: ignore[arg-type]  # raises ExportUnsupportedError with the reason
+    adapter.check_exportable()
     started = time.perf_counter()
     torch_dtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
     tell(f"loading {directory.name}", 0, 1)
