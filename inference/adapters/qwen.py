@@ -247,7 +247,16 @@ class Qwen25VLAdapter(ModelAdapter):
              "reverse_index": {0: tokens}},
             checks=[check],
         )
-        return standard_plan(handle.model, handle.tokenizer, spec, dtype, position_rows=3)
+        plan = standard_plan(handle.model, handle.tokenizer, spec, dtype, position_rows=3)
+        plan.dim_ranges.update(self.token_ranges())
+        return plan
+
+    def token_ranges(self) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of one image's merged tokens and patches (TensorRT profiles), from the resize rule."""
+        factor, min_pixels, max_pixels = self.resize_rule()
+        low, high = max(1, min_pixels // factor**2), max(1, max_pixels // factor**2)
+        opt = min(high, max(low, 256))
+        return {"tokens": (low, opt, high), "4*tokens": (4 * low, 4 * opt, 4 * high)}
 
     vision_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "position_ids", "window_mask", "reverse_index")
 
@@ -331,8 +340,12 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
             ("visual_pos_masks", image_tokens, {0: "batch", 1: "seq"}),
             ("deepstack_features", torch.randn(4, layers, hidden, dtype=dtype), {0: "visual"}),
         ]
-        return standard_plan(handle.model, handle.tokenizer, spec, dtype, position_rows=3, extras=extras,
+        plan = standard_plan(handle.model, handle.tokenizer, spec, dtype, position_rows=3, extras=extras,
                              language_model=DeepstackLanguageModel(handle.model.model.language_model))
+        ranges = self.token_ranges()
+        # The image tokens of a whole batch in the prefill, none in a decode step (the optimum).
+        plan.dim_ranges.update({**ranges, "visual": (0, 0, 16 * ranges["tokens"][2])})
+        return plan
 
     def vision_feed(self, handle: HFHandle, pixels: np.ndarray, h: int, w: int) -> dict[str, np.ndarray]:
         """The vision graph's inputs for one image's patches ``(h * w, features)`` (processor order)."""
