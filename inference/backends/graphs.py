@@ -29,7 +29,7 @@ from inference.errors import InferenceError, ModelLoadError
 from inference.export.manifest import ExportManifest, find_export
 from inference.types import GraphInputs, PreparedInput
 
-__all__ = ["GraphBackend", "GraphRunner", "greedy_generate", "read_repetition_penalty"]
+__all__ = ["GraphBackend", "GraphRunner", "greedy_generate", "prefill", "read_repetition_penalty"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +82,11 @@ def _penalise(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarra
     return logits
 
 
-def greedy_generate(
-    runner: GraphRunner, inputs: GraphInputs, max_new_tokens: int, repetition_penalty: float = 1.0
-) -> tuple[np.ndarray, dict[str, float]]:
-    """Generated token ids ``(batch, steps)`` (pad after a row's end token) and timings in seconds."""
+def prefill(runner: GraphRunner, inputs: GraphInputs) -> tuple[list[Any], dict[str, np.ndarray]]:
+    """Run the vision, embed and decoder graphs on a batch's prompts: the decoder's outputs (the last position's
+    logits, the KV cache) and the empty versions of the vision graph's further outputs, for the decode steps."""
     manifest = runner.manifest
     layout = manifest.decoder
-    started = time.perf_counter()
     ids = inputs.input_ids.astype(np.int64)
     batch = ids.shape[0]
     embeds = runner.to_host(runner.run("embed", {"input_ids": ids})[0]).astype(runner.float_dtype, copy=True)
@@ -116,8 +114,21 @@ def greedy_generate(
         **inputs.prefill_extras,
         **vision_extras,
     }
-    outputs = runner.run("decoder", feeds)
-    prefill = time.perf_counter() - started
+    return runner.run("decoder", feeds), vision_empty
+
+
+def greedy_generate(
+    runner: GraphRunner, inputs: GraphInputs, max_new_tokens: int, repetition_penalty: float = 1.0
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Generated token ids ``(batch, steps)`` (pad after a row's end token) and timings in seconds."""
+    manifest = runner.manifest
+    layout = manifest.decoder
+    started = time.perf_counter()
+    ids = inputs.input_ids.astype(np.int64)
+    batch = ids.shape[0]
+    mask = inputs.attention_mask.astype(np.int64)
+    outputs, vision_empty = prefill(runner, inputs)
+    prefill_seconds = time.perf_counter() - started
     next_positions = inputs.next_positions().astype(np.int64)
     eos = np.array(manifest.eos_token_ids, dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
@@ -149,7 +160,7 @@ def greedy_generate(
         outputs = runner.run("decoder", feeds)
     tokens = np.stack(generated, axis=1) if generated else np.zeros((batch, 0), dtype=np.int64)
     total = time.perf_counter() - started
-    return tokens, {"prefill_s": prefill, "total_s": total, "steps": float(len(generated))}
+    return tokens, {"prefill_s": prefill_seconds, "total_s": total, "steps": float(len(generated))}
 
 
 class GraphBackend(Backend):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-__all__ = ["DeepstackLanguageModel", "Qwen3Vision", "Qwen25Vision", "vision_attention"]
+__all__ = ["DeepstackLanguageModel", "Qwen3Vision", "Qwen25Vision", "dense_deepstack", "vision_attention"]
 
 
 def vision_attention(attn: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -85,6 +85,17 @@ class Qwen3Vision(torch.nn.Module):
         return visual.merger(hidden), torch.stack(stacked, dim=1)
 
 
+def dense_deepstack(hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
+                    visual_embeds: torch.Tensor) -> torch.Tensor:
+    """``hidden_states`` with ``visual_embeds`` (one row per True of ``visual_pos_masks``, in order) added at the
+    masked positions: transformers' ``_deepstack_process`` as a gather, exact (the other positions add 0.0)."""
+    batch, length, width = hidden_states.shape
+    mask = visual_pos_masks.reshape(-1)
+    rows = torch.where(mask, torch.cumsum(mask.to(torch.int64), dim=0), 0)  # 1-based row, 0 for a text token
+    table = torch.cat([visual_embeds.new_zeros(1, width), visual_embeds.to(hidden_states.dtype)], dim=0)
+    return hidden_states + table[rows].reshape(batch, length, width)
+
+
 class DeepstackLanguageModel(torch.nn.Module):
     """Qwen3-VL's text model with its deepstack inputs as tensors: ``visual_pos_masks`` (batch, seq) and
     ``deepstack_features`` (image tokens, layers, hidden), empty in decode steps."""
@@ -92,6 +103,9 @@ class DeepstackLanguageModel(torch.nn.Module):
     def __init__(self, language_model: Any) -> None:
         super().__init__()
         self.language_model = language_model
+        # transformers adds the features with boolean indexing (``hidden[mask] += features``), a NonZero node that
+        # TensorRT does not take; the same sums without it (only the exporter's own copy of the model is changed).
+        language_model._deepstack_process = dense_deepstack
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 use_cache: bool, cache: Any, visual_pos_masks: torch.Tensor,

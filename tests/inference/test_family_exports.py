@@ -169,6 +169,19 @@ def test_the_export_records_the_family_and_its_graphs(exported: Exported) -> Non
     print(f"{exported.family}: exported and checked in {exported.export_seconds:.1f} s")
 
 
+def test_tensorrt_parses_the_graphs_and_builds_engines(exported: Exported) -> None:
+    """TensorRT for RTX builds engines on the CPU: the family's graphs hold no operator TensorRT refuses (Qwen3-VL's
+    deepstack addition is a gather, not a NonZero) and the recorded ranges cover every dynamic axis."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX (tensorrt-rtx-cu12) is not installed")
+    from inference.export.manifest import ExportManifest
+    from inference.export.tensorrt_build import DimRanges, build_engine
+
+    manifest = ExportManifest.read(exported.folder)
+    ranges = DimRanges.for_generation(8, 512, manifest.dim_ranges)
+    for name, graph in manifest.graphs.items():
+        assert len(build_engine(trt, exported.folder / graph.file, ranges)) > 100_000, name
+
+
 # -- the Qwen families' host-side preparation against transformers' own torch code --
 def test_mrope_positions_equal_get_rope_index(tiny_checkpoint: Callable[[str], Path]) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
