@@ -70,6 +70,7 @@ class Exported:
     graphs: OnnxRuntimeBackend
     folder: Path
     export_seconds: float
+    settings: ModelSettings
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -89,7 +90,7 @@ def exported(request: pytest.FixtureRequest, tiny_checkpoint: Callable[[str], Pa
     reference.load()
     graphs = OnnxRuntimeBackend(adapter, settings, "cpu")
     graphs.load()
-    yield Exported(family, adapter, reference, graphs, folder, seconds)
+    yield Exported(family, adapter, reference, graphs, folder, seconds, settings)
 
 
 def _images() -> list[ModelImage]:
@@ -158,6 +159,15 @@ def test_prefill_logits_equal_those_of_transformers(exported: Exported) -> None:
     outputs, _ = prefill(exported.graphs.runner, exported.graphs.encode(batch))
     got = exported.graphs.runner.to_host(outputs[0])
     assert float(np.abs(got - expected).max()) < 1e-3 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_model_check_loads_the_export_and_agrees_with_transformers(exported: Exported) -> None:
+    """``dicom-node model check --compare``: Engine.load on onnxruntime, one generation, transformers agrees."""
+    from inference.model_check import check_model
+
+    lines, agreed = check_model(exported.settings, compare=True)
+    assert agreed, lines
+    assert f"loaded {exported.family} checkpoint" in lines[0] and "onnxruntime/cpu" in lines[0]
 
 
 def test_the_export_records_the_family_and_its_graphs(exported: Exported) -> None:
