@@ -126,11 +126,13 @@ def _same_tokens(exported: Exported, batch: list[PreparedInput]) -> tuple[np.nda
     return expected, got
 
 
+@pytest.mark.slow  # exports the family once per module (10-20 s each)
 def test_batch_of_one_gives_the_tokens_of_transformers(exported: Exported) -> None:
     expected, _ = _same_tokens(exported, _items(exported.adapter, [0]))
     assert expected.shape == (1, MAX_NEW_TOKENS)  # the random model never stops early here: every step is compared
 
 
+@pytest.mark.slow  # exports the family once per module (10-20 s each)
 def test_batch_of_three_image_sizes_gives_the_tokens_of_transformers(exported: Exported) -> None:
     batch = _items(exported.adapter, [0, 1, 2])
     assert len({item.image.pixels.shape for item in batch}) == 3
@@ -139,6 +141,7 @@ def test_batch_of_three_image_sizes_gives_the_tokens_of_transformers(exported: E
     _same_tokens(exported, batch)
 
 
+@pytest.mark.slow  # exports the family once per module (10-20 s each)
 def test_batch_size_and_image_sizes_not_used_at_export_run(exported: Exported) -> None:
     """The export used batches of 2 and 3; five images, two of them of sizes seen nowhere else."""
     batch = _items(exported.adapter, [3, 4, 5, 1, 0])
@@ -146,6 +149,7 @@ def test_batch_size_and_image_sizes_not_used_at_export_run(exported: Exported) -
     assert expected.shape[0] == 5
 
 
+@pytest.mark.slow  # exports the family once per module (10-20 s each)
 def test_prefill_logits_equal_those_of_transformers(exported: Exported) -> None:
     """Tokens hide small errors (an image token attending to the wrong neighbours moves the logits but seldom the
     argmax): the last position's logits of the prefill must match too."""
@@ -161,6 +165,7 @@ def test_prefill_logits_equal_those_of_transformers(exported: Exported) -> None:
     assert float(np.abs(got - expected).max()) < 1e-3 * max(1.0, float(np.abs(expected).max()))
 
 
+@pytest.mark.slow  # exports the family once per module (10-20 s each)
 def test_model_check_loads_the_export_and_agrees_with_transformers(exported: Exported) -> None:
     """``dicom-node model check --compare``: Engine.load on onnxruntime, one generation, transformers agrees."""
     from inference.model_check import check_model
@@ -170,6 +175,7 @@ def test_model_check_loads_the_export_and_agrees_with_transformers(exported: Exp
     assert f"loaded {exported.family} checkpoint" in lines[0] and "onnxruntime/cpu" in lines[0]
 
 
+@pytest.mark.slow  # exports the family once per module (10-20 s each)
 def test_the_export_records_the_family_and_its_graphs(exported: Exported) -> None:
     from inference.export.manifest import ExportManifest
 
@@ -179,6 +185,7 @@ def test_the_export_records_the_family_and_its_graphs(exported: Exported) -> Non
     print(f"{exported.family}: exported and checked in {exported.export_seconds:.1f} s")
 
 
+@pytest.mark.slow  # exports the family once per module (10-20 s each)
 def test_tensorrt_parses_the_graphs_and_builds_engines(exported: Exported) -> None:
     """TensorRT for RTX builds engines on the CPU: the family's graphs hold no operator TensorRT refuses (Qwen3-VL's
     deepstack addition is a gather, not a NonZero) and the recorded ranges cover every dynamic axis."""
