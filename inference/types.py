@@ -141,7 +141,9 @@ class GraphInputs:
 
     The backend runs the ``vision`` graph once per entry of :attr:`vision_feeds` (rows of the outputs concatenated
     in order, one row per image token), writes those rows over the embeddings of the image tokens, then runs the
-    decoder: the prefill with :attr:`prefill_extras`, each decode step with :attr:`decode_extras`.
+    decoder: the prefill with :attr:`prefill_extras`, each decode step with :attr:`decode_extras`. Further outputs
+    of the vision graph (one row per image token, e.g. Qwen3-VL's deepstack features) are concatenated the same
+    way and given to the prefill under their output names, and to each decode step with no rows.
     """
 
     input_ids: np.ndarray  # (batch, seq) int64

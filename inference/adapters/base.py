@@ -338,25 +338,33 @@ class ModelAdapter(ABC):
     #: Why this family has no ONNX export yet ("" when :meth:`export_plan` is implemented).
     export_unsupported: ClassVar[str] = "its ONNX export is not implemented yet"
 
+    def check_exportable(self) -> None:
+        """Raise :class:`~inference.export.manifest.ExportUnsupportedError` (family and reason) when
+        :attr:`export_unsupported` is set: the exporter and the graph backends call it before reading a file."""
+        from inference.export.manifest import ExportUnsupportedError
+
+        if self.export_unsupported:
+            raise ExportUnsupportedError(
+                f"family {self.family!r} cannot run on the onnxruntime or tensorrt backends: "
+                f"{self.export_unsupported}; use model.backend: transformers"
+            )
+
     def export_plan(self, handle: HFHandle) -> Any:
         """The graphs to export (an :class:`inference.export.modules.ExportPlan`) for a loaded checkpoint.
 
         Families that implement it split the model into ``vision``, ``embed`` and ``decoder`` graphs (see
-        :mod:`inference.export.modules`); the default refuses, naming the family and the reason.
+        :mod:`inference.export.modules`) and set :attr:`export_unsupported` to ""; the default refuses, naming
+        the family and the reason.
         """
         from inference.export.manifest import ExportUnsupportedError
 
-        raise ExportUnsupportedError(
-            f"family {self.family!r} cannot run on the onnxruntime or tensorrt backends: {self.export_unsupported}; "
-            "use model.backend: transformers"
-        )
+        self.check_exportable()
+        raise ExportUnsupportedError(f"family {self.family!r} has no ONNX export; use model.backend: transformers")
 
-    def export_encode(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> GraphInputs:
-        """A batch as the graphs' host inputs, built exactly as :meth:`hf_encode` builds the model's.
-
-        The default fits a vision graph that takes the image processor's ``pixel_values`` for the whole batch and
-        a decoder with 1-D positions (transformers' ``cumsum(attention_mask) - 1``, pads at 1).
-        """
+    def export_tokens(
+        self, handle: HFHandle, batch: Sequence[PreparedInput]
+    ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+        """The image processor's output, the token ids and the attention mask of a batch, as :meth:`hf_encode`."""
         image_inputs = self.hf_image_inputs(handle, batch)
         texts = [
             self.hf_expand_image_tokens(handle, self.hf_render(handle, item), image_inputs, i)
@@ -365,6 +373,15 @@ class ModelAdapter(ABC):
         text_inputs = handle.tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
         ids = np.asarray(text_inputs["input_ids"], dtype=np.int64)
         mask = np.asarray(text_inputs["attention_mask"], dtype=np.int64)
+        return image_inputs, ids, mask
+
+    def export_encode(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> GraphInputs:
+        """A batch as the graphs' host inputs, built exactly as :meth:`hf_encode` builds the model's.
+
+        The default fits a vision graph that takes the image processor's ``pixel_values`` for the whole batch and
+        a decoder with 1-D positions (transformers' ``cumsum(attention_mask) - 1``, pads at 1).
+        """
+        image_inputs, ids, mask = self.export_tokens(handle, batch)
         positions = np.where(mask == 0, 1, mask.cumsum(axis=-1) - 1).astype(np.int64)
         pixels = np.asarray(image_inputs["pixel_values"], dtype=np.float32)
         return GraphInputs(ids, mask, positions, [{"pixel_values": pixels}])

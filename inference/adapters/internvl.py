@@ -97,3 +97,22 @@ class InternVLAdapter(ModelAdapter):
         self, handle: HFHandle, image_inputs: dict[str, Any], text_inputs: dict[str, Any]
     ) -> dict[str, Any]:
         return {**text_inputs, "pixel_values": image_inputs["pixel_values"]}
+
+    # -- ONNX export --
+    export_unsupported: ClassVar[str] = ""
+
+    def export_plan(self, handle: HFHandle) -> Any:
+        """The vision tower, pixel shuffle and projector on a batch of tiles; the Qwen2 (or Llama) decoder."""
+        from inference.export.modules import ImageFeatures, image_batch_spec, standard_plan
+
+        config = handle.config
+        size = config.vision_config.image_size
+        height, width = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        module = ImageFeatures(
+            handle.model,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+        dtype = handle.model.dtype
+        spec = image_batch_spec(module, int(config.vision_config.num_channels), height, width, dtype)
+        return standard_plan(handle.model, handle.tokenizer, spec, dtype)

@@ -9,7 +9,7 @@ the padding are dropped. ``<start_of_image>`` expands to ``\\n\\n<start_of_image
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -20,7 +20,16 @@ from inference.geometry import ImageTransform
 from inference.parsing import BoxSpace, build_answer, parse_json_boxes
 from inference.pixels import pad, resample
 from inference.profiles import DEFAULT_TARGETS, modality_noun
-from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+from inference.types import (
+    IMAGE_PLACEHOLDER,
+    GraphInputs,
+    ModelImage,
+    ParsedAnswer,
+    PreparedInput,
+    Profile,
+    Prompt,
+    TaskRequest,
+)
 from sr_writer.findings import Language
 
 __all__ = ["MedGemmaAdapter", "medgemma_prompt"]
@@ -122,6 +131,35 @@ class MedGemmaAdapter(ModelAdapter):
         ids = text_inputs["input_ids"]
         token_type_ids = (ids == int(handle.config.image_token_index)).long()
         return {**text_inputs, "token_type_ids": token_type_ids, "pixel_values": image_inputs["pixel_values"]}
+
+    # -- ONNX export --
+    export_unsupported: ClassVar[str] = ""
+
+    def export_plan(self, handle: HFHandle) -> Any:
+        """SigLIP and the projector on a batch of square images; the Gemma 3 model on embeddings with
+        ``token_type_ids``, so its image tokens attend to each other both ways in the prefill as transformers does
+        (its sliding-window layers keep the whole cache; the mask hides what lies outside the window)."""
+        import torch
+
+        from inference.export.modules import ImageFeatures, image_batch_spec, standard_plan
+
+        config = handle.config
+        side = int(config.vision_config.image_size)
+        dtype = handle.model.dtype
+        spec = image_batch_spec(ImageFeatures(handle.model), int(config.vision_config.num_channels), side, side, dtype)
+        token_types = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]], dtype=torch.int64)
+        return standard_plan(
+            handle.model, handle.tokenizer, spec, dtype,
+            extras=[("token_type_ids", token_types, {0: "batch", 1: "seq"})], language_model=handle.model.model,
+        )
+
+    def export_encode(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> GraphInputs:
+        """The default inputs plus ``token_type_ids``: 1 on image tokens in the prefill, 0 for each new token."""
+        inputs = super().export_encode(handle, batch)
+        token_types = (inputs.input_ids == int(handle.config.image_token_index)).astype(np.int64)
+        inputs.prefill_extras["token_type_ids"] = token_types
+        inputs.decode_extras["token_type_ids"] = np.zeros((token_types.shape[0], 1), dtype=np.int64)
+        return inputs
 
     def hf_generate_kwargs(self, handle: HFHandle) -> dict[str, Any]:
         kwargs = super().hf_generate_kwargs(handle)

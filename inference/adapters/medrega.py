@@ -154,6 +154,12 @@ class MedRegAAdapter(ModelAdapter):
         WeightFiles("tokenizer", ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")),
         WeightFiles("modelling code (InternVLChatModel)", ("modeling_internvl_chat.py",)),
     )
+    export_unsupported: ClassVar[str] = (
+        "its modelling code (InternVLChatModel: InternViT-6B, MLP projector, Yi-34B) ships with the checkpoint as "
+        "remote code written for transformers 4.x, outside transformers 5; its graphs could not be exported and "
+        "proved token-equal to the transformers backend without that code, and the 40B model in bfloat16 (about "
+        "80 GB) leaves no room for a KV cache on one 80 GB GPU anyway"
+    )
     #: Side of the single square tile the vision encoder sees.
     image_size: ClassVar[int] = 448
     box_space: ClassVar[BoxSpace] = MEDREGA_BOX_SPACE

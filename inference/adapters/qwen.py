@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -27,10 +27,27 @@ from inference.geometry import ImageTransform
 from inference.parsing import BoxSpace, build_answer, parse_json_boxes
 from inference.pixels import resample
 from inference.profiles import DEFAULT_TARGETS, modality_noun
-from inference.types import IMAGE_PLACEHOLDER, ModelImage, ParsedAnswer, PreparedInput, Profile, Prompt, TaskRequest
+from inference.types import (
+    IMAGE_PLACEHOLDER,
+    GraphInputs,
+    ModelImage,
+    ParsedAnswer,
+    PreparedInput,
+    Profile,
+    Prompt,
+    TaskRequest,
+)
 from sr_writer.findings import Language
 
-__all__ = ["Qwen3VLAdapter", "Qwen25VLAdapter", "json_box_prompt", "smart_resize"]
+__all__ = [
+    "Qwen3VLAdapter",
+    "Qwen25VLAdapter",
+    "json_box_prompt",
+    "mrope_positions",
+    "smart_resize",
+    "vision_patch_positions",
+    "vision_windows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +105,66 @@ def json_box_prompt(request: TaskRequest, region_numbers: tuple[float, ...] | No
             "Answer using a single word or phrase."
         )
     return f"{IMAGE_PLACEHOLDER}\n{request.question.strip()}"
+
+
+# -- host-side preparation of the graph backends' inputs (numpy, the same numbers as transformers' torch code) --
+def mrope_positions(ids: np.ndarray, mask: np.ndarray, image_token_id: int, grids: Sequence[Sequence[int]],
+                    merge: int) -> np.ndarray:
+    """``(3, batch, seq)`` M-RoPE positions of image-and-text prompts, as transformers' ``get_rope_index``.
+
+    Text tokens count on in all three rows; an image's tokens take (start, start + row, start + column) of its
+    merged grid and the text after it continues at start + max(rows, columns). Left padding stays at 0.
+    ``grids``: (t, h, w) patch grids of the batch's images in order.
+    """
+    positions = np.zeros((3, *ids.shape), dtype=np.int64)
+    images = iter(grids)
+    for row in range(ids.shape[0]):
+        keep = mask[row].astype(bool)
+        is_image = ids[row][keep] == image_token_id
+        pieces: list[np.ndarray] = []
+        current = 0
+        start = 0
+        while start < is_image.size:
+            end = start
+            while end < is_image.size and is_image[end] == is_image[start]:
+                end += 1
+            if not is_image[start]:
+                pieces.append(np.broadcast_to(np.arange(end - start) + current, (3, end - start)))
+                current += end - start
+            else:
+                t, h, w = (int(v) for v in next(images))
+                grid_h, grid_w = h // merge, w // merge
+                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(grid_h), np.arange(grid_w), indexing="ij")
+                pieces.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + current)
+                current += max(grid_h, grid_w)
+            start = end
+        if pieces:
+            positions[:, row, keep] = np.concatenate(pieces, axis=1)
+    return positions
+
+
+def vision_patch_positions(h: int, w: int, merge: int) -> np.ndarray:
+    """``(h * w, 2)`` (row, column) of each patch in the processor's order (merge blocks of merge x merge)."""
+    rows, columns = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    shape = (h // merge, merge, w // merge, merge)
+    return np.stack([a.reshape(shape).transpose(0, 2, 1, 3).ravel() for a in (rows, columns)], axis=-1)
+
+
+def vision_windows(h: int, w: int, merge: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL's window order of one image's merged tokens and each token's window number (in that order).
+
+    ``window``: the window side in merged tokens (``window_size // merge // patch_size``); the numbers are
+    transformers' ``get_vision_window_index`` for one still image.
+    """
+    grid_h, grid_w = h // merge, w // merge
+    index = np.arange(grid_h * grid_w).reshape(grid_h, grid_w)
+    pad_h, pad_w = window - grid_h % window, window - grid_w % window
+    padded = np.pad(index, ((0, pad_h), (0, pad_w)), constant_values=-100)
+    windows_h, windows_w = padded.shape[0] // window, padded.shape[1] // window
+    padded = padded.reshape(windows_h, window, windows_w, window).transpose(0, 2, 1, 3).reshape(-1, window * window)
+    order = padded[padded != -100]
+    window_of = np.repeat(np.arange(padded.shape[0]), (padded != -100).sum(axis=1))
+    return order.astype(np.int64), window_of
 
 
 class Qwen25VLAdapter(ModelAdapter):
@@ -150,6 +227,82 @@ class Qwen25VLAdapter(ModelAdapter):
         token_types = (ids == int(handle.config.image_token_id)).long()
         return {**text_inputs, **image_inputs, "mm_token_type_ids": token_types}
 
+    # -- ONNX export --
+    export_unsupported: ClassVar[str] = ""
+
+    def export_plan(self, handle: HFHandle) -> Any:
+        """The vision tower one image at a time (window order and masks from the host), a 3-row M-RoPE decoder."""
+        import torch
+
+        from inference.export.modules import GraphSpec, standard_plan
+        from inference.export.qwen import Qwen25Vision
+
+        dtype = handle.model.dtype
+        tokens = torch.export.Dim("tokens")
+        patches = 4 * tokens
+        example, check = (self._vision_example(handle, grid, dtype) for grid in ((6, 8), (10, 4)))
+        spec = GraphSpec(
+            "vision", Qwen25Vision(handle.model), example, list(self.vision_inputs), ["image_features"],
+            {"pixel_values": {0: patches}, "position_ids": {0: patches}, "window_mask": {0: patches, 1: patches},
+             "reverse_index": {0: tokens}},
+            checks=[check],
+        )
+        plan = standard_plan(handle.model, handle.tokenizer, spec, dtype, position_rows=3)
+        plan.dim_ranges.update(self.token_ranges())
+        return plan
+
+    def token_ranges(self) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of one image's merged tokens and patches (TensorRT profiles), from the resize rule."""
+        factor, min_pixels, max_pixels = self.resize_rule()
+        low, high = max(1, min_pixels // factor**2), max(1, max_pixels // factor**2)
+        opt = min(high, max(low, 256))
+        return {"tokens": (low, opt, high), "4*tokens": (4 * low, 4 * opt, 4 * high)}
+
+    vision_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "position_ids", "window_mask", "reverse_index")
+
+    def _vision_example(self, handle: HFHandle, grid: tuple[int, int], dtype: Any) -> tuple[Any, ...]:
+        import torch
+
+        vision = handle.config.vision_config
+        width = int(vision.in_channels) * int(vision.temporal_patch_size) * int(vision.patch_size) ** 2
+        pixels = np.random.default_rng(0).standard_normal((grid[0] * grid[1], width)).astype(np.float32)
+        feeds = self.vision_feed(handle, pixels, grid[0], grid[1])
+        return tuple(
+            torch.from_numpy(feeds[name]).to(dtype) if feeds[name].dtype == np.float32
+            else torch.from_numpy(feeds[name]) for name in self.vision_inputs
+        )
+
+    def vision_feed(self, handle: HFHandle, pixels: np.ndarray, h: int, w: int) -> dict[str, np.ndarray]:
+        """The vision graph's inputs for one image's patches ``(h * w, features)`` (processor order)."""
+        vision = handle.config.vision_config
+        merge = int(vision.spatial_merge_size)
+        unit = merge * merge
+        window = int(vision.window_size) // merge // int(vision.patch_size)
+        order, window_of = vision_windows(h, w, merge, window)
+        rows = (order[:, None] * unit + np.arange(unit)).ravel()
+        windows = np.repeat(window_of, unit)
+        return {
+            "pixel_values": np.ascontiguousarray(pixels[rows], dtype=np.float32),
+            "position_ids": vision_patch_positions(h, w, merge)[rows].astype(np.int64),
+            "window_mask": windows[:, None] == windows[None, :],
+            "reverse_index": np.argsort(order).astype(np.int64),
+        }
+
+    def export_encode(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> GraphInputs:
+        """Token ids, M-RoPE positions (as ``get_rope_index``) and one vision feed per image."""
+        image_inputs, ids, mask = self.export_tokens(handle, batch)
+        grids = np.asarray(image_inputs["image_grid_thw"], dtype=np.int64)
+        pixels = np.asarray(image_inputs["pixel_values"], dtype=np.float32)
+        merge = int(handle.config.vision_config.spatial_merge_size)
+        feeds: list[dict[str, np.ndarray]] = []
+        start = 0
+        for t, h, w in grids.tolist():
+            count = t * h * w
+            feeds.append(self.vision_feed(handle, pixels[start : start + count], h, w))
+            start += count
+        positions = mrope_positions(ids, mask, int(handle.config.image_token_id), grids.tolist(), merge)
+        return GraphInputs(ids, mask, positions, feeds)
+
 
 class Qwen3VLAdapter(Qwen25VLAdapter):
     """Qwen3-VL family (``Qwen3VLForConditionalGeneration``): the same JSON, relative 0..1000."""
@@ -160,3 +313,62 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     patch_size: ClassVar[int] = 16
     default_min_pixels: ClassVar[int] = 64 * 64
     default_max_pixels: ClassVar[int] = 32 * 32 * 1280
+    # -- ONNX export --
+    vision_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "position_ids", "interp_indices", "interp_weights")
+
+    def export_plan(self, handle: HFHandle) -> Any:
+        """The vision tower one image at a time, its deepstack features as a second output; a 3-row M-RoPE decoder
+        that adds them to its first layers' image-token states (``visual_pos_masks``, ``deepstack_features``)."""
+        import torch
+
+        from inference.export.modules import GraphSpec, standard_plan
+        from inference.export.qwen import DeepstackLanguageModel, Qwen3Vision
+
+        dtype = handle.model.dtype
+        patches = 4 * torch.export.Dim("tokens")
+        example, check = (self._vision_example(handle, grid, dtype) for grid in ((6, 8), (10, 4)))
+        spec = GraphSpec(
+            "vision", Qwen3Vision(handle.model), example, list(self.vision_inputs),
+            ["image_features", "deepstack_features"], {name: {0: patches} for name in self.vision_inputs},
+            checks=[check],
+        )
+        config = handle.config
+        layers = len(config.vision_config.deepstack_visual_indexes)
+        hidden = int(config.text_config.hidden_size)
+        image_tokens = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]], dtype=torch.int64)
+        extras = [
+            ("visual_pos_masks", image_tokens, {0: "batch", 1: "seq"}),
+            ("deepstack_features", torch.randn(4, layers, hidden, dtype=dtype), {0: "visual"}),
+        ]
+        plan = standard_plan(handle.model, handle.tokenizer, spec, dtype, position_rows=3, extras=extras,
+                             language_model=DeepstackLanguageModel(handle.model.model.language_model))
+        ranges = self.token_ranges()
+        # The image tokens of a whole batch in the prefill, none in a decode step (the optimum).
+        plan.dim_ranges.update({**ranges, "visual": (0, 0, 16 * ranges["tokens"][2])})
+        return plan
+
+    def vision_feed(self, handle: HFHandle, pixels: np.ndarray, h: int, w: int) -> dict[str, np.ndarray]:
+        """The vision graph's inputs for one image's patches ``(h * w, features)`` (processor order)."""
+        import torch
+        from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+        vision = handle.config.vision_config
+        merge = int(vision.spatial_merge_size)
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            torch.tensor([[1, h, w]]), num_grid_per_side=int(int(vision.num_position_embeddings) ** 0.5),
+            mode="bilinear", align_corners=True, spatial_merge_size=merge,
+        )
+        return {
+            "pixel_values": np.ascontiguousarray(pixels, dtype=np.float32),
+            "position_ids": vision_patch_positions(h, w, merge).astype(np.int64),
+            "interp_indices": indices.numpy().astype(np.int64),
+            "interp_weights": weights.numpy().astype(np.float32),
+        }
+
+    def export_encode(self, handle: HFHandle, batch: Sequence[PreparedInput]) -> GraphInputs:
+        """As Qwen2.5-VL's, plus ``visual_pos_masks`` (1 on image tokens in the prefill, 0 in each decode step)."""
+        inputs = super().export_encode(handle, batch)
+        image_tokens = (inputs.input_ids == int(handle.config.image_token_id)).astype(np.int64)
+        inputs.prefill_extras["visual_pos_masks"] = image_tokens
+        inputs.decode_extras["visual_pos_masks"] = np.zeros((image_tokens.shape[0], 1), dtype=np.int64)
+        return inputs

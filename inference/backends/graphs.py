@@ -29,7 +29,7 @@ from inference.errors import InferenceError, ModelLoadError
 from inference.export.manifest import ExportManifest, find_export
 from inference.types import GraphInputs, PreparedInput
 
-__all__ = ["GraphBackend", "GraphRunner", "greedy_generate", "read_repetition_penalty"]
+__all__ = ["GraphBackend", "GraphRunner", "greedy_generate", "prefill", "read_repetition_penalty"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,41 @@ def _penalise(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarra
     return logits
 
 
+def prefill(runner: GraphRunner, inputs: GraphInputs) -> tuple[list[Any], dict[str, np.ndarray]]:
+    """Run the vision, embed and decoder graphs on a batch's prompts: the decoder's outputs (the last position's
+    logits, the KV cache) and the empty versions of the vision graph's further outputs, for the decode steps."""
+    manifest = runner.manifest
+    layout = manifest.decoder
+    ids = inputs.input_ids.astype(np.int64)
+    batch = ids.shape[0]
+    embeds = runner.to_host(runner.run("embed", {"input_ids": ids})[0]).astype(runner.float_dtype, copy=True)
+    image_rows = ids == manifest.image_token_id
+    vision_extras: dict[str, np.ndarray] = {}
+    if inputs.vision_feeds:
+        vision = [[runner.to_host(v) for v in runner.run("vision", feeds)] for feeds in inputs.vision_feeds]
+        rows = np.concatenate([out[0].reshape(-1, layout.hidden_size) for out in vision])
+        if rows.shape[0] != int(image_rows.sum()):
+            raise InferenceError(
+                f"the vision graph gave {rows.shape[0]} image features for {int(image_rows.sum())} image tokens"
+            )
+        embeds[image_rows] = rows.astype(runner.float_dtype)
+        # Further vision outputs (Qwen3-VL's deepstack features): one row per image token, to the prefill by name;
+        # the decode steps, which hold no image token, get them with no rows.
+        for index, name in enumerate(manifest.graphs["vision"].outputs[1:], start=1):
+            vision_extras[name] = np.concatenate([out[index] for out in vision])
+    vision_empty = {name: np.zeros((0, *value.shape[1:]), dtype=value.dtype) for name, value in vision_extras.items()}
+    mask = inputs.attention_mask.astype(np.int64)
+    feeds: dict[str, Any] = {
+        "inputs_embeds": embeds,
+        "attention_mask": mask,
+        "position_ids": inputs.position_ids.astype(np.int64),
+        **runner.empty_cache(batch),
+        **inputs.prefill_extras,
+        **vision_extras,
+    }
+    return runner.run("decoder", feeds), vision_empty
+
+
 def greedy_generate(
     runner: GraphRunner, inputs: GraphInputs, max_new_tokens: int, repetition_penalty: float = 1.0
 ) -> tuple[np.ndarray, dict[str, float]]:
@@ -91,26 +126,9 @@ def greedy_generate(
     started = time.perf_counter()
     ids = inputs.input_ids.astype(np.int64)
     batch = ids.shape[0]
-    embeds = runner.to_host(runner.run("embed", {"input_ids": ids})[0]).astype(runner.float_dtype, copy=True)
-    image_rows = ids == manifest.image_token_id
-    if inputs.vision_feeds:
-        features = [runner.to_host(runner.run("vision", feeds)[0]) for feeds in inputs.vision_feeds]
-        rows = np.concatenate([f.reshape(-1, layout.hidden_size) for f in features])
-        if rows.shape[0] != int(image_rows.sum()):
-            raise InferenceError(
-                f"the vision graph gave {rows.shape[0]} image features for {int(image_rows.sum())} image tokens"
-            )
-        embeds[image_rows] = rows.astype(runner.float_dtype)
     mask = inputs.attention_mask.astype(np.int64)
-    feeds: dict[str, Any] = {
-        "inputs_embeds": embeds,
-        "attention_mask": mask,
-        "position_ids": inputs.position_ids.astype(np.int64),
-        **runner.empty_cache(batch),
-        **inputs.prefill_extras,
-    }
-    outputs = runner.run("decoder", feeds)
-    prefill = time.perf_counter() - started
+    outputs, vision_empty = prefill(runner, inputs)
+    prefill_seconds = time.perf_counter() - started
     next_positions = inputs.next_positions().astype(np.int64)
     eos = np.array(manifest.eos_token_ids, dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
@@ -137,11 +155,12 @@ def greedy_generate(
             "position_ids": positions,
             **dict(zip(layout.past_names(), outputs[1:], strict=True)),
             **inputs.decode_extras,
+            **vision_empty,
         }
         outputs = runner.run("decoder", feeds)
     tokens = np.stack(generated, axis=1) if generated else np.zeros((batch, 0), dtype=np.int64)
     total = time.perf_counter() - started
-    return tokens, {"prefill_s": prefill, "total_s": total, "steps": float(len(generated))}
+    return tokens, {"prefill_s": prefill_seconds, "total_s": total, "steps": float(len(generated))}
 
 
 class GraphBackend(Backend):
@@ -166,6 +185,7 @@ class GraphBackend(Backend):
         from inference.backends.hf import set_offline
 
         set_offline()
+        self.adapter.check_exportable()
         self.check_runtime()
         directory = self.adapter.check_checkpoint()
         if self.settings.export_dir is None:

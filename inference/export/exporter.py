@@ -150,6 +150,7 @@ def export_checkpoint(
         raise ExportError("model.export_dir is not set: the node sets it to <node.data_dir>/model-exports")
     set_offline()
     adapter: ModelAdapter = adapter_class(settings.family)(settings)
+    adapter.check_exportable()
     directory = adapter.check_checkpoint()
     fingerprint = checkpoint_fingerprint(directory)
     folder = export_folder(settings.export_dir, adapter.family, fingerprint)
@@ -159,8 +160,6 @@ def export_checkpoint(
             return folder, False
         except ExportMissingError as exc:
             logger.info("the export in %s is not usable (%s): exporting again", folder, exc)
-    if adapter.export_unsupported:
-        adapter.export_plan(None)  # type: ignore[arg-type]  # raises ExportUnsupportedError with the reason
     started = time.perf_counter()
     torch_dtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
     tell(f"loading {directory.name}", 0, 1)

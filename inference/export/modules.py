@@ -26,12 +26,14 @@ from inference.export.manifest import DecoderLayout
 __all__ = [
     "ExportPlan",
     "GraphSpec",
+    "ImageFeatures",
     "LlavaVision",
     "TextDecoder",
     "TokenEmbedding",
     "decoder_spec",
     "embed_spec",
     "end_tokens",
+    "image_batch_spec",
     "layout_of",
     "standard_plan",
 ]
@@ -132,9 +134,11 @@ def decoder_spec(language_model: torch.nn.Module, lm_head: torch.nn.Module, layo
                  dtype: torch.dtype, extras: Sequence[tuple[str, torch.Tensor, dict[int, str]]] = ()) -> GraphSpec:
     """The ``decoder`` graph: ``(inputs_embeds, attention_mask, position_ids, past..., extras...)``.
 
-    ``extras``: (name, example for batch 2 and sequence 5, dynamic axes by dim name: ``{0: "batch", 1: "seq"}``).
+    ``extras``: (name, example for batch 2 and sequence 5, dynamic axes by dim name: ``{0: "batch", 1: "seq"}``;
+    a name other than batch, seq, past and mask is a dimension of its own).
     """
-    dims = {n: torch.export.Dim(n) for n in ("batch", "seq", "past", "mask")}
+    dim_names = {"batch", "seq", "past", "mask", *(name for e in extras for name in e[2].values())}
+    dims = {n: torch.export.Dim(n) for n in sorted(dim_names)}
     batch, seq, past_len, mask_len = dims["batch"], dims["seq"], dims["past"], dims["mask"]
     b, s, p = 2, 5, 3
     embeds = torch.randn(b, s, layout.hidden_size, dtype=dtype)
@@ -187,6 +191,36 @@ class LlavaVision(torch.nn.Module):
         return features.reshape(-1, features.shape[-1])  # type: ignore[no-any-return]
 
 
+class ImageFeatures(torch.nn.Module):
+    """A model's own ``get_image_features`` on a batch of images (or tiles) of one fixed size, when it is batched
+    (no Python loop over the images): vision tower, feature selection and projector as the model runs them.
+
+    ``options``: keyword arguments the model's forward would pass (InternVL's ``vision_feature_layer``).
+    Output: one row per image token, ``(images * tokens, hidden)``.
+    """
+
+    def __init__(self, model: Any, **options: Any) -> None:
+        super().__init__()
+        self.model = model.model
+        self.options = options
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **self.options)
+        features = out.pooler_output
+        return features.reshape(-1, features.shape[-1])  # type: ignore[no-any-return]
+
+
+def image_batch_spec(module: torch.nn.Module, channels: int, height: int, width: int,
+                     dtype: torch.dtype) -> GraphSpec:
+    """The ``vision`` graph of a module over ``(images, channels, height, width)`` pixel values of one size."""
+    images = torch.export.Dim("images")
+    return GraphSpec(
+        "vision", module, (torch.randn(2, channels, height, width, dtype=dtype),), ["pixel_values"],
+        ["image_features"], {"pixel_values": {0: images}},
+        checks=[(torch.randn(3, channels, height, width, dtype=dtype),)],
+    )
+
+
 def layout_of(text_config: Any, position_rows: int = 1) -> DecoderLayout:
     """The KV-cache layout of a decoder configuration."""
     heads = int(text_config.num_attention_heads)
@@ -211,11 +245,17 @@ def end_tokens(model: Any, tokenizer: Any) -> tuple[int, ...]:
 
 def standard_plan(model: Any, tokenizer: Any, vision: GraphSpec, dtype: torch.dtype,
                   position_rows: int = 1,
-                  extras: Sequence[tuple[str, torch.Tensor, dict[int, str]]] = ()) -> ExportPlan:
-    """The plan of an image-text model whose ``model.model.language_model`` and ``model.lm_head`` are the decoder."""
+                  extras: Sequence[tuple[str, torch.Tensor, dict[int, str]]] = (),
+                  language_model: torch.nn.Module | None = None) -> ExportPlan:
+    """The plan of an image-text model whose ``model.model.language_model`` and ``model.lm_head`` are the decoder.
+
+    ``language_model``: the module run on the embeddings instead (Gemma 3's whole ``model.model``, which builds the
+    bidirectional image-token mask from ``token_type_ids`` before its language model).
+    """
     config = model.config
     layout = layout_of(config.text_config, position_rows)
-    decoder = decoder_spec(model.model.language_model, model.lm_head, layout, dtype, extras)
+    decoder_module = model.model.language_model if language_model is None else language_model
+    decoder = decoder_spec(decoder_module, model.lm_head, layout, dtype, extras)
     image_token = getattr(config, "image_token_id", None)
     if image_token is None:
         image_token = config.image_token_index
