@@ -326,11 +326,24 @@ class ModelAdapter(ABC):
             kwargs["pad_token_id"] = tokenizer.pad_token_id
         return kwargs
 
+    def hf_new_tokens(self, sequences: Any, encoded: Mapping[str, Any]) -> Any:
+        """The generated tokens of ``model.generate``'s output: what follows the prompt."""
+        return sequences[:, encoded["input_ids"].shape[1] :]
+
+    def hf_end_tokens(self, handle: HFHandle) -> list[int]:
+        """The token ids that end an answer (the generation keyword arguments', else the checkpoint's)."""
+        wanted = self.hf_generate_kwargs(handle).get("eos_token_id")
+        if wanted is None:
+            config = getattr(handle.model, "generation_config", None)
+            wanted = getattr(config, "eos_token_id", None)
+        if wanted is None:
+            wanted = handle.tokenizer.eos_token_id
+        values = wanted if isinstance(wanted, list | tuple) else [wanted]
+        return [int(v) for v in values if v is not None]
+
     def hf_decode(self, handle: HFHandle, sequences: Any, encoded: Mapping[str, Any]) -> list[str]:
         """The answers' text: the generated tokens after the prompt, special tokens removed."""
-        prompt_length = encoded["input_ids"].shape[1]
-        new_tokens = sequences[:, prompt_length:]
-        texts = handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = handle.tokenizer.batch_decode(self.hf_new_tokens(sequences, encoded), skip_special_tokens=True)
         return [t.strip() for t in texts]
 
 

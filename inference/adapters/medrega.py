@@ -247,12 +247,15 @@ class MedRegAAdapter(ModelAdapter):
         kwargs["eos_token_id"] = handle.tokenizer.convert_tokens_to_ids(IM_END)
         return kwargs
 
-    def hf_decode(self, handle: HFHandle, sequences: Any, encoded: Mapping[str, Any]) -> list[str]:
+    def hf_new_tokens(self, sequences: Any, encoded: Mapping[str, Any]) -> Any:
         # InternVLChatModel.generate feeds input embeddings, so its output holds only the new tokens; a model that
         # echoes the prompt is handled too.
         prompt = encoded["input_ids"]
         length = prompt.shape[1]
         if sequences.shape[1] >= length and bool((sequences[:, :length].cpu() == prompt.cpu()).all()):
-            sequences = sequences[:, length:]
-        texts = handle.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+            return sequences[:, length:]
+        return sequences
+
+    def hf_decode(self, handle: HFHandle, sequences: Any, encoded: Mapping[str, Any]) -> list[str]:
+        texts = handle.tokenizer.batch_decode(self.hf_new_tokens(sequences, encoded), skip_special_tokens=True)
         return [t.split(IM_END, 1)[0].strip() for t in texts]

@@ -153,11 +153,9 @@ class TransformersBackend(Backend):
             sequences = handle.model.generate(
                 **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, streamer=first_token, **kwargs
             )
-        generated = sequences[:, encoded["input_ids"].shape[1] :]
-        end_ids = handle.model.generation_config.eos_token_id
-        end_ids = end_ids if isinstance(end_ids, list | tuple) else [end_ids] if end_ids is not None else []
+        generated = self.adapter.hf_new_tokens(sequences, encoded)
         self.last_stats = {
-            "tokens": float(count_generated(generated.cpu().numpy(), [int(i) for i in end_ids])),
+            "tokens": float(count_generated(generated.cpu().numpy(), self.adapter.hf_end_tokens(handle))),
             "ttft_s": (first_token.at or time.perf_counter()) - started,
         }
         return sequences, encoded
@@ -165,7 +163,7 @@ class TransformersBackend(Backend):
     def generate_tokens(self, batch: Sequence[PreparedInput]) -> Any:
         """The generated token ids of a batch as a numpy array (batch, steps), pad after a row's end token."""
         sequences, encoded = self._sequences(batch)
-        return sequences[:, encoded["input_ids"].shape[1] :].cpu().numpy()
+        return self.adapter.hf_new_tokens(sequences, encoded).cpu().numpy()
 
     def generate(self, batch: Sequence[PreparedInput]) -> list[str]:
         if not batch:

@@ -172,8 +172,8 @@ def test_remote_code_only_when_the_config_says_so(tmp_path: Path) -> None:
 def test_unknown_family_and_backend(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"unknown model family 'llava'.*medrega"):
         Engine.load(ModelSettings(family="llava", path=tmp_path))
-    with pytest.raises(ModelLoadError, match="unknown model backend 'tensorrt'"):
-        Engine.load(ModelSettings(family="qwen3_vl", path=tmp_path, backend="tensorrt"))
+    with pytest.raises(ModelLoadError, match=r"unknown model backend 'vllm': expected one of .*onnxruntime.*tensorrt"):
+        Engine.load(ModelSettings(family="qwen3_vl", path=tmp_path, backend="vllm"))
 
 
 def test_settings_reject_bad_values() -> None:
