@@ -10,7 +10,9 @@ answers are compared: batched findings must equal the one-at-a-time ones.
 Models: the packaged demo model and a tiny random-weight Qwen2.5-VL (tests/inference/tiny_models.py), on the
 ``transformers`` backend, and the demo model on ``onnxruntime`` when its export can be made.
 
-    .venv/bin/python -m bench.bench_batching [--studies 16] [--tokens 48]
+    .venv/bin/python -m bench.bench_batching [--studies 16] [--tokens 48] [--repeat 3]
+
+Each figure is the median of ``--repeat`` rounds, the two modes alternating.
 
 Figures only, no pass/fail.
 """
@@ -66,14 +68,24 @@ def _batched(engine: Any, files: list[Path]) -> tuple[float, list[Any], list[int
     return elapsed, results, sizes
 
 
-def measure(label: str, settings: Any, files: list[Path]) -> None:
+def measure(label: str, settings: Any, files: list[Path], repeat: int) -> None:
+    """Median of ``repeat`` rounds, the two modes alternating, so that a burst of load elsewhere hits both."""
+    import statistics
+
     from inference.engine import Engine
 
     engine = Engine.load(settings)
     engine.warm_up()
-    alone_s, alone = _one_at_a_time(engine, files)
-    batched_s, together, sizes = _batched(engine, files)
-    same = all(a.findings == b.findings for a, b in zip(alone, together, strict=True))
+    alone_times, batched_times = [], []
+    same = True
+    sizes: list[int] = []
+    for _ in range(repeat):
+        elapsed, alone = _one_at_a_time(engine, files)
+        alone_times.append(elapsed)
+        elapsed, together, sizes = _batched(engine, files)
+        batched_times.append(elapsed)
+        same = same and all(a.findings == b.findings for a, b in zip(alone, together, strict=True))
+    alone_s, batched_s = statistics.median(alone_times), statistics.median(batched_times)
     per_minute_alone = len(files) / alone_s * 60
     per_minute_batched = len(files) / batched_s * 60
     print(f"{label:<36} one at a time {per_minute_alone:7.1f} studies/min | batched {per_minute_batched:7.1f} "
@@ -85,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     from inference.config import ModelSettings
     from inference.errors import ModelLoadError
@@ -95,17 +108,20 @@ def main() -> None:
         folder = Path(tmp)
         files = _studies(folder, args.studies)
         for batch in (8, 16):
-            measure(f"demo, transformers, batch {batch}", ModelSettings(family="demo", batch_size=batch), files)
+            measure(f"demo, transformers, batch {batch}", ModelSettings(family="demo", batch_size=batch), files,
+                    args.repeat)
         exports = folder / "exports"
         try:
             export_checkpoint(ModelSettings(family="demo", export_dir=exports))
             measure("demo, onnxruntime, batch 16",
-                    ModelSettings(family="demo", backend="onnxruntime", export_dir=exports, batch_size=16), files)
+                    ModelSettings(family="demo", backend="onnxruntime", export_dir=exports, batch_size=16), files,
+                    args.repeat)
         except ModelLoadError as exc:
             print(f"demo, onnxruntime: not measured ({exc})")
         qwen = build_qwen2_5_vl(folder / "tiny-qwen2_5_vl")
         measure("tiny qwen2_5_vl, transformers, batch 16",
-                ModelSettings(family="qwen2_5_vl", path=qwen, batch_size=16, max_new_tokens=args.tokens), files)
+                ModelSettings(family="qwen2_5_vl", path=qwen, batch_size=16, max_new_tokens=args.tokens), files,
+                args.repeat)
 
 
 if __name__ == "__main__":
