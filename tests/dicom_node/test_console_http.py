@@ -214,7 +214,7 @@ def test_readyz_follows_a_postgresql_job_store_that_stops_and_returns(
         assert unready.status_code == 503  # no worker yet
         assert unready.json()["checks"]["inference_workers"]["ok"] is False
         # The heartbeat an inference worker writes (dicom_node.work.heartbeat), here without loading a model.
-        beat = Heartbeat(node.store, "inference-test@host", ["inference"], "cpu", "demo", period=0.5).start()
+        beat = Heartbeat(lambda: node.store, "inference-test@host", ["inference"], "cpu", "demo", period=0.5).start()
         ready = wait_for(lambda: httpx.get(url, timeout=20).status_code == 200, timeout=10)
         assert ready
         server.stop_server()
