@@ -2,7 +2,8 @@
 
 Values stay in ONNX Runtime's own arrays between decode steps (I/O binding), so with the CUDA execution provider
 the KV cache never leaves the GPU. ``model.device: cuda[:N]`` needs the ``onnxruntime-gpu`` package and NVIDIA's
-CUDA libraries; without them the worker stops at start-up saying so.
+CUDA libraries; without them the worker stops at start-up saying so. Where the site's ONNX Runtime also offers the
+TensorRT execution provider, it is tried first (engines cached beside the export), then CUDA.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ class OnnxRuntimeRunner(GraphRunner):
                 )
             index = int(device.partition(":")[2] or 0)
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+            if "TensorrtExecutionProvider" in ort.get_available_providers():
+                # ONNX Runtime's TensorRT provider where the site installed it; its engines are cached beside the
+                # export (one folder per export, so a changed checkpoint never meets an old engine).
+                cache = folder / "onnxruntime-tensorrt"
+                cache.mkdir(exist_ok=True)
+                providers.insert(0, ("TensorrtExecutionProvider", {
+                    "device_id": index, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                    "trt_fp16_enable": manifest.dtype == "float16",
+                }))
             self.device_type, self.device_id = "cuda", index
         else:
             providers = ["CPUExecutionProvider"]

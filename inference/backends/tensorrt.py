@@ -5,7 +5,8 @@ from NVIDIA's package index) and the backend imports it when a worker loads its 
 device is missing, the worker stops at start-up with one line saying what is missing and how to get it.
 
 Engines are built from the export's graphs the first time a worker starts on a kind of GPU (minutes for a real
-checkpoint) and kept beside the export, under ``tensorrt/<TensorRT version>-sm<capability>-b<batch>-s<tokens>/``;
+checkpoint) and kept beside the export, under
+``tensorrt/<TensorRT version>-cuda<CUDA version>-sm<capability>-b<batch>-s<tokens>/``;
 every later start loads them in seconds. Buffers are torch CUDA tensors, so the KV cache stays on the GPU between
 decode steps.
 """
@@ -79,7 +80,9 @@ class TensorRTRunner(GraphRunner):
         torch.cuda.set_device(self.device)
         self.stream = torch.cuda.Stream(self.device)
         capability = "".join(str(v) for v in torch.cuda.get_device_capability(self.device))
-        tag = f"{self.trt.__version__}-sm{capability}-b{max_batch}-s{max_sequence}"
+        # The export folder is one checkpoint version; the tag adds what an engine is only valid for: the TensorRT
+        # and CUDA versions, the GPU's compute capability, and the profile (batch and sequence bounds).
+        tag = f"{self.trt.__version__}-cuda{torch.version.cuda}-sm{capability}-b{max_batch}-s{max_sequence}"
         engine_dir = folder / "tensorrt" / tag
         engine_dir.mkdir(parents=True, exist_ok=True)
         ranges = DimRanges.for_generation(max_batch, max_sequence, self._vision_ranges(manifest, max_batch))
