@@ -1,9 +1,9 @@
 """The ``onnxruntime`` backend: the checkpoint's ONNX export on ONNX Runtime, CPU everywhere, CUDA where installed.
 
-Values stay in ONNX Runtime's own arrays between decode steps (I/O binding), so with the CUDA execution provider
-the KV cache never leaves the GPU. ``model.device: cuda[:N]`` needs the ``onnxruntime-gpu`` package and NVIDIA's
-CUDA libraries; without them the worker stops at start-up saying so. Where the site's ONNX Runtime also offers the
-TensorRT execution provider, it is tried first (engines cached beside the export), then CUDA.
+On CUDA, values stay in ONNX Runtime's own arrays between decode steps (I/O binding), so the KV cache never leaves
+the GPU; on the CPU the graphs take and give numpy arrays. ``model.device: cuda[:N]`` needs the ``onnxruntime-gpu``
+package and NVIDIA's CUDA libraries; without them the worker stops at start-up saying so. Where the site's ONNX
+Runtime also offers the TensorRT execution provider, it is tried first (engines cached beside the export), then CUDA.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _import_onnxruntime() -> Any:
 
 
 class OnnxRuntimeRunner(GraphRunner):
-    """One ONNX Runtime session per graph, run through I/O bindings."""
+    """One ONNX Runtime session per graph (run through I/O bindings on CUDA)."""
 
     def __init__(self, folder: Path, manifest: ExportManifest, device: str, threads: int = 0) -> None:
         super().__init__(folder, manifest)
@@ -67,6 +67,9 @@ class OnnxRuntimeRunner(GraphRunner):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        # Idle pool threads sleep instead of spinning: a worker's own threads (the studies in flight reading their
+        # images) share these cores. Measured on 2 cores, demo model, batch 8: 87 ms spinning, 48 ms not.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # warnings about unused initialisers are noise for an administrator
         self.sessions: dict[str, Any] = {}
         for name, graph in manifest.graphs.items():
@@ -81,6 +84,8 @@ class OnnxRuntimeRunner(GraphRunner):
 
     def run(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
         session = self.sessions[graph]
+        if self.device_type == "cpu":  # host arrays in and out: cheaper than I/O bindings (10% at batch 8 here)
+            return list(session.run(None, feeds))
         binding = session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
