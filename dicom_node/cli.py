@@ -137,6 +137,7 @@ def worker(
     """Run a Celery worker. An inference worker loads its model once, warms it up, then consumes: it holds several
     studies at once (threads) and one batcher runs their images through the model together."""
     import os
+    import socket
 
     from dicom_node.work.celery_app import make_celery
     from dicom_node.work.steps import WorkerContext
@@ -183,7 +184,7 @@ def worker(
         engine.start_batching(on_batch=lambda report: metrics.observe_batch(report, engine.backend.last_stats))
         if settings.queue.worker_metrics_port:
             port = serve_worker_metrics(metrics, settings.queue.worker_metrics_port)
-            metrics_url = f"http://{_hostname()}:{port}/metrics" if port else ""
+            metrics_url = f"http://{socket.gethostname()}:{port}/metrics" if port else ""
         # Threads, not processes: the studies in flight share the one loaded model and its batches.
         pool, threads = "threads", concurrency or settings.queue.inference_concurrency
     else:
@@ -204,12 +205,6 @@ def worker(
             beat.stop()
         if ctx.engine_factory is not None and ctx._engine is not None and ctx._engine.batcher is not None:
             ctx._engine.batcher.close()
-
-
-def _hostname() -> str:
-    import socket
-
-    return socket.gethostname()
 
 
 def _start_heartbeat(settings: Settings, ctx: WorkerContext, queues: list[str], metrics_url: str) -> list[Heartbeat]:

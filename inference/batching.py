@@ -111,11 +111,6 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout=5)
 
-    @property
-    def waiting(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
     # -- the dispatcher thread --
     def _take_batch(self) -> list[_Request]:
         with self._cond:

@@ -132,7 +132,8 @@ def greedy_generate(
     next_positions = inputs.next_positions().astype(np.int64)
     eos = np.array(manifest.eos_token_ids, dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
-    history = ids
+    history = ids  # every token so far: only the repetition penalty reads it
+    past_names = layout.past_names()
     generated: list[np.ndarray] = []
     for step in range(max_new_tokens):
         logits = runner.to_host(outputs[0]).astype(np.float32)
@@ -143,7 +144,8 @@ def greedy_generate(
         finished |= np.isin(token, eos)
         if finished.all() or step == max_new_tokens - 1:
             break
-        history = np.concatenate([history, token[:, None]], axis=1)
+        if repetition_penalty != 1.0:
+            history = np.concatenate([history, token[:, None]], axis=1)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         positions = (next_positions + step)[:, None]
         if layout.position_rows > 1:
@@ -153,7 +155,7 @@ def greedy_generate(
             "inputs_embeds": step_embeds,
             "attention_mask": mask,
             "position_ids": positions,
-            **dict(zip(layout.past_names(), outputs[1:], strict=True)),
+            **dict(zip(past_names, outputs[1:], strict=True)),
             **inputs.decode_extras,
             **vision_empty,
         }

@@ -85,7 +85,7 @@ class TensorRTRunner(GraphRunner):
         tag = f"{self.trt.__version__}-cuda{torch.version.cuda}-sm{capability}-b{max_batch}-s{max_sequence}"
         engine_dir = folder / "tensorrt" / tag
         engine_dir.mkdir(parents=True, exist_ok=True)
-        ranges = DimRanges.for_generation(max_batch, max_sequence, self._vision_ranges(manifest, max_batch))
+        ranges = DimRanges.for_generation(max_batch, max_sequence, manifest.dim_ranges)
         log = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(log)
         self.engines: dict[str, Any] = {}
@@ -110,10 +110,6 @@ class TensorRTRunner(GraphRunner):
             self.contexts[name] = engine.create_execution_context()
         self.tag = tag
         self._dummy = torch.empty(1, device=self.device)
-
-    @staticmethod
-    def _vision_ranges(manifest: ExportManifest, max_batch: int) -> dict[str, tuple[int, int, int]]:
-        return {name: (low, opt, high) for name, (low, opt, high) in manifest.dim_ranges.items()}
 
     def _on_device(self, value: Any) -> Any:
         torch = self.torch

@@ -25,7 +25,6 @@ from inference.adapters.base import ModelAdapter, checkpoint_fingerprint
 from inference.config import ModelSettings
 from inference.errors import ModelLoadError
 from inference.export.manifest import (
-    EXPORT_COMMAND,
     ExportManifest,
     ExportMissingError,
     GraphInfo,
@@ -206,7 +205,3 @@ def export_checkpoint(
     tell(f"done in {time.perf_counter() - started:.0f} s", total, total)
     return folder, True
 
-
-def describe_missing(settings: ModelSettings) -> str:
-    """One line for ``model check``: where the export of ``settings``' checkpoint is expected."""
-    return f"expected under {settings.export_dir}; make it with `{EXPORT_COMMAND}`"
