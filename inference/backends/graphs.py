@@ -9,6 +9,10 @@ cap is reached.
 
 A :class:`GraphRunner` runs the three graphs of an export on one runtime and keeps the KV cache in that runtime's
 own arrays (on the GPU for CUDA), so only the logits and the new token ids cross to the host at each step.
+
+The KV cache is preallocated once per batch: one buffer per layer for keys and one for values, as long as the
+prompt plus every token the batch may generate. The decoder graph reads the buffers and returns the new tokens'
+keys and values alone, which the runner writes into their slots; no step copies or grows the cache.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from inference.errors import InferenceError, ModelLoadError
 from inference.export.manifest import ExportManifest, find_export
 from inference.types import GraphInputs, PreparedInput
 
-__all__ = ["GraphBackend", "GraphRunner", "greedy_generate", "prefill", "read_repetition_penalty"]
+__all__ = ["GraphBackend", "GraphRunner", "TorchArrays", "greedy_generate", "prefill", "read_repetition_penalty"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +56,50 @@ class GraphRunner(ABC):
     def to_host(self, value: Any) -> np.ndarray:
         """A runner array as a host numpy array."""
 
-    def empty_cache(self, batch: int) -> dict[str, Any]:
-        """The KV cache of an empty prefix (length 0) for ``batch`` rows."""
+    def cache_buffers(self, batch: int, capacity: int) -> dict[str, Any]:
+        """Zeroed KV buffers of ``capacity`` slots for ``batch`` rows, by the decoder's input names."""
         layout = self.manifest.decoder
-        shape = (batch, layout.kv_heads, 0, layout.head_dim)
-        return {name: np.zeros(shape, dtype=self.float_dtype) for name in layout.past_names()}
+        shape = (batch, layout.kv_heads, capacity, layout.head_dim)
+        return {name: np.zeros(shape, dtype=self.float_dtype) for name in layout.cache_names()}
+
+    def write_cache(self, buffers: dict[str, Any], new: Sequence[Any], start: int) -> None:
+        """Write the decoder's ``new_*`` outputs (``(batch, kv_heads, n, head_dim)``) into slots ``start..start+n``."""
+        for name, value in zip(self.manifest.decoder.cache_names(), new, strict=True):
+            value = self.to_host(value)
+            buffers[name][:, :, start : start + value.shape[2]] = value
 
     def describe(self) -> dict[str, str]:
         return {}
+
+
+class TorchArrays:
+    """KV buffers and values as torch tensors on one device, for the runners that keep them on a GPU."""
+
+    torch: Any
+    device: Any
+    manifest: ExportManifest
+
+    def _on_device(self, value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            value = self.torch.from_numpy(np.ascontiguousarray(value))
+        return value.to(self.device, non_blocking=True).contiguous()
+
+    def cache_buffers(self, batch: int, capacity: int) -> dict[str, Any]:
+        layout = self.manifest.decoder
+        dtype = self.torch.float16 if self.manifest.dtype == "float16" else self.torch.float32
+        shape = (batch, layout.kv_heads, capacity, layout.head_dim)
+        return {name: self.torch.zeros(shape, dtype=dtype, device=self.device) for name in layout.cache_names()}
+
+    def write_cache(self, buffers: dict[str, Any], new: Sequence[Any], start: int) -> None:
+        for name, value in zip(self.manifest.decoder.cache_names(), new, strict=True):
+            value = self._on_device(value)
+            buffers[name][:, :, start : start + value.shape[2]].copy_(value)
+
+    def to_host(self, value: Any) -> np.ndarray:
+        if isinstance(value, np.ndarray):
+            return value
+        value = value.detach()
+        return (value.float() if value.is_floating_point() else value).cpu().numpy()  # type: ignore[no-any-return]
 
 
 def read_repetition_penalty(directory: Path) -> float:
@@ -105,12 +145,13 @@ def prefill(runner: GraphRunner, inputs: GraphInputs) -> tuple[list[Any], dict[s
         for index, name in enumerate(manifest.graphs["vision"].outputs[1:], start=1):
             vision_extras[name] = np.concatenate([out[index] for out in vision])
     vision_empty = {name: np.zeros((0, *value.shape[1:]), dtype=value.dtype) for name, value in vision_extras.items()}
-    mask = inputs.attention_mask.astype(np.int64)
     feeds: dict[str, Any] = {
         "inputs_embeds": embeds,
-        "attention_mask": mask,
+        "attention_mask": inputs.attention_mask.astype(np.int64),
         "position_ids": inputs.position_ids.astype(np.int64),
-        **runner.empty_cache(batch),
+        "cache_position": np.arange(ids.shape[1], dtype=np.int64),
+        "cache_filled": np.zeros((batch, 0), dtype=np.int64),
+        **runner.cache_buffers(batch, 0),  # nothing before the prompt: the prefill reads no buffer
         **inputs.prefill_extras,
         **vision_extras,
     }
@@ -125,15 +166,20 @@ def greedy_generate(
     layout = manifest.decoder
     started = time.perf_counter()
     ids = inputs.input_ids.astype(np.int64)
-    batch = ids.shape[0]
-    mask = inputs.attention_mask.astype(np.int64)
+    batch, prompt = ids.shape
     outputs, vision_empty = prefill(runner, inputs)
+    # The prompt's keys and values, then one slot per generated token the decoder will read (not the last one).
+    capacity = prompt + max(0, max_new_tokens - 1)
+    buffers = runner.cache_buffers(batch, capacity)
+    runner.write_cache(buffers, outputs[1:], 0)
+    filled = np.zeros((batch, capacity), dtype=np.int64)
+    filled[:, :prompt] = inputs.attention_mask
     prefill_seconds = time.perf_counter() - started
     next_positions = inputs.next_positions().astype(np.int64)
     eos = np.array(manifest.eos_token_ids, dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)
     history = ids  # every token so far: only the repetition penalty reads it
-    past_names = layout.past_names()
+    new_mask = np.ones((batch, 1), dtype=np.int64)
     generated: list[np.ndarray] = []
     for step in range(max_new_tokens):
         logits = runner.to_host(outputs[0]).astype(np.float32)
@@ -146,20 +192,24 @@ def greedy_generate(
             break
         if repetition_penalty != 1.0:
             history = np.concatenate([history, token[:, None]], axis=1)
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        slot = prompt + step
+        filled[:, slot] = 1
         positions = (next_positions + step)[:, None]
         if layout.position_rows > 1:
             positions = np.broadcast_to(positions, (layout.position_rows, batch, 1)).copy()
         step_embeds = runner.run("embed", {"input_ids": token[:, None]})[0]
         feeds = {
             "inputs_embeds": step_embeds,
-            "attention_mask": mask,
+            "attention_mask": new_mask,
             "position_ids": positions,
-            **dict(zip(past_names, outputs[1:], strict=True)),
+            "cache_position": np.array([slot], dtype=np.int64),
+            "cache_filled": filled,
+            **buffers,
             **inputs.decode_extras,
             **vision_empty,
         }
         outputs = runner.run("decoder", feeds)
+        runner.write_cache(buffers, outputs[1:], slot)
     tokens = np.stack(generated, axis=1) if generated else np.zeros((batch, 0), dtype=np.int64)
     total = time.perf_counter() - started
     return tokens, {"prefill_s": prefill_seconds, "total_s": total, "steps": float(len(generated))}

@@ -1,9 +1,11 @@
 """The ``onnxruntime`` backend: the checkpoint's ONNX export on ONNX Runtime, CPU everywhere, CUDA where installed.
 
-On CUDA, values stay in ONNX Runtime's own arrays between decode steps (I/O binding), so the KV cache never leaves
-the GPU; on the CPU the graphs take and give numpy arrays. ``model.device: cuda[:N]`` needs the ``onnxruntime-gpu``
-package and NVIDIA's CUDA libraries; without them the worker stops at start-up saying so. Where the site's ONNX
-Runtime also offers the TensorRT execution provider, it is tried first (engines cached beside the export), then CUDA.
+On CUDA, the graphs read and write torch CUDA tensors through I/O bindings: the KV buffers are preallocated on the
+GPU for each batch, and a decode step writes only the new token's keys and values into them. On the CPU the graphs
+take and give numpy arrays (the buffers are numpy arrays, written the same way). ``model.device: cuda[:N]`` needs
+the ``onnxruntime-gpu`` package and NVIDIA's CUDA libraries; without them the worker stops at start-up saying so.
+Where the site's ONNX Runtime also offers the TensorRT execution provider, it is tried first (engines cached beside
+the export), then CUDA.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from inference.backends.graphs import GraphBackend, GraphRunner
+from inference.backends.graphs import GraphBackend, GraphRunner, TorchArrays
 from inference.errors import ModelLoadError
 from inference.export.manifest import ExportManifest
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner"]
+__all__ = ["BoundOnnxRuntimeRunner", "OnnxRuntimeBackend", "OnnxRuntimeRunner"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ def _import_onnxruntime() -> Any:
 
 
 class OnnxRuntimeRunner(GraphRunner):
-    """One ONNX Runtime session per graph (run through I/O bindings on CUDA)."""
+    """One ONNX Runtime session per graph, on numpy arrays (the CPU)."""
 
     def __init__(self, folder: Path, manifest: ExportManifest, device: str, threads: int = 0) -> None:
         super().__init__(folder, manifest)
@@ -83,26 +85,81 @@ class OnnxRuntimeRunner(GraphRunner):
         self.providers = self.sessions["decoder"].get_providers()
 
     def run(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
-        session = self.sessions[graph]
-        if self.device_type == "cpu":  # host arrays in and out: cheaper than I/O bindings (10% at batch 8 here)
-            return list(session.run(None, feeds))
-        binding = session.io_binding()
-        for name, value in feeds.items():
-            if isinstance(value, np.ndarray):
-                value = self.ort.OrtValue.ortvalue_from_numpy(
-                    np.ascontiguousarray(value), self.device_type, self.device_id
-                )
-            binding.bind_ortvalue_input(name, value)
-        for name in self.manifest.graphs[graph].outputs:
-            binding.bind_output(name, self.device_type, self.device_id)
-        session.run_with_iobinding(binding)
-        return list(binding.get_outputs())
+        return list(self.sessions[graph].run(None, feeds))
 
     def to_host(self, value: Any) -> np.ndarray:
-        return value if isinstance(value, np.ndarray) else np.asarray(value.numpy())
+        return np.asarray(value)
 
     def describe(self) -> dict[str, str]:
         return {"execution provider": self.providers[0]}
+
+
+_ELEMENT_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+#: ONNX Runtime's type names of graph outputs, as torch dtype names.
+_OUTPUT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+                 "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+class BoundOnnxRuntimeRunner(TorchArrays, OnnxRuntimeRunner):
+    """ONNX Runtime through I/O bindings on torch tensors of one device (CUDA at a site; the CPU in the tests).
+
+    Inputs and outputs are bound by address, so values stay on the device between graphs and steps. An output whose
+    shape follows from the inputs' named axes is written into a tensor allocated here; one whose shape depends on
+    the values (the vision graph's rows) is allocated by ONNX Runtime and copied once.
+    """
+
+    def __init__(self, folder: Path, manifest: ExportManifest, device: str, threads: int = 0) -> None:
+        import torch
+
+        super().__init__(folder, manifest, device, threads)
+        self.torch = torch
+        self.device = torch.device(device if ":" in device or device == "cpu" else f"{device}:0")
+        self._placeholder = torch.zeros(1, device=self.device)  # the address of an empty tensor
+        self.output_dims = {
+            name: {o.name: (list(o.shape), _OUTPUT_TYPES[o.type]) for o in session.get_outputs()}
+            for name, session in self.sessions.items()
+        }
+        self.input_dims = {
+            name: {i.name: list(i.shape) for i in session.get_inputs()} for name, session in self.sessions.items()
+        }
+
+    def _address(self, tensor: Any) -> int:
+        return int(tensor.data_ptr() if tensor.numel() else self._placeholder.data_ptr())
+
+    def run(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
+        torch = self.torch
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        sizes: dict[str, int] = {}
+        held = []
+        for name, value in feeds.items():
+            tensor = self._on_device(value)
+            held.append(tensor)
+            for dim, size in zip(self.input_dims[graph][name], tensor.shape, strict=True):
+                if isinstance(dim, str):
+                    sizes[dim] = int(size)
+            element = _ELEMENT_TYPES[str(tensor.dtype).removeprefix("torch.")]
+            binding.bind_input(name, self.device_type, self.device_id, element, tuple(tensor.shape),
+                               self._address(tensor))
+        outputs: list[Any] = []
+        for name, (dims, dtype) in self.output_dims[graph].items():
+            shape = [sizes.get(d) if isinstance(d, str) else d for d in dims]
+            if any(not isinstance(d, int) for d in shape):
+                binding.bind_output(name, self.device_type, self.device_id)
+                outputs.append(None)
+                continue
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            binding.bind_output(name, self.device_type, self.device_id, _ELEMENT_TYPES[dtype], tuple(shape),
+                                self._address(tensor))
+            outputs.append(tensor)
+        session.run_with_iobinding(binding)
+        if any(o is None for o in outputs):
+            allocated = binding.get_outputs()
+            outputs = [torch.from_numpy(allocated[i].numpy()).to(self.device) if o is None else o
+                       for i, o in enumerate(outputs)]
+        return outputs
+
+    to_host = TorchArrays.to_host
 
 
 class OnnxRuntimeBackend(GraphBackend):
@@ -114,4 +171,6 @@ class OnnxRuntimeBackend(GraphBackend):
         _import_onnxruntime()
 
     def open_runner(self, folder: Path, manifest: ExportManifest) -> GraphRunner:
+        if self.device.startswith("cuda"):
+            return BoundOnnxRuntimeRunner(folder, manifest, self.device)
         return OnnxRuntimeRunner(folder, manifest, self.device)

@@ -7,8 +7,8 @@ device is missing, the worker stops at start-up with one line saying what is mis
 Engines are built from the export's graphs the first time a worker starts on a kind of GPU (minutes for a real
 checkpoint) and kept beside the export, under
 ``tensorrt/<TensorRT version>-cuda<CUDA version>-sm<capability>-b<batch>-s<tokens>/``;
-every later start loads them in seconds. Buffers are torch CUDA tensors, so the KV cache stays on the GPU between
-decode steps.
+every later start loads them in seconds. Buffers are torch CUDA tensors: the KV cache is preallocated on the GPU
+for each batch and each decode step writes only the new token's keys and values into it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-
-from inference.backends.graphs import GraphBackend, GraphRunner
+from inference.backends.graphs import GraphBackend, GraphRunner, TorchArrays
 from inference.errors import ModelLoadError
 from inference.export.manifest import ExportManifest
 from inference.export.tensorrt_build import DimRanges, build_engine
@@ -67,7 +65,7 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
     return table[dtype]
 
 
-class TensorRTRunner(GraphRunner):
+class TensorRTRunner(TorchArrays, GraphRunner):
     """One TensorRT engine and execution context per graph, on one CUDA device."""
 
     def __init__(self, folder: Path, manifest: ExportManifest, device: str, max_batch: int, max_sequence: int) -> None:
@@ -111,12 +109,6 @@ class TensorRTRunner(GraphRunner):
         self.tag = tag
         self._dummy = torch.empty(1, device=self.device)
 
-    def _on_device(self, value: Any) -> Any:
-        torch = self.torch
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value))
-        return value.to(self.device, non_blocking=True).contiguous()
-
     def run(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
         torch = self.torch
         engine, context = self.engines[graph], self.contexts[graph]
@@ -139,17 +131,6 @@ class TensorRTRunner(GraphRunner):
             raise ModelLoadError(f"TensorRT failed to run graph {graph!r}")
         self.stream.synchronize()
         return outputs
-
-    def to_host(self, value: Any) -> np.ndarray:
-        if isinstance(value, np.ndarray):
-            return value
-        return value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
-
-    def empty_cache(self, batch: int) -> dict[str, Any]:
-        layout = self.manifest.decoder
-        dtype = self.torch.float16 if self.manifest.dtype == "float16" else self.torch.float32
-        shape = (batch, layout.kv_heads, 0, layout.head_dim)
-        return {name: self.torch.zeros(shape, dtype=dtype, device=self.device) for name in layout.past_names()}
 
     def describe(self) -> dict[str, str]:
         return {"engines": self.tag}

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the graphs' inputs or outputs change meaning: an export of another format version is stale.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the decoder reads preallocated KV buffers and gives the new tokens' keys and values
 #: What an administrator runs to make an export; quoted in every message about a missing or stale one.
 EXPORT_COMMAND = "dicom-node model export"
 MANIFEST = "manifest.json"
@@ -54,7 +54,9 @@ class GraphInfo:
 
 @dataclass(frozen=True)
 class DecoderLayout:
-    """The KV cache of the decoder graph: inputs ``past_key_<i>``/``past_value_<i>``, outputs ``present_*``."""
+    """The KV cache of the decoder graph: buffer inputs ``cache_key_<i>``/``cache_value_<i>`` (``(batch, kv_heads,
+    capacity, head_dim)``), outputs ``new_key_<i>``/``new_value_<i>`` (the new tokens' own, ``(batch, kv_heads, seq,
+    head_dim)``) that the caller writes into its buffers."""
 
     layers: int
     kv_heads: int
@@ -63,11 +65,11 @@ class DecoderLayout:
     #: Rows of ``position_ids``: 1 (``(batch, seq)``) or 3 (M-RoPE, ``(3, batch, seq)``).
     position_rows: int = 1
 
-    def past_names(self) -> list[str]:
-        return [f"past_{kind}_{i}" for i in range(self.layers) for kind in ("key", "value")]
+    def cache_names(self) -> list[str]:
+        return [f"cache_{kind}_{i}" for i in range(self.layers) for kind in ("key", "value")]
 
-    def present_names(self) -> list[str]:
-        return [f"present_{kind}_{i}" for i in range(self.layers) for kind in ("key", "value")]
+    def new_names(self) -> list[str]:
+        return [f"new_{kind}_{i}" for i in range(self.layers) for kind in ("key", "value")]
 
 
 @dataclass(frozen=True)

@@ -5,17 +5,19 @@ Every family is split the same way (see ``shared/reference``: one graph per part
 * ``vision``: pixel values (and whatever the family's vision tower needs) -> image features, one row per image
   token, already projected into the decoder's embedding space;
 * ``embed``: token ids -> token embeddings (the image-token rows are replaced by the image features on the host);
-* ``decoder``: embeddings, attention mask, positions and the KV cache of every layer -> the last position's logits
-  and the new KV cache. With an empty cache it is the prefill, with one new token a decode step: one graph, one
-  copy of the weights.
+* ``decoder``: embeddings, the new tokens' padding mask, positions, and the preallocated KV buffers of every layer
+  (read only) -> the last position's logits and the keys and values of the new tokens alone. The caller writes
+  those into its buffers at the new tokens' slots: no step copies the cache (see :func:`buffer_attention`). With
+  empty buffers it is the prefill, with one new token a decode step: one graph, one copy of the weights.
 
 This module imports torch and transformers: only the exporter imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ __all__ = [
     "LlavaVision",
     "TextDecoder",
     "TokenEmbedding",
+    "buffer_attention",
     "decoder_spec",
     "embed_spec",
     "end_tokens",
@@ -78,46 +81,159 @@ class TokenEmbedding(torch.nn.Module):
         return self.embedding(input_ids)  # type: ignore[no-any-return]
 
 
-class TextDecoder(torch.nn.Module):
-    """A decoder-only language model with its LM head, the KV cache as plain tensors in and out.
+#: The attention implementation name the decoder graph runs its language model with.
+BUFFER_ATTENTION = "kv_buffer"
 
-    ``extra_names`` are further keyword inputs of the language model (Gemma 3's ``token_type_ids``), passed
-    through by name after the cache tensors.
+
+@dataclass
+class _Buffers:
+    """The KV buffers and slot bookkeeping of one decoder forward, for :func:`buffer_attention`."""
+
+    keys: Sequence[torch.Tensor]  # per layer (batch, kv_heads, capacity, head_dim)
+    values: Sequence[torch.Tensor]
+    filled: torch.Tensor  # (batch, capacity) bool: the slot holds a real (not padding) token
+    cache_position: torch.Tensor  # (seq,) int64: the slots the new tokens will take
+    biases: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
+
+    def bias(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, 1, seq, capacity) additive mask of the buffer slots the new tokens may attend to."""
+        if window not in self.biases:
+            slots = torch.arange(self.filled.shape[1], device=self.filled.device)
+            visible = self.filled[:, None, :] & (slots[None, :] < self.cache_position[:, None])[None]
+            if window is not None:
+                visible = visible & ((self.cache_position[:, None] - slots[None, :]) < window)[None]
+            self.biases[window] = torch.where(visible[:, None], 0.0, torch.finfo(dtype).min).to(dtype)
+        return self.biases[window]
+
+
+_ACTIVE: list[_Buffers] = []
+
+
+def buffer_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     sliding_window: int | None = None, softcap: float | None = None,
+                     **_: Any) -> tuple[torch.Tensor, None]:
+    """Attention over the preallocated buffer of earlier tokens and the new tokens' own keys, without joining them.
+
+    ``key``/``value`` are the new tokens' only (the cache of :class:`_NewTokensCache` returns them unchanged);
+    ``attention_mask`` is transformers' own mask among the new tokens (causal, padding, sliding window, Gemma 3's
+    bidirectional image blocks), built as if the cache were empty. The buffer part is masked by which slots are
+    filled, lie before the new tokens, and fall inside the layer's sliding window. One softmax over both parts
+    gives exactly the attention over the joined sequence; query heads are grouped per KV head, so no buffer is
+    copied per step (not even for grouped-query attention).
+    """
+    buffers = _ACTIVE[-1]
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    past_k, past_v = buffers.keys[layer], buffers.values[layer]
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scale = dim ** -0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, groups * seq, dim)
+    past_scores = (q @ past_k.transpose(2, 3)) * scale  # (batch, kv, groups * seq, capacity)
+    new_scores = (q @ key.transpose(2, 3)) * scale  # (batch, kv, groups * seq, seq)
+    if softcap is not None:
+        past_scores = torch.tanh(past_scores / softcap) * softcap
+        new_scores = torch.tanh(new_scores / softcap) * softcap
+    capacity = past_k.shape[2]
+    past_bias = buffers.bias(sliding_window, past_scores.dtype)
+    past_scores = (past_scores.reshape(batch, kv_heads, groups, seq, capacity) + past_bias[:, :, None])
+    new_scores = new_scores.reshape(batch, kv_heads, groups, seq, seq)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :seq]
+        if mask.dtype == torch.bool:
+            mask = torch.where(mask, 0.0, torch.finfo(new_scores.dtype).min).to(new_scores.dtype)
+        new_scores = new_scores + mask[:, :, None]
+    weights = torch.softmax(torch.cat([past_scores, new_scores], dim=-1), dim=-1, dtype=torch.float32)
+    weights = weights.to(query.dtype).reshape(batch, kv_heads, groups * seq, capacity + seq)
+    out = weights[..., :capacity] @ past_v + weights[..., capacity:] @ value
+    return out.reshape(batch, heads, seq, dim).transpose(1, 2).contiguous(), None
+
+
+def _register_buffer_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(BUFFER_ATTENTION, buffer_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(BUFFER_ATTENTION, eager_mask)
+
+
+def _new_tokens_cache(layers: int) -> Any:
+    """A transformers cache that records each layer's new keys and values and reports itself empty, so the model
+    builds its masks and positions among the new tokens only (relative, which is all a mask needs)."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class NewTokensLayer(DynamicLayer):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            self.keys, self.values, self.is_initialized = key_states, value_states, True
+            return key_states, value_states
+
+        def get_seq_length(self) -> int:
+            return 0
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return query_length, 0
+
+    return Cache(layers=[NewTokensLayer() for _ in range(layers)])
+
+
+@contextlib.contextmanager
+def _attention_of(config: Any, name: str) -> Iterator[None]:
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+class TextDecoder(torch.nn.Module):
+    """A decoder-only language model with its LM head, run on preallocated KV buffers (:func:`buffer_attention`).
+
+    Inputs: ``inputs_embeds``, ``attention_mask`` (the new tokens' padding, ``(batch, seq)``), ``position_ids``,
+    ``cache_position`` (the buffer slot each new token will take, ``(seq,)``), ``cache_filled`` (``(batch,
+    capacity)``, 1 where a slot holds a real token), the buffers ``cache_key_<i>``/``cache_value_<i>`` and the
+    ``extra_names`` (further keyword inputs of the language model, e.g. Gemma 3's ``token_type_ids``). Outputs: the
+    last position's logits and ``new_key_<i>``/``new_value_<i>`` of the new tokens.
     """
 
-    def __init__(self, language_model: torch.nn.Module, lm_head: torch.nn.Module, layers: int,
+    def __init__(self, language_model: torch.nn.Module, lm_head: torch.nn.Module, layers: int, text_config: Any,
                  extra_names: Sequence[str] = ()) -> None:
         super().__init__()
         self.language_model = language_model
         self.lm_head = lm_head
         self.layers = layers
+        self.text_config = text_config
         self.extra_names = tuple(extra_names)
         # transformers 5.x renames ``past_key_values`` to ``cache`` (the old name warns until it is removed).
         parameters = inspect.signature(language_model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        _register_buffer_attention()
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from transformers import DynamicCache
-
-        past, extras = rest[: 2 * self.layers], rest[2 * self.layers :]
-        cache = DynamicCache()
-        for i in range(self.layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self.cache_argument: cache},
-            **dict(zip(self.extra_names, extras, strict=True)),
-        )
+                cache_position: torch.Tensor, cache_filled: torch.Tensor, *rest: torch.Tensor,
+                ) -> tuple[torch.Tensor, ...]:
+        buffers, extras = rest[: 2 * self.layers], rest[2 * self.layers :]
+        cache = _new_tokens_cache(self.layers)
+        _ACTIVE.append(_Buffers(buffers[0::2], buffers[1::2], cache_filled != 0, cache_position))
+        try:
+            with _attention_of(self.text_config, BUFFER_ATTENTION):
+                out = self.language_model(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=True,
+                    **{self.cache_argument: cache},
+                    **dict(zip(self.extra_names, extras, strict=True)),
+                )
+        finally:
+            _ACTIVE.pop()
         logits = self.lm_head(out.last_hidden_state[:, -1, :])
-        present: list[torch.Tensor] = []
-        returned = getattr(out, "cache", None) or out.past_key_values
-        for layer in returned.layers[: self.layers]:
-            present += [layer.keys, layer.values]
-        return (logits, *present)
+        new: list[torch.Tensor] = []
+        for layer in cache.layers[: self.layers]:
+            new += [layer.keys, layer.values]
+        return (logits, *new)
 
 
 def embed_spec(embedding: torch.nn.Module) -> GraphSpec:
@@ -131,40 +247,63 @@ def embed_spec(embedding: torch.nn.Module) -> GraphSpec:
 
 
 def decoder_spec(language_model: torch.nn.Module, lm_head: torch.nn.Module, layout: DecoderLayout,
-                 dtype: torch.dtype, extras: Sequence[tuple[str, torch.Tensor, dict[int, str]]] = ()) -> GraphSpec:
-    """The ``decoder`` graph: ``(inputs_embeds, attention_mask, position_ids, past..., extras...)``.
+                 dtype: torch.dtype, text_config: Any,
+                 extras: Sequence[tuple[str, torch.Tensor, dict[int, str]]] = ()) -> GraphSpec:
+    """The ``decoder`` graph: ``(inputs_embeds, attention_mask, position_ids, cache_position, cache_filled,
+    buffers..., extras...)`` (see :class:`TextDecoder`).
 
     ``extras``: (name, example for batch 2 and sequence 5, dynamic axes by dim name: ``{0: "batch", 1: "seq"}``;
-    a name other than batch, seq, past and mask is a dimension of its own).
+    a name other than batch, seq and capacity is a dimension of its own).
     """
-    dim_names = {"batch", "seq", "past", "mask", *(name for e in extras for name in e[2].values())}
+    dim_names = {"batch", "seq", "capacity", *(name for e in extras for name in e[2].values())}
     dims = {n: torch.export.Dim(n) for n in sorted(dim_names)}
-    batch, seq, past_len, mask_len = dims["batch"], dims["seq"], dims["past"], dims["mask"]
-    b, s, p = 2, 5, 3
-    embeds = torch.randn(b, s, layout.hidden_size, dtype=dtype)
-    mask = torch.ones(b, p + s, dtype=torch.int64)
-    positions = torch.arange(p, p + s)[None].repeat(b, 1)
-    position_axes: dict[int, Any] = {0: batch, 1: seq}
-    if layout.position_rows > 1:
-        positions = positions[None].repeat(layout.position_rows, 1, 1)
-        position_axes = {1: batch, 2: seq}
-    past = [torch.randn(b, layout.kv_heads, p, layout.head_dim, dtype=dtype) for _ in range(2 * layout.layers)]
-    names = ["inputs_embeds", "attention_mask", "position_ids", *layout.past_names(), *(e[0] for e in extras)]
+    batch, seq, capacity = dims["batch"], dims["seq"], dims["capacity"]
+
+    def example(b: int, s: int, filled: int, free: int, extra_values: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+        """Inputs for ``b`` rows of ``s`` new tokens after ``filled`` buffer slots (the first one padding in row 0),
+        in buffers of ``filled + free`` slots (whose free slots hold noise the graph must ignore)."""
+        embeds = torch.randn(b, s, layout.hidden_size, dtype=dtype)
+        mask = torch.ones(b, s, dtype=torch.int64)
+        positions = torch.arange(filled, filled + s)[None].repeat(b, 1)
+        if layout.position_rows > 1:
+            positions = positions[None].repeat(layout.position_rows, 1, 1)
+        slots = torch.arange(filled, filled + s)
+        occupied = torch.zeros(b, filled + free, dtype=torch.int64)
+        occupied[:, :filled] = 1
+        if filled:
+            occupied[0, 0] = 0
+        shape = (b, layout.kv_heads, filled + free, layout.head_dim)
+        cache = [torch.randn(shape, dtype=dtype) for _ in range(2 * layout.layers)]
+        return (embeds, mask, positions, slots, occupied, *cache, *extra_values)
+
+    position_axes: dict[int, Any] = {0: batch, 1: seq} if layout.position_rows == 1 else {1: batch, 2: seq}
+    names = ["inputs_embeds", "attention_mask", "position_ids", "cache_position", "cache_filled",
+             *layout.cache_names(), *(e[0] for e in extras)]
     dynamic: dict[str, Any] = {
         "inputs_embeds": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: mask_len},
+        "attention_mask": {0: batch, 1: seq},
         "position_ids": position_axes,
+        "cache_position": {0: seq},
+        "cache_filled": {0: batch, 1: capacity},
         "rest": tuple(
-            [{0: batch, 2: past_len}] * (2 * layout.layers)
+            [{0: batch, 2: capacity}] * (2 * layout.layers)
             + [{axis: dims[name] for axis, name in e[2].items()} for e in extras]
         ),
     }
-    module = TextDecoder(language_model, lm_head, layout.layers, [e[0] for e in extras])
+    module = TextDecoder(language_model, lm_head, layout.layers, text_config, [e[0] for e in extras])
+    extra_values = [e[1] for e in extras]
+    # A decode step of 3 rows (one new token after 6 filled slots of 9) must run too: the axes stayed dynamic.
+    # Its extras have 3 rows, one position, and no rows along their own axes (no image token in a decode step).
+    step_sizes = {"batch": 3, "seq": 1}
+    step_extras = [
+        torch.zeros([step_sizes.get(axes.get(i, ""), 0) if i in axes else n for i, n in enumerate(value.shape)],
+                    dtype=value.dtype)
+        for _, value, axes in extras
+    ]
     return GraphSpec(
-        "decoder", module, (embeds, mask, positions, *past, *(e[1] for e in extras)), names,
-        ["logits", *layout.present_names()], dynamic,
+        "decoder", module, example(2, 5, 3, 2, extra_values), names, ["logits", *layout.new_names()], dynamic,
+        checks=[example(3, 1, 6, 3, step_extras)],
     )
-
 
 
 class LlavaVision(torch.nn.Module):
@@ -255,7 +394,7 @@ def standard_plan(model: Any, tokenizer: Any, vision: GraphSpec, dtype: torch.dt
     config = model.config
     layout = layout_of(config.text_config, position_rows)
     decoder_module = model.model.language_model if language_model is None else language_model
-    decoder = decoder_spec(decoder_module, model.lm_head, layout, dtype, extras)
+    decoder = decoder_spec(decoder_module, model.lm_head, layout, dtype, config.text_config, extras)
     image_token = getattr(config, "image_token_id", None)
     if image_token is None:
         image_token = config.image_token_index

@@ -4,9 +4,9 @@ Works with NVIDIA TensorRT 10+ (module ``tensorrt``, at a site with a GPU) and w
 ``tensorrt_rtx``, which builds engines ahead of time on a machine without a GPU: that is how the test suite proves
 TensorRT accepts the node's graphs). The module object is passed in; nothing here imports TensorRT itself.
 
-The graphs' dynamic axes carry the names the exporter gave them (``batch``, ``seq``, ``past``, ``mask``, and the
-vision graph's own, e.g. ``images``); :func:`profile_shapes` turns them into (min, opt, max) shapes. The optimum is a
-decode step (one new token after a long prefix): TensorRT requires the mask length to equal past + 1 there.
+The graphs' dynamic axes carry the names the exporter gave them (``batch``, ``seq``, ``capacity`` of the KV
+buffers, and the vision graph's own, e.g. ``images``); :func:`profile_shapes` turns them into (min, opt, max) shapes.
+The optimum is a decode step: one new token read against buffers of a few hundred slots.
 """
 
 from __future__ import annotations
@@ -39,12 +39,10 @@ class DimRanges:
                        ) -> DimRanges:
         """The decoder's axes for batches up to ``max_batch`` and sequences up to ``max_sequence`` tokens."""
         opt_batch = max(1, min(4, max_batch))
-        opt_past = max(1, min(256, max_sequence - 1))
         ranges = {
             "batch": (1, opt_batch, max_batch),
             "seq": (1, 1, max_sequence),
-            "past": (0, opt_past, max_sequence),
-            "mask": (1, opt_past + 1, max_sequence),
+            "capacity": (0, max(1, min(256, max_sequence)), max_sequence),
             "images": (1, opt_batch, max_batch),
             **extra,
         }

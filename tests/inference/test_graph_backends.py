@@ -17,7 +17,7 @@ import yaml
 
 from inference.adapters.demo import DemoAdapter
 from inference.backends.hf import TransformersBackend
-from inference.backends.onnxrt import OnnxRuntimeBackend
+from inference.backends.onnxrt import BoundOnnxRuntimeRunner, OnnxRuntimeBackend
 from inference.config import ModelSettings
 from inference.demo.evaluate import model_image
 from inference.demo.phantoms import generate_phantom
@@ -85,6 +85,20 @@ def test_onnxruntime_gives_the_same_greedy_tokens_as_transformers(
     assert expected.shape[1] > 10, "long enough answers to compare"
     np.testing.assert_array_equal(got, expected)
     assert graphs.generate(items) == reference.generate(items)
+
+
+def test_io_bindings_on_torch_tensors_give_the_same_tokens(
+    backends: tuple[TransformersBackend, OnnxRuntimeBackend, DemoAdapter], exported: tuple[Path, Path]
+) -> None:
+    """The CUDA code path of the onnxruntime backend (values and KV buffers as torch tensors bound by address, new
+    keys and values written into the buffers on the device), run here on the CPU."""
+    reference, graphs, adapter = backends
+    assert graphs.manifest is not None
+    bound = OnnxRuntimeBackend(adapter, ModelSettings(export_dir=exported[1].parent), "cpu")
+    bound.handle, bound.manifest = graphs.handle, graphs.manifest
+    bound.runner = BoundOnnxRuntimeRunner(exported[1], graphs.manifest, "cpu")
+    items = _items(adapter, 3, 14)
+    np.testing.assert_array_equal(bound.generate_tokens(items), reference.generate_tokens(items))
 
 
 def test_engine_runs_a_study_on_onnxruntime_with_the_same_findings(exported: tuple[Path, Path], tmp_path: Path) -> None:
