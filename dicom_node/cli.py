@@ -505,7 +505,10 @@ def jobs_cancel(job_id: Annotated[int, typer.Argument()], config: ConfigOption =
 @model_app.command("export")
 def model_export(
     config: ConfigOption = None,
-    dtype: Annotated[str, typer.Option(help="Graph precision: float32 (CPU, exact) or float16 (GPU).")] = "float32",
+    dtype: Annotated[str, typer.Option(
+        help="Graph precision: float32 (token for token equal to transformers) or float16 (half the memory, for "
+        "GPUs; answers close to float32's)."
+    )] = "float32",
     force: Annotated[bool, typer.Option(help="Export again even when a valid export exists.")] = False,
 ) -> None:
     """Export the configured checkpoint to ONNX graphs (once per checkpoint version; minutes for a real one)."""

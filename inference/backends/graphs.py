@@ -99,7 +99,9 @@ class TorchArrays:
         if isinstance(value, np.ndarray):
             return value
         value = value.detach()
-        return (value.float() if value.is_floating_point() else value).cpu().numpy()  # type: ignore[no-any-return]
+        if value.dtype == self.torch.bfloat16:  # numpy has no bfloat16
+            value = value.float()
+        return value.cpu().numpy()  # type: ignore[no-any-return]
 
 
 def read_repetition_penalty(directory: Path) -> float:
@@ -122,6 +124,14 @@ def _penalise(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarra
     return logits
 
 
+def _graph_floats(runner: GraphRunner, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Host float arrays in the export's precision (adapters build float32 pixel values; a float16 export takes
+    float16); other values as they are."""
+    return {name: value.astype(runner.float_dtype, copy=False)
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f" else value
+            for name, value in feeds.items()}
+
+
 def prefill(runner: GraphRunner, inputs: GraphInputs) -> tuple[list[Any], dict[str, np.ndarray]]:
     """Run the vision, embed and decoder graphs on a batch's prompts: the decoder's outputs (the last position's
     logits, the KV cache) and the empty versions of the vision graph's further outputs, for the decode steps."""
@@ -133,7 +143,8 @@ def prefill(runner: GraphRunner, inputs: GraphInputs) -> tuple[list[Any], dict[s
     image_rows = ids == manifest.image_token_id
     vision_extras: dict[str, np.ndarray] = {}
     if inputs.vision_feeds:
-        vision = [[runner.to_host(v) for v in runner.run("vision", feeds)] for feeds in inputs.vision_feeds]
+        vision = [[runner.to_host(v) for v in runner.run("vision", _graph_floats(runner, feeds))]
+                  for feeds in inputs.vision_feeds]
         rows = np.concatenate([out[0].reshape(-1, layout.hidden_size) for out in vision])
         if rows.shape[0] != int(image_rows.sum()):
             raise InferenceError(
@@ -152,8 +163,7 @@ def prefill(runner: GraphRunner, inputs: GraphInputs) -> tuple[list[Any], dict[s
         "cache_position": np.arange(ids.shape[1], dtype=np.int64),
         "cache_filled": np.zeros((batch, 0), dtype=np.int64),
         **runner.cache_buffers(batch, 0),  # nothing before the prompt: the prefill reads no buffer
-        **inputs.prefill_extras,
-        **vision_extras,
+        **_graph_floats(runner, {**inputs.prefill_extras, **vision_extras}),
     }
     return runner.run("decoder", feeds), vision_empty
 

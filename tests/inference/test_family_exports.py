@@ -258,3 +258,19 @@ def test_medrega_export_is_refused_before_any_file_is_read(tmp_path: Path) -> No
     with pytest.raises(ExportUnsupportedError, match="remote code"):
         export_checkpoint(settings)
     assert not (tmp_path / "exports").exists()
+
+
+@pytest.mark.slow  # one float16 export per family (10-20 s each)
+def test_a_float16_export_runs_and_starts_as_float32_does(exported: Exported, tmp_path: Path) -> None:
+    """Half precision: the family's float inputs built on the host (pixels, Qwen's vision masks and positions)
+    reach the graphs as float16, and the answers start with float32's tokens (later ones may round apart)."""
+    settings = exported.settings.model_copy(update={"export_dir": tmp_path / "half"})
+    folder, written = export_checkpoint(settings, dtype="float16")
+    assert written and '"dtype": "float16"' in (folder / "manifest.json").read_text()
+    half = OnnxRuntimeBackend(exported.adapter, settings, "cpu")
+    half.load()
+    batch = _items(exported.adapter, [0, 3])
+    tokens = half.generate_tokens(batch)
+    expected = exported.reference.generate_tokens(batch)
+    assert tokens.shape == expected.shape
+    np.testing.assert_array_equal(tokens[:, :2], expected[:, :2])

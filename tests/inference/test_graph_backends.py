@@ -237,3 +237,67 @@ def test_tensorrt_engines_give_the_same_tokens_as_transformers(
     for count, seed in ((1, 41), (3, 42)):
         items = _items(adapter, count, seed)
         np.testing.assert_array_equal(engines.generate_tokens(items), reference.generate_tokens(items))
+
+
+@pytest.fixture(scope="module")
+def exported_half(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the configuration file, the export folder) after `dicom-node model export --dtype float16`."""
+    root = tmp_path_factory.mktemp("graph-backends-half")
+    config = root / "node.yaml"
+    config.write_text(yaml.safe_dump({"node": {"data_dir": str(root / "var")}, "model": {"backend": "onnxruntime"}}))
+    run = _cli("model", "export", "--config", str(config), "--dtype", "float16", cwd=root)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return config, next((root / "var" / "model-exports").glob("demo-*"))
+
+
+def _boxes(text: str) -> list[tuple[str, list[int]]]:
+    import re
+
+    return [(label, [int(v) for v in box.split(",")])
+            for label, box in re.findall(r"<ref>([^<]*)</ref><box>\[\[([^\]]*)\]\]</box>", text)]
+
+
+def test_a_float16_export_runs_and_answers_as_float32_does_within_rounding(
+    backends: tuple[TransformersBackend, OnnxRuntimeBackend, DemoAdapter], exported: tuple[Path, Path],
+    exported_half: tuple[Path, Path],
+) -> None:
+    reference, _, adapter = backends
+    manifest = json.loads((exported_half[1] / "manifest.json").read_text())
+    assert manifest["dtype"] == "float16"
+    weights = {folder: sum(p.stat().st_size for p in folder.glob("*.data"))
+               for folder in (exported[1], exported_half[1])}
+    assert weights[exported_half[1]] < 0.6 * weights[exported[1]], weights  # half the bytes per weight
+    half = OnnxRuntimeBackend(adapter, ModelSettings(export_dir=exported_half[1].parent), "cpu")
+    half.load()
+    assert half.describe()["dtype"] == "float16"
+    items = _items(adapter, 5, 21)
+    tokens = half.generate_tokens(items)
+    bound = OnnxRuntimeBackend(adapter, ModelSettings(export_dir=exported_half[1].parent), "cpu")
+    bound.handle, bound.manifest = half.handle, half.manifest
+    assert half.manifest is not None
+    bound.runner = BoundOnnxRuntimeRunner(exported_half[1], half.manifest, "cpu")
+    np.testing.assert_array_equal(bound.generate_tokens(items), tokens)
+    # The same findings as float32, each box within rounding (2% of the 0..999 scale) of float32's.
+    boxed = 0
+    for mine, theirs in zip(half.generate(items), reference.generate(items), strict=True):
+        got, want = _boxes(mine), _boxes(theirs)
+        assert [label for label, _ in got] == [label for label, _ in want], (mine, theirs)
+        for (_, a), (_, b) in zip(got, want, strict=True):
+            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 20, (mine, theirs)
+            boxed += 1
+    assert boxed >= 3, "the phantoms' lesions are found"
+
+
+def test_model_check_compares_a_float16_export_with_float16_transformers(exported_half: tuple[Path, Path]) -> None:
+    run = _cli("model", "check", "--config", str(exported_half[0]), "--compare", cwd=exported_half[1].parent)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "transformers gives the same" in run.stdout or "transformers agrees on the first" in run.stdout, run.stdout
+    assert "(float16" in run.stdout, run.stdout
+
+
+def test_an_export_of_the_other_precision_is_replaced_only_with_force(exported_half: tuple[Path, Path]) -> None:
+    config, folder = exported_half
+    run = _cli("model", "export", "--config", str(config), cwd=folder.parent)
+    assert run.returncode == 1
+    assert "is float16, not float32" in run.stderr and "--force" in run.stderr, run.stderr
+    assert json.loads((folder / "manifest.json").read_text())["dtype"] == "float16"  # left as it was
