@@ -141,6 +141,7 @@ def worker(
 
     from dicom_node.work.celery_app import make_celery
     from dicom_node.work.steps import WorkerContext
+    from dicom_node.work.watchdog import HungJobWatchdog
     from dicom_node.work.worker_metrics import WorkerMetrics, serve_worker_metrics
 
     settings = _settings(config)
@@ -185,8 +186,10 @@ def worker(
         if settings.queue.worker_metrics_port:
             port = serve_worker_metrics(metrics, settings.queue.worker_metrics_port)
             metrics_url = f"http://{socket.gethostname()}:{port}/metrics" if port else ""
-        # Threads, not processes: the studies in flight share the one loaded model and its batches.
+        # Threads, not processes: the studies in flight share the one loaded model and its batches. The threads
+        # pool enforces no time limit, so a job past queue.inference_time_limit restarts the worker (work.watchdog).
         pool, threads = "threads", concurrency or settings.queue.inference_concurrency
+        HungJobWatchdog(ctx.store, ctx.in_flight, settings.queue.inference_time_limit, ctx.study_of).start()
     else:
         pool, threads = "prefork", concurrency or 1
     app_ = make_celery(settings, ctx)

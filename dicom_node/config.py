@@ -212,7 +212,11 @@ class QueueSettings(_Section):
     """The Celery broker: ``embedded`` needs nothing installed; ``redis://host:6379/0`` scales out."""
 
     broker_url: str = "embedded"
-    inference_time_limit: float = Field(1800, gt=0, description="hard limit of one inference task, seconds")
+    inference_time_limit: float = Field(
+        1800, gt=0,
+        description="hard limit of one inference job, seconds: a job past it restarts its worker (the model call is "
+        "hung) and is queued again; one that hangs more than max_redeliveries times fails",
+    )
     export_time_limit: float = Field(
         600, gt=0, description="hard limit of one export task, seconds; the export lease lasts 1.5 times this"
     )

@@ -106,6 +106,14 @@ class WorkerContext:
         engine = self.engine
         engine.warm_up()
 
+    def study_of(self, job_id: int) -> str:
+        """The hashed Study Instance UID of a job, for log lines ("?" when the store cannot say)."""
+        try:
+            job = self.store.job(job_id)
+        except Exception:  # a log line must not fail for want of the store
+            return "?"
+        return uid_hash(job.study_uid) if job is not None else "?"
+
     def activity(self) -> str:
         """What this worker is doing, in one line (its heartbeat, ``dicom-node status``)."""
         held = sorted(self.in_flight)
