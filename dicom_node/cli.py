@@ -189,7 +189,7 @@ def worker(
         # Threads, not processes: the studies in flight share the one loaded model and its batches. The threads
         # pool enforces no time limit, so a job past queue.inference_time_limit restarts the worker (work.watchdog).
         pool, threads = "threads", concurrency or settings.queue.inference_concurrency
-        HungJobWatchdog(ctx.store, ctx.in_flight, settings.queue.inference_time_limit, ctx.study_of).start()
+        HungJobWatchdog(lambda: ctx.store, ctx.in_flight, settings.queue.inference_time_limit, ctx.study_of).start()
     else:
         pool, threads = "prefork", concurrency or 1
     app_ = make_celery(settings, ctx)

@@ -42,9 +42,10 @@ def overdue(in_flight: dict[int, float], limit: float, now: float) -> list[tuple
 
 class HungJobWatchdog:
     """Watches ``in_flight`` (job id -> start time, kept by the worker's steps) and stops the worker when a job
-    runs past ``limit`` seconds; ``exit`` is :func:`os._exit` outside the tests of this module."""
+    runs past ``limit`` seconds; ``exit`` is :func:`os._exit` outside the tests of this module. ``store`` gives the
+    job store when it is first needed (a worker starts while the database is away, and waits for it)."""
 
-    def __init__(self, store: JobStore, in_flight: dict[int, float], limit: float,
+    def __init__(self, store: Callable[[], JobStore], in_flight: dict[int, float], limit: float,
                  study_of: Callable[[int], str] = str, exit: Callable[[int], None] = os._exit) -> None:
         self.store = store
         self.in_flight = in_flight
@@ -81,7 +82,7 @@ class HungJobWatchdog:
         )
         for other in [j for j in list(self.in_flight) if j != job_id]:
             try:
-                given = self.store.transition(
+                given = self.store().transition(
                     other, JobState.QUEUED, expect=[JobState.RUNNING],
                     detail=f"given back: its worker stopped because job {job_id} hung",
                 )

@@ -43,7 +43,7 @@ def test_a_hung_job_stays_running_and_the_others_are_given_back(tmp_path: Path) 
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     hung, other = _running(store, "1.2.3"), _running(store, "1.2.4")
     exits: list[int] = []
-    watchdog = HungJobWatchdog(store, {hung: 0.0, other: 95.0}, limit=30, exit=exits.append)
+    watchdog = HungJobWatchdog(lambda: store, {hung: 0.0, other: 95.0}, limit=30, exit=exits.append)
     assert not watchdog.check(now=29.0)  # nothing past the limit yet
     assert watchdog.check(now=100.0)
     assert exits == [EXIT_HUNG]
