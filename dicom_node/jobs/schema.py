@@ -11,6 +11,7 @@ Tables (SQLAlchemy Core, so that PostgreSQL works by URL):
 - ``results``: the result objects a job produced (SOP Instance UID, file, per-destination delivery state).
 - ``users``: the console's local users (password hash, role, failed logins, API token hash).
 - ``workers``: one row per running worker process, refreshed by its heartbeat (host, queues, device, model).
+- ``notifications``: webhook notifications until sent or given up; ``node_state``: the webhooks' place in ``events``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ __all__ = [
     "instances",
     "jobs",
     "metadata",
+    "node_state",
+    "notifications",
     "patient_key",
     "results",
     "studies",
@@ -221,6 +224,34 @@ workers = Table(
     Column("metrics_url", String(255), nullable=True),  # its Prometheus metrics, when served
 )
 
+
+#: Webhook notifications, kept until sent or given up, so that a restart of the node loses none
+#: (``dicom_node.console.webhooks``); one row per webhook and job store event.
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("webhook", String(64), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("event_id", Integer, nullable=True),  # the ``events`` row it announces
+    Column("job_id", Integer, nullable=True),
+    Column("body", Text, nullable=False),
+    Column("state", String(8), nullable=False),  # pending | sent | dropped
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("due_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("outcome", Text, nullable=True),  # the last attempt's, in words
+    UniqueConstraint("webhook", "event", "event_id", name="uq_notifications_event"),
+    Index("ix_notifications_due", "state", "webhook", "due_at"),
+)
+
+#: Small durable values of the node itself (the webhooks' place in ``events``), by key.
+node_state = Table(
+    "node_state",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
 
 #: The length of each header text column of ``instances``, from the table itself (one definition).
 _TEXT_CAPS: dict[str, int] = {

@@ -24,9 +24,10 @@ from dicom_node.cli import app as cli
 from dicom_node.config import Settings
 from dicom_node.devtools.receiver import free_port
 from dicom_node.jobs.schema import JobState
+from dicom_node.jobs.store import JobStore
 from dicom_node.node import Node
 from dicom_node.work.heartbeat import Heartbeat
-from tests.conftest import make_study
+from tests.conftest import RecordingDispatcher, make_study
 from tests.dicom_node.test_intake import storescu, wait_for
 from tests.postgres import PostgresServer, postgres_bin
 
@@ -320,6 +321,46 @@ def test_webhooks_one_per_job_event_and_again_after_an_outage(
     tested = admin.post("/notifications/ops/test", data={"csrf": csrf_of(page.text)})
     assert tested.status_code == 200 and "ops: delivered" in tested.text
     assert hook.bodies[-1]["event"] == "test"
+
+
+def test_webhooks_survive_a_restart_of_the_node_and_announce_what_finished_meanwhile(
+    make_settings: Callable[..., Settings], hook: HookReceiver, tmp_path: Path
+) -> None:
+    """A notification that could not be sent when the node stopped, and a job the workers finished while it was
+    down, are both sent by the next start of the node, each once."""
+    settings = make_settings(notifications={
+        "webhooks": [{"name": "ops", "url": hook.url, "events": ["job_failed", "results_delivered"]}],
+        "retry": {"base_seconds": 0.2, "cap_seconds": 1, "max_retries": 50},
+    })
+    node = Node(settings, dispatcher=RecordingDispatcher())
+    node.start()
+    try:
+        for n in range(2):
+            assert storescu(node, make_study(tmp_path / f"s{n}", 1)).returncode == 0
+        wait_for(lambda: len(node.store.list_jobs()) == 2, timeout=30)
+        first, second = sorted(j.id for j in node.store.list_jobs())
+        hook.stop()  # the endpoint is down
+        node.store.transition(first, JobState.DELIVERED, detail="2 object(s) to pacs")
+        assert node.notifier is not None
+        assert wait_for(lambda: node.notifier is not None and node.notifier.pending() == 1, timeout=15)
+    finally:
+        node.stop()
+    # While the node is down, a worker fails the other job (workers write the same job store).
+    store = JobStore(settings.store_url)
+    store.transition(second, JobState.FAILED, error="pacs: association rejected")
+    store.close()
+    hook.start()
+    again = Node(settings, dispatcher=RecordingDispatcher())
+    again.start()
+    try:
+        assert wait_for(lambda: len(hook.bodies) == 2, timeout=20), hook.bodies
+        time.sleep(1.5)  # nothing more arrives
+        assert sorted((b["event"], b["job"]["id"]) for b in hook.bodies) == [
+            ("job_failed", second), ("results_delivered", first)
+        ]
+        assert again.notifier is not None and again.notifier.pending() == 0
+    finally:
+        again.stop()
 
 
 def test_console_over_tls_with_the_dicom_certificate_sets_secure_cookies(
