@@ -483,9 +483,14 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
 
     def webhooks_data() -> list[dict[str, Any]]:
         last = ctx.notifier.last if ctx.notifier is not None else {}
+        try:
+            waiting: dict[str, int] | None = Notifier.waiting(store)
+        except Exception as exc:  # the job store is away: the page still shows the webhooks
+            log.warning("console: cannot count the waiting notifications: %s", describe_error(exc))
+            waiting = None
         return [
             {"name": w.name, "events": [e.value for e in w.events], "custom_template": w.template is not None,
-             "last": last.get(w.name)}
+             "last": last.get(w.name), "waiting": None if waiting is None else waiting.get(w.name, 0)}
             for w in settings.notifications.webhooks
         ]
 

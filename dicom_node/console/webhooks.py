@@ -333,9 +333,17 @@ class Notifier:
                             describe_error(exc))
                 self._stop.wait(2.0)
 
+    @staticmethod
+    def waiting(store: JobStore) -> dict[str, int]:
+        """Notifications waiting to be sent (first tries and retries), by webhook name."""
+        with store.engine.connect() as conn:
+            rows = conn.execute(
+                select(notifications.c.webhook, func.count())
+                .where(notifications.c.state == "pending")
+                .group_by(notifications.c.webhook)
+            ).all()
+        return {str(name): int(count) for name, count in rows}
+
     def pending(self) -> int:
         """Notifications waiting to be sent, of every webhook."""
-        with self.store.engine.connect() as conn:
-            return int(conn.execute(
-                select(func.count()).select_from(notifications).where(notifications.c.state == "pending")
-            ).scalar_one())
+        return sum(self.waiting(self.store).values())

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from dicom_node.cli import app as cli
 from dicom_node.config import Settings
+from dicom_node.console.webhooks import Notifier
 from dicom_node.devtools.receiver import free_port
 from dicom_node.jobs.schema import JobState
 from dicom_node.jobs.store import JobStore
@@ -307,6 +308,7 @@ def test_webhooks_one_per_job_event_and_again_after_an_outage(
     node.store.transition(ids[2], JobState.DELIVERED, detail="2 object(s) to pacs")
     time.sleep(2.5)
     assert len(hook.bodies) == 2
+    assert Notifier.waiting(node.store) == {"ops": 1}  # what the console's Waiting column shows
     hook.start()
     assert wait_for(lambda: len(hook.bodies) == 3, timeout=15)
     assert hook.bodies[-1]["event"] == "results_delivered" and hook.bodies[-1]["job"]["id"] == ids[2]
@@ -318,6 +320,7 @@ def test_webhooks_one_per_job_event_and_again_after_an_outage(
     assert node.console is not None
     admin, _ = login(node.console.url, "admin")
     page = admin.get("/notifications")
+    assert re.search(r'<td class="waiting">0</td>', page.text), page.text  # nothing left waiting
     tested = admin.post("/notifications/ops/test", data={"csrf": csrf_of(page.text)})
     assert tested.status_code == 200 and "ops: delivered" in tested.text
     assert hook.bodies[-1]["event"] == "test"
