@@ -579,7 +579,7 @@ def _users(config: Path | None) -> UserStore:
     from dicom_node.console.users import UserStore
 
     settings = _settings(config)
-    return UserStore(_store(settings), settings.console.max_failed_logins)
+    return UserStore(_store(settings), settings.console.max_failed_logins, settings.console.lockout_minutes)
 
 
 PasswordStdin = Annotated[

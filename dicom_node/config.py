@@ -537,6 +537,11 @@ class ConsoleSettings(_Section):
     )
     session_hours: float = Field(12, gt=0, description="a session ends this long after its log-in")
     max_failed_logins: int = Field(5, ge=1, description="wrong passwords in a row that lock an account")
+    lockout_minutes: float = Field(
+        15, ge=0,
+        description="a locked account opens again by itself after this long (so wrong guesses cannot keep every "
+        "administrator out); 0: it stays locked until an administrator sets its password",
+    )
 
 
 class WebhookEvent(str, Enum):

@@ -99,7 +99,7 @@ def _size(n: float | None) -> str:
 def create_app(ctx: ConsoleContext) -> FastAPI:
     settings = ctx.settings
     store = ctx.store
-    accounts = UserStore(store, settings.console.max_failed_logins)
+    accounts = UserStore(store, settings.console.max_failed_logins, settings.console.lockout_minutes)
     tls = settings.node.http_tls
     # FastAPI's docs pages with Swagger UI and ReDoc served by the node itself: a hospital network has no CDN.
     app = FastAPIOffline(

@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -55,7 +56,8 @@ class User:
 class LoginResult(enum.Enum):
     OK = "ok"
     WRONG = "wrong name or password"
-    LOCKED = "account locked after repeated wrong passwords; an administrator unlocks it (dicom-node users passwd)"
+    LOCKED = ("account locked after repeated wrong passwords; it opens again after console.lockout_minutes, or when "
+              "an administrator sets its password (dicom-node users passwd)")
 
 
 def check_name(name: str) -> str:
@@ -75,14 +77,20 @@ def _token_hash(token: str) -> str:
 
 
 class UserStore:
-    def __init__(self, store: JobStore, max_failed: int = 5) -> None:
+    def __init__(self, store: JobStore, max_failed: int = 5, lockout_minutes: float = 15) -> None:
         self.engine = store.engine
         self.max_failed = max_failed
+        self.lockout_seconds = lockout_minutes * 60
+
+    @staticmethod
+    def _still_locked(m: Any, now: float) -> bool:
+        return bool(m["locked"]) and (m["locked_until"] is None or now < m["locked_until"])
 
     @staticmethod
     def _user(row: object) -> User:
         m = row._mapping  # type: ignore[attr-defined]
-        return User(m["name"], Role(m["role"]), bool(m["locked"]), int(m["failed_logins"]), bool(m["token_hash"]))
+        locked = UserStore._still_locked(m, time.time())
+        return User(m["name"], Role(m["role"]), locked, int(m["failed_logins"]), bool(m["token_hash"]))
 
     def get(self, name: str) -> User | None:
         with self.engine.connect() as conn:
@@ -119,7 +127,7 @@ class UserStore:
             changed = conn.execute(
                 update(users)
                 .where(users.c.name == name)
-                .values(password_hash=_hasher.hash(password), failed_logins=0, locked=False)
+                .values(password_hash=_hasher.hash(password), failed_logins=0, locked=False, locked_until=None)
             ).rowcount
         if not changed:
             raise UserError(f"no user {name!r}")
@@ -141,19 +149,24 @@ class UserStore:
                     pass
                 return LoginResult.WRONG, None
             m = row._mapping
-            if m["locked"]:
+            now = time.time()
+            if self._still_locked(m, now):
                 return LoginResult.LOCKED, None
+            lapsed = bool(m["locked"])  # a lock that ran out: the count starts again
             try:
                 _hasher.verify(m["password_hash"], password)
             except (VerifyMismatchError, VerificationError, InvalidHashError):
-                failed = int(m["failed_logins"]) + 1
+                failed = (0 if lapsed else int(m["failed_logins"])) + 1
                 locked = failed >= self.max_failed
-                conn.execute(update(users).where(users.c.name == name).values(failed_logins=failed, locked=locked))
+                until = now + self.lockout_seconds if locked and self.lockout_seconds else None
+                conn.execute(update(users).where(users.c.name == name).values(
+                    failed_logins=failed, locked=locked, locked_until=until))
                 if locked:
-                    log.warning("console user %s locked after %d wrong passwords", name, failed)
+                    log.warning("console user %s locked after %d wrong passwords (%s)", name, failed,
+                                f"for {self.lockout_seconds / 60:g} min" if until else "until passwd")
                     return LoginResult.LOCKED, None
                 return LoginResult.WRONG, None
-            values: dict[str, object] = {"failed_logins": 0}
+            values: dict[str, object] = {"failed_logins": 0, "locked": False, "locked_until": None}
             if _hasher.check_needs_rehash(m["password_hash"]):
                 values["password_hash"] = _hasher.hash(password)
             conn.execute(update(users).where(users.c.name == name).values(**values))
@@ -175,6 +188,7 @@ class UserStore:
         digest = _token_hash(token)
         with self.engine.connect() as conn:
             row = conn.execute(select(users).where(users.c.token_hash == digest)).first()
-        if row is None or row._mapping["locked"] or not hmac.compare_digest(row._mapping["token_hash"], digest):
+        if row is None or self._still_locked(row._mapping, time.time()) or not hmac.compare_digest(
+                row._mapping["token_hash"], digest):
             return None
         return self._user(row)

@@ -205,6 +205,7 @@ users = Table(
     Column("role", String(16), nullable=False),
     Column("failed_logins", Integer, nullable=False, default=0),
     Column("locked", Boolean, nullable=False, default=False),
+    Column("locked_until", Float, nullable=True),  # when a lock ends by itself; None: until passwd
     Column("token_hash", String(64), nullable=True),  # SHA-256 of the API token; the token itself is never kept
     Column("created_at", Float, nullable=False),
     Index("ix_users_token", "token_hash"),
