@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -42,6 +42,12 @@ app.add_typer(users_app, name="users")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line in a log, however long
 
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """``error: <message>`` on stderr, the text as it is (square brackets are not markup), then exit ``code``."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML configuration file (default: the embedded defaults)."),
@@ -52,16 +58,14 @@ def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc), 2)
 
 
 def _store(settings: Settings) -> JobStore:
     try:
         return JobStore(settings.store_url)
     except StoreUnavailable as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
 
 
 def _retention(settings: Settings) -> str:
@@ -91,22 +95,18 @@ def serve(config: ConfigOption = None) -> None:
     try:
         node = Node(settings, config_path=config.resolve() if config else None)
     except StoreUnavailable as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     from dicom_node.console.server import ConsoleStartError
 
     try:
         node.start()
     except TLSConfigError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc), 2)
     except ConsoleStartError as exc:
         node.stop()
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     except OSError as exc:
-        err.print(f"[red]error:[/red] cannot listen on {settings.node.bind}:{settings.node.port}: {exc.strerror}")
-        raise typer.Exit(1) from None
+        _fail(f"cannot listen on {settings.node.bind}:{settings.node.port}: {exc.strerror}")
 
     def _stop(signum: int, _frame: object) -> None:
         node.stop()
@@ -148,18 +148,15 @@ def worker(
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in wanted if q not in QUEUES]
     if not wanted or unknown:
-        err.print(f"[red]error:[/red] --queues takes {' and/or '.join(QUEUES)}, got {queues!r}")
-        raise typer.Exit(2)
+        _fail(f"--queues takes {' and/or '.join(QUEUES)}, got {queues!r}", 2)
     if concurrency is not None and concurrency < 1:
-        err.print(f"[red]error:[/red] --concurrency must be at least 1, got {concurrency}")
-        raise typer.Exit(2)
+        _fail(f"--concurrency must be at least 1, got {concurrency}", 2)
     if device is not None:
         try:
             settings.model = settings.model.model_copy(update={"device": device})
             settings.model.__class__.model_validate(settings.model.model_dump())
         except ValueError as exc:
-            err.print(f"[red]error:[/red] --device: {exc}")
-            raise typer.Exit(2) from None
+            _fail(f"--device: {exc}", 2)
     configure_logging(settings.logging.level, settings.logging.json_format, settings.node.data_dir)
     ctx = WorkerContext(settings)
     metrics_url = ""
@@ -171,14 +168,12 @@ def worker(
         try:
             Engine.preflight(model)  # a missing runtime (TensorRT, CUDA) stops here, before anything loads
         except ModelLoadError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(2) from None
+            _fail(str(exc), 2)
         ctx.engine_factory = lambda: Engine.load(model, model.device)
         try:
             ctx.load_engine()  # once per worker, before it takes any job
         except InferenceError as exc:
-            err.print(f"[red]error:[/red] the model could not be loaded: {escape(str(exc))}", highlight=False)
-            raise typer.Exit(1) from None
+            _fail(f"the model could not be loaded: {exc}")
         metrics = WorkerMetrics(model.device)
         ctx.metrics = metrics
         engine = ctx.engine
@@ -206,8 +201,9 @@ def worker(
     finally:
         for beat in heartbeat:
             beat.stop()
-        if ctx.engine_factory is not None and ctx._engine is not None and ctx._engine.batcher is not None:
-            ctx._engine.batcher.close()
+        loaded = ctx.loaded_engine
+        if loaded is not None and loaded.batcher is not None:
+            loaded.batcher.close()
 
 
 def _start_heartbeat(settings: Settings, ctx: WorkerContext, queues: list[str], metrics_url: str) -> list[Heartbeat]:
@@ -221,7 +217,7 @@ def _start_heartbeat(settings: Settings, ctx: WorkerContext, queues: list[str], 
     from dicom_node.work.heartbeat import Heartbeat
 
     running: list[Heartbeat] = []
-    engine = ctx._engine
+    engine = ctx.loaded_engine
     device = model = ""
     if engine is not None:
         identity, params = engine.identity, engine.identity.parameters
@@ -291,8 +287,7 @@ def echo(
         chosen = settings.destination(destination)
         if chosen is None:
             names = sorted(d.name for d in settings.destinations)
-            err.print(f"[red]error:[/red] no destination {destination!r}; configured: {names or 'none'}")
-            raise typer.Exit(2)
+            _fail(f"no destination {destination!r}; configured: {names or 'none'}", 2)
         results = check(chosen, settings)
     for result in results:
         (out if result.ok else err).print(str(result), highlight=False, markup=False)
@@ -308,8 +303,7 @@ def render(file: Annotated[Path, typer.Argument(help="A DICOM SR file (for examp
     try:
         text = render_sr(file)
     except (OSError, ValueError, AttributeError) as exc:
-        err.print(f"[red]error:[/red] cannot render {file}: {exc}")
-        raise typer.Exit(1) from None
+        _fail(f"cannot render {file}: {exc}")
     out.print(text, highlight=False, markup=False)
 
 
@@ -322,8 +316,7 @@ def config_check(config: ConfigOption = None) -> None:
     try:
         tls = server_context(settings.node)
     except TLSConfigError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(exc), 2)
     intake = "plain TCP" if tls is None else "DICOM TLS"
     if tls is not None and settings.node.tls_ca_file is not None:
         intake += f", peer certificates signed by {settings.node.tls_ca_file}"
@@ -452,8 +445,7 @@ def jobs_show(
     store = _store(settings)
     job = store.job(job_id)
     if job is None:
-        err.print(f"[red]error:[/red] no job {job_id}")
-        raise typer.Exit(1)
+        _fail(f"no job {job_id}")
     history = store.job_events(job_id)
     objects = store.job_results(job_id)
     if as_json:
@@ -487,8 +479,7 @@ def jobs_retry(job_id: Annotated[int, typer.Argument()], config: ConfigOption = 
     try:
         retry_job(_store(_settings(config)), job_id)
     except ActionRefused as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     out.print(f"job {job_id} queued again; the node picks it up within its reconcile period")
 
 
@@ -500,8 +491,7 @@ def jobs_cancel(job_id: Annotated[int, typer.Argument()], config: ConfigOption =
     try:
         cancel_job(_store(_settings(config)), job_id)
     except ActionRefused as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     out.print(f"job {job_id} cancelled")
 
 
@@ -536,8 +526,7 @@ def model_export(
             folder, written = export_checkpoint(model, dtype=dtype, force=force, progress=report)
         except ModelLoadError as exc:
             progress.stop()
-            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(1) from None
+            _fail(str(exc))
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     verb = "exported to" if written else "a valid export already exists in"
     out.print(f"{model.family} checkpoint {verb} {folder} ({size / 1e6:.1f} MB); "
@@ -559,8 +548,7 @@ def model_check(
     try:
         lines, agreed = check_model(settings.model, compare=compare)
     except InferenceError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     for line in lines:
         out.print(line, highlight=False, markup=False)
     if not agreed:
@@ -598,14 +586,12 @@ def users_add(
     from dicom_node.console.users import Role, UserError
 
     if role not in [r.value for r in Role]:
-        err.print(f"[red]error:[/red] --role takes viewer or admin, got {role!r}")
-        raise typer.Exit(2)
+        _fail(f"--role takes viewer or admin, got {role!r}", 2)
     accounts = _users(config)
     try:
         accounts.add(name, _password(None, password_stdin), Role(role))
     except UserError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     out.print(f"user {name} added ({role})", highlight=False)
 
 
@@ -617,8 +603,7 @@ def users_remove(name: Annotated[str, typer.Argument()], config: ConfigOption = 
     try:
         _users(config).remove(name)
     except UserError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     out.print(f"user {name} removed", highlight=False)
 
 
@@ -633,8 +618,7 @@ def users_passwd(
     from dicom_node.console.users import Role, UserError
 
     if role is not None and role not in [r.value for r in Role]:
-        err.print(f"[red]error:[/red] --role takes viewer or admin, got {role!r}")
-        raise typer.Exit(2)
+        _fail(f"--role takes viewer or admin, got {role!r}", 2)
     accounts = _users(config)
     try:
         if accounts.get(name) is None:
@@ -643,8 +627,7 @@ def users_passwd(
         if role is not None:
             accounts.set_role(name, Role(role))
     except UserError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     out.print(f"password of {name} changed; the account is unlocked", highlight=False)
 
 
@@ -656,8 +639,7 @@ def users_token(name: Annotated[str, typer.Argument()], config: ConfigOption = N
     try:
         token = _users(config).new_token(name)
     except UserError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
     print(token)
 
 

@@ -101,6 +101,11 @@ class WorkerContext:
             self._engine = self.engine_factory()
         return self._engine
 
+    @property
+    def loaded_engine(self) -> Engine | None:
+        """The model if this worker has loaded it, without loading it."""
+        return self._engine
+
     def load_engine(self) -> None:
         """Load and warm up the model now (worker start), so that the first job is not slow."""
         engine = self.engine
