@@ -380,6 +380,12 @@ def status(config: ConfigOption = None) -> None:
         out.print(f"[red]{failed} failed job(s)[/red]: dicom-node jobs list --state failed")
     queued = store.queued_by_priority()
     out.print(f"waiting for inference: {queued['urgent']} urgent, {queued['routine']} routine", highlight=False)
+    if settings.notifications.webhooks:
+        from dicom_node.console.webhooks import Notifier
+
+        waiting = Notifier.waiting(store)
+        out.print("webhook notifications waiting: " + ", ".join(
+            f"{hook.name} {waiting.get(hook.name, 0)}" for hook in settings.notifications.webhooks), highlight=False)
     _print_workers(live_workers(store, settings.queue.worker_heartbeat_seconds), settings)
 
 

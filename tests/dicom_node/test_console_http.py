@@ -348,6 +348,12 @@ def test_webhooks_survive_a_restart_of_the_node_and_announce_what_finished_meanw
         assert wait_for(lambda: node.notifier is not None and node.notifier.pending() == 1, timeout=15)
     finally:
         node.stop()
+    # `dicom-node status` tells the administrator what waits.
+    config = tmp_path / "status.yaml"
+    config.write_text(json.dumps({"node": {"data_dir": str(settings.node.data_dir)},
+                                  "notifications": {"webhooks": [{"name": "ops", "url": hook.url}]}}))
+    status = CliRunner().invoke(cli, ["status", "--config", str(config)])
+    assert status.exit_code == 0 and "webhook notifications waiting: ops 1" in status.output, status.output
     # While the node is down, a worker fails the other job (workers write the same job store).
     store = JobStore(settings.store_url)
     store.transition(second, JobState.FAILED, error="pacs: association rejected")
