@@ -301,3 +301,30 @@ def test_an_export_of_the_other_precision_is_replaced_only_with_force(exported_h
     assert run.returncode == 1
     assert "is float16, not float32" in run.stderr and "--force" in run.stderr, run.stderr
     assert json.loads((folder / "manifest.json").read_text())["dtype"] == "float16"  # left as it was
+
+
+def test_a_checkpoints_repetition_penalty_is_applied_as_transformers_applies_it(
+    backends: tuple[TransformersBackend, OnnxRuntimeBackend, DemoAdapter], tmp_path: Path
+) -> None:
+    """The decode loop's own repetition penalty (on the host, from generation_config.json) against transformers'
+    generate; and the penalty does change the answer here, so the comparison is not vacuous."""
+    from inference.demo import CHECKPOINT_DIR
+    from inference.export.exporter import export_checkpoint
+
+    checkpoint = tmp_path / "penalised"
+    shutil.copytree(CHECKPOINT_DIR, checkpoint)
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    (checkpoint / "generation_config.json").write_text(json.dumps({**generation, "repetition_penalty": 1.8}))
+    settings = ModelSettings(path=checkpoint, export_dir=tmp_path / "exports")
+    export_checkpoint(settings)
+    adapter = DemoAdapter(settings)
+    reference = TransformersBackend(adapter, settings, "cpu")
+    reference.load()
+    graphs = OnnxRuntimeBackend(adapter, settings, "cpu")
+    graphs.load()
+    assert graphs.repetition_penalty == 1.8
+    items = _items(adapter, 3, 41)
+    expected = reference.generate_tokens(items)
+    np.testing.assert_array_equal(graphs.generate_tokens(items), expected)
+    plain = backends[0].generate_tokens(items)
+    assert plain.shape != expected.shape or (plain != expected).any(), "the penalty changed no token"
