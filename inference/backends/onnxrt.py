@@ -159,8 +159,6 @@ class BoundOnnxRuntimeRunner(TorchArrays, OnnxRuntimeRunner):
                        for i, o in enumerate(outputs)]
         return outputs
 
-    to_host = TorchArrays.to_host
-
 
 class OnnxRuntimeBackend(GraphBackend):
     """Runs the checkpoint's ONNX export with ONNX Runtime."""
